@@ -1,0 +1,840 @@
+//! Configuration: one TOML file, overridden key by key from `AUTHGATE_*`
+//! environment variables, with `<key>_file` indirection for secrets, turned
+//! into a validated, typed [`Config`]. Every error names the key, where its
+//! value came from, the bad value and what is expected.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
+/// whose name starts with one of these targets a key inside it.
+const SECTIONS: &[&str] = &["tls", "proxy", "timeouts", "limits", "log"];
+const ENV_PREFIX: &str = "AUTHGATE_";
+/// Environment variables that steer the command line, not the file.
+const ENV_NOT_KEYS: &[&str] = &["AUTHGATE_CONFIG"];
+const DEFAULT_CERT: &str = "certs/tls.crt";
+const DEFAULT_KEY: &str = "certs/tls.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Syntax {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("config key `{key}`{origin}: {message}")]
+    Key {
+        key: String,
+        origin: Origin,
+        message: String,
+    },
+}
+
+/// Where a key's value was set, so an error points at the right place.
+#[derive(Debug, Clone, Default)]
+pub enum Origin {
+    #[default]
+    File,
+    Env(String),
+    SecretFile(PathBuf),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File => Ok(()),
+            Origin::Env(var) => write!(f, " (set by environment variable {var})"),
+            Origin::SecretFile(path) => write!(f, " (read from {})", path.display()),
+        }
+    }
+}
+
+/// The validated configuration the gateway is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub public_url: PublicUrl,
+    pub http_redirect_listen: Option<SocketAddr>,
+    pub gateway_prefix: String,
+    pub tls: TlsConfig,
+    pub proxy: ProxyConfig,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub log: LogConfig,
+    /// Every route, the default `/` one (from `upstream`) included.
+    pub routes: Vec<RouteConfig>,
+    /// Problems worth a warning that do not stop the gateway.
+    pub warnings: Vec<String>,
+}
+
+/// The origin users open, e.g. `https://console.example.com:8443`.
+#[derive(Debug, Clone)]
+pub struct PublicUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl PublicUrl {
+    pub fn host(&self) -> &str {
+        self.authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+    }
+}
+
+impl fmt::Display for PublicUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+/// An upstream origin: scheme and authority, no path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// True when neither file was configured: a missing pair may then be
+    /// generated as a self-signed certificate for testing.
+    pub may_self_sign: bool,
+    pub reload_check: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub ca: Option<PathBuf>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub preserve_host: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(with = "humantime_serde")]
+    pub upstream_response: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tls_handshake: Duration::from_secs(10),
+            header_read: Duration::from_secs(30),
+            connect: Duration::from_secs(5),
+            upstream_response: Duration::from_secs(60),
+            idle: Duration::from_secs(120),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub prefix: String,
+    pub upstream: UpstreamUrl,
+}
+
+/// The file's shape, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    listen: String,
+    public_url: String,
+    upstream: String,
+    http_redirect_listen: Option<String>,
+    gateway_prefix: String,
+    tls: RawTls,
+    proxy: RawProxy,
+    timeouts: Timeouts,
+    limits: Limits,
+    log: LogConfig,
+    routes: Vec<RawRoute>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        RawConfig {
+            listen: "0.0.0.0:8443".into(),
+            public_url: "https://localhost:8443".into(),
+            upstream: "http://127.0.0.1:21114".into(),
+            http_redirect_listen: None,
+            gateway_prefix: "/oauth2/".into(),
+            tls: RawTls::default(),
+            proxy: RawProxy::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    reload_check: Duration,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        RawTls {
+            cert: None,
+            key: None,
+            reload_check: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    ca: Option<PathBuf>,
+    trusted_proxies: Vec<String>,
+    preserve_host: bool,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        RawProxy {
+            ca: None,
+            trusted_proxies: Vec::new(),
+            preserve_host: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    upstream: String,
+}
+
+impl Config {
+    /// Loads `path` (absent and not `required` → defaults), applies the
+    /// environment, reads `*_file` secrets and validates the result.
+    pub fn load(
+        path: &Path,
+        required: bool,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.into(),
+            source: Box::new(e),
+        })?;
+        let mut origins = Origins::default();
+        apply_env(&mut table, env, &mut origins)?;
+        read_secret_files(&mut table, &mut origins)?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().to_owned();
+                origins.error(&key, message)
+            })?;
+        raw.validate(&origins)
+    }
+}
+
+/// Remembers which keys the environment or a secret file set.
+#[derive(Debug, Default)]
+struct Origins(HashMap<String, Origin>);
+
+impl Origins {
+    fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let origin = self
+            .0
+            .iter()
+            .find(|(k, _)| key == k.as_str() || key.starts_with(&format!("{k}.")))
+            .map(|(_, o)| o.clone())
+            .unwrap_or_default();
+        ConfigError::Key {
+            key: key.to_owned(),
+            origin,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(&self, key: &str, value: &str, expected: &str) -> ConfigError {
+        self.error(key, format!("`{value}` is not valid; expected {expected}"))
+    }
+}
+
+/// `AUTHGATE_TLS_CERT=x` sets `tls.cert`; `AUTHGATE_UPSTREAM=x` sets the
+/// top-level `upstream`. Values that parse as TOML (numbers, booleans,
+/// arrays, inline tables) keep that type, anything else is a string.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+    origins: &mut Origins,
+) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(name) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if ENV_NOT_KEYS.contains(&var.as_str()) {
+            continue;
+        }
+        let name = name.to_ascii_lowercase();
+        let section = SECTIONS.iter().find(|s| {
+            name.len() > s.len() + 1 && name.starts_with(*s) && name[s.len()..].starts_with('_')
+        });
+        let (target, key) = match section {
+            Some(section) => {
+                let entry = table
+                    .entry(section.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let toml::Value::Table(inner) = entry else {
+                    return Err(origins.error(section, "must be a table"));
+                };
+                (inner, name[section.len() + 1..].to_owned())
+            }
+            None => (&mut *table, name.clone()),
+        };
+        let path = match section {
+            Some(section) => format!("{section}.{key}"),
+            None => key.clone(),
+        };
+        target.insert(key, env_value(&value));
+        origins.0.insert(path, Origin::Env(var.clone()));
+    }
+    Ok(())
+}
+
+fn env_value(value: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()))
+}
+
+/// `x_file = "/run/secrets/x"` becomes `x = <file content>` (trailing
+/// newline trimmed), at the top level and inside sections, so secrets can
+/// come from Docker or Kubernetes secret mounts.
+fn read_secret_files(table: &mut toml::Table, origins: &mut Origins) -> Result<(), ConfigError> {
+    let mut sections: Vec<String> = vec![String::new()];
+    sections.extend(
+        table
+            .iter()
+            .filter(|(_, v)| v.is_table())
+            .map(|(k, _)| k.clone()),
+    );
+    for section in sections {
+        let target = if section.is_empty() {
+            &mut *table
+        } else {
+            match table.get_mut(&section) {
+                Some(toml::Value::Table(t)) => t,
+                _ => continue,
+            }
+        };
+        let file_keys: Vec<String> = target
+            .keys()
+            .filter(|k| k.ends_with("_file"))
+            .cloned()
+            .collect();
+        for file_key in file_keys {
+            let key = file_key.trim_end_matches("_file").to_owned();
+            let path_of = |k: &str| {
+                if section.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{section}.{k}")
+                }
+            };
+            let file_path = path_of(&file_key);
+            if target.contains_key(&key) {
+                return Err(origins.error(
+                    &file_path,
+                    format!("set either `{}` or `{file_path}`, not both", path_of(&key)),
+                ));
+            }
+            let Some(toml::Value::String(location)) = target.remove(&file_key) else {
+                return Err(origins.error(&file_path, "expected a file path (a string)"));
+            };
+            let content = std::fs::read_to_string(&location).map_err(|e| {
+                origins.error(
+                    &file_path,
+                    format!("cannot read secret file `{location}`: {e}"),
+                )
+            })?;
+            let content = content.trim_end_matches(['\r', '\n']).to_owned();
+            target.insert(key.clone(), toml::Value::String(content));
+            origins
+                .0
+                .insert(path_of(&key), Origin::SecretFile(PathBuf::from(location)));
+        }
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    fn validate(self, origins: &Origins) -> Result<Config, ConfigError> {
+        let mut warnings = Vec::new();
+        let listen = parse_socket_addr(origins, "listen", &self.listen)?;
+        let http_redirect_listen = self
+            .http_redirect_listen
+            .as_deref()
+            .filter(|v| !v.is_empty())
+            .map(|v| parse_socket_addr(origins, "http_redirect_listen", v))
+            .transpose()?;
+        let public_url = parse_public_url(origins, &self.public_url)?;
+        if public_url.scheme == Scheme::HTTP && !is_loopback_host(public_url.host()) {
+            warnings.push(format!(
+                "public_url `{public_url}` is http:// on a host that is not localhost: \
+                 Microsoft Entra ID accepts only https:// (or http://localhost) redirect URIs"
+            ));
+        }
+
+        let prefix = &self.gateway_prefix;
+        if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 3 {
+            return Err(origins.invalid(
+                "gateway_prefix",
+                prefix,
+                "a path that starts and ends with `/`, such as /oauth2/",
+            ));
+        }
+
+        let mut routes = vec![RouteConfig {
+            prefix: "/".into(),
+            upstream: parse_upstream(origins, "upstream", &self.upstream)?,
+        }];
+        for (i, raw) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes[{i}].{field}");
+            if !raw.prefix.starts_with('/') {
+                return Err(origins.invalid(
+                    &key("prefix"),
+                    &raw.prefix,
+                    "a path starting with `/`",
+                ));
+            }
+            if let Some(earlier) = routes.iter().position(|r| r.prefix == raw.prefix) {
+                let other = if earlier == 0 {
+                    "`upstream`".to_owned()
+                } else {
+                    format!("routes[{}]", earlier - 1)
+                };
+                return Err(origins.error(
+                    &key("prefix"),
+                    format!("`{}` is already routed by {other}", raw.prefix),
+                ));
+            }
+            routes.push(RouteConfig {
+                prefix: raw.prefix.clone(),
+                upstream: parse_upstream(origins, &key("upstream"), &raw.upstream)?,
+            });
+        }
+
+        let tls = match (self.tls.cert, self.tls.key) {
+            (None, None) => TlsConfig {
+                cert: DEFAULT_CERT.into(),
+                key: DEFAULT_KEY.into(),
+                may_self_sign: true,
+                reload_check: self.tls.reload_check,
+            },
+            (Some(cert), Some(key)) => {
+                require_readable(origins, "tls.cert", &cert)?;
+                require_readable(origins, "tls.key", &key)?;
+                TlsConfig {
+                    cert,
+                    key,
+                    may_self_sign: false,
+                    reload_check: self.tls.reload_check,
+                }
+            }
+            (Some(_), None) => {
+                return Err(origins.error(
+                    "tls.key",
+                    "missing: `tls.cert` is set, so `tls.key` must be set too",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(origins.error(
+                    "tls.cert",
+                    "missing: `tls.key` is set, so `tls.cert` must be set too",
+                ))
+            }
+        };
+        if tls.reload_check.is_zero() {
+            return Err(origins.invalid(
+                "tls.reload_check",
+                "0s",
+                "a duration above zero, such as 10s",
+            ));
+        }
+
+        if let Some(ca) = &self.proxy.ca {
+            require_readable(origins, "proxy.ca", ca)?;
+        }
+        let trusted_proxies = self
+            .proxy
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, v)| parse_net(origins, &format!("proxy.trusted_proxies[{i}]"), v))
+            .collect::<Result<_, _>>()?;
+
+        if !(8 * 1024..=1024 * 1024).contains(&self.limits.max_header_bytes) {
+            return Err(origins.invalid(
+                "limits.max_header_bytes",
+                &self.limits.max_header_bytes.to_string(),
+                "a size in bytes between 8192 and 1048576",
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(origins.invalid("limits.max_connections", "0", "at least 1"));
+        }
+        for (key, value) in [
+            ("timeouts.tls_handshake", self.timeouts.tls_handshake),
+            ("timeouts.header_read", self.timeouts.header_read),
+            ("timeouts.connect", self.timeouts.connect),
+            (
+                "timeouts.upstream_response",
+                self.timeouts.upstream_response,
+            ),
+            ("timeouts.idle", self.timeouts.idle),
+        ] {
+            if value.is_zero() {
+                return Err(origins.invalid(key, "0s", "a duration above zero, such as 30s"));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(origins.invalid(
+                "log.level",
+                &self.log.level,
+                "a level (error, warn, info, debug, trace) or a filter such as `info,authgate=debug`",
+            ));
+        }
+
+        Ok(Config {
+            listen,
+            public_url,
+            http_redirect_listen,
+            gateway_prefix: self.gateway_prefix,
+            tls,
+            proxy: ProxyConfig {
+                ca: self.proxy.ca,
+                trusted_proxies,
+                preserve_host: self.proxy.preserve_host,
+            },
+            timeouts: self.timeouts,
+            limits: self.limits,
+            log: self.log,
+            routes,
+            warnings,
+        })
+    }
+}
+
+fn parse_socket_addr(origins: &Origins, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    SocketAddr::from_str(value).map_err(|_| {
+        origins.invalid(
+            key,
+            value,
+            "an IP address and port, such as 0.0.0.0:8443 or [::]:8443",
+        )
+    })
+}
+
+/// Splits an absolute `http(s)://host[:port]` URL with no path beyond `/`.
+fn parse_origin(value: &str) -> Option<(Scheme, Authority)> {
+    let uri = Uri::from_str(value).ok()?;
+    let scheme = uri.scheme()?.clone();
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return None;
+    }
+    let authority = uri.authority()?.clone();
+    let no_path = matches!(
+        uri.path_and_query().map(|p| p.as_str()),
+        None | Some("/") | Some("")
+    );
+    let no_userinfo = !authority.as_str().contains('@');
+    (no_path && no_userinfo && !authority.host().is_empty()).then_some((scheme, authority))
+}
+
+fn parse_upstream(origins: &Origins, key: &str, value: &str) -> Result<UpstreamUrl, ConfigError> {
+    parse_origin(value)
+        .map(|(scheme, authority)| UpstreamUrl { scheme, authority })
+        .ok_or_else(|| {
+            origins.invalid(
+                key,
+                value,
+                "an http:// or https:// URL with a host and no path, such as http://127.0.0.1:21114",
+            )
+        })
+}
+
+fn parse_public_url(origins: &Origins, value: &str) -> Result<PublicUrl, ConfigError> {
+    parse_origin(value)
+        .map(|(scheme, authority)| PublicUrl { scheme, authority })
+        .ok_or_else(|| {
+            origins.invalid(
+                "public_url",
+                value,
+                "the origin users open, such as https://console.example.com:8443 (no path)",
+            )
+        })
+}
+
+fn parse_net(origins: &Origins, key: &str, value: &str) -> Result<IpNet, ConfigError> {
+    IpNet::from_str(value)
+        .or_else(|_| IpAddr::from_str(value).map(IpNet::from))
+        .map_err(|_| {
+            origins.invalid(
+                key,
+                value,
+                "an IP address or CIDR range, such as 10.0.0.0/8",
+            )
+        })
+}
+
+fn require_readable(origins: &Origins, key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| origins.error(key, format!("cannot read file `{}`: {e}", path.display())))
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || IpAddr::from_str(host).is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authgate.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(
+            &path,
+            true,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn error_of(toml: &str, env: &[(&str, &str)]) -> String {
+        load(toml, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_route_everything_to_the_rustdesk_console() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8443");
+        assert_eq!(config.routes.len(), 1);
+        assert_eq!(
+            config.routes[0].upstream.to_string(),
+            "http://127.0.0.1:21114"
+        );
+        assert!(config.tls.may_self_sign);
+        assert!(config.warnings.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_top_level_and_section_keys() {
+        let config = load(
+            "upstream = \"http://10.0.0.1:1\"\n[limits]\nmax_connections = 5\n",
+            &[
+                ("AUTHGATE_UPSTREAM", "http://10.0.0.2:2"),
+                ("AUTHGATE_LIMITS_MAX_CONNECTIONS", "7"),
+                ("AUTHGATE_TIMEOUTS_CONNECT", "250ms"),
+                (
+                    "AUTHGATE_PROXY_TRUSTED_PROXIES",
+                    "[\"10.0.0.0/8\", \"192.168.1.1\"]",
+                ),
+                ("AUTHGATE_CONFIG", "ignored.toml"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.routes[0].upstream.to_string(), "http://10.0.0.2:2");
+        assert_eq!(config.limits.max_connections, 7);
+        assert_eq!(config.timeouts.connect, Duration::from_millis(250));
+        assert_eq!(config.proxy.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = error_of("[tls]\ncret = \"x\"\n", &[]);
+        assert!(err.contains("tls.cret"), "{err}");
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_names_the_variable() {
+        let err = error_of("", &[("AUTHGATE_UPSTREAMS", "http://x")]);
+        assert!(
+            err.contains("`upstreams`") && err.contains("AUTHGATE_UPSTREAMS"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_upstream_names_key_value_and_expectation() {
+        let err = error_of("upstream = \"htp:/console\"\n", &[]);
+        assert!(err.contains("`upstream`"), "{err}");
+        assert!(err.contains("htp:/console"), "{err}");
+        assert!(err.contains("http:// or https://"), "{err}");
+        let err = error_of(
+            "[[routes]]\nprefix = \"/ws/id\"\nupstream = \"http://h:1/path\"\n",
+            &[],
+        );
+        assert!(err.contains("routes[0].upstream"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_route_prefix_is_refused() {
+        let err = error_of(
+            "[[routes]]\nprefix = \"/\"\nupstream = \"http://h:1\"\n",
+            &[],
+        );
+        assert!(
+            err.contains("routes[0].prefix") && err.contains("`upstream`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secret_file_is_read_and_unreadable_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("upstream");
+        std::fs::write(&secret, "http://10.1.1.1:9\n").unwrap();
+        let config = load(&format!("upstream_file = {:?}\n", secret), &[]).unwrap();
+        assert_eq!(config.routes[0].upstream.to_string(), "http://10.1.1.1:9");
+
+        let err = error_of("", &[("AUTHGATE_PUBLIC_URL_FILE", "/nonexistent/secret")]);
+        assert!(
+            err.contains("public_url_file") && err.contains("/nonexistent/secret"),
+            "{err}"
+        );
+        assert!(err.contains("AUTHGATE_PUBLIC_URL_FILE"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_durations_are_named() {
+        let err = error_of("[timeouts]\nconnect = \"5 parsecs\"\n", &[]);
+        assert!(err.contains("timeouts.connect"), "{err}");
+        let err = error_of("[log]\nformat = \"xml\"\n", &[]);
+        assert!(err.contains("log.format") && err.contains("json"), "{err}");
+        let err = error_of("listen = \"8443\"\n", &[]);
+        assert!(
+            err.contains("`listen`") && err.contains("0.0.0.0:8443"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn explicit_certificate_must_exist() {
+        let err = error_of(
+            "[tls]\ncert = \"/missing.crt\"\nkey = \"/missing.key\"\n",
+            &[],
+        );
+        assert!(
+            err.contains("tls.cert") && err.contains("/missing.crt"),
+            "{err}"
+        );
+        let err = error_of("[tls]\ncert = \"/missing.crt\"\n", &[]);
+        assert!(err.contains("tls.key"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_public_url_warns_unless_localhost() {
+        let config = load("public_url = \"http://console.example.com\"\n", &[]).unwrap();
+        assert!(
+            config.warnings[0].contains("Entra"),
+            "{:?}",
+            config.warnings
+        );
+        let config = load("public_url = \"http://localhost:8080\"\n", &[]).unwrap();
+        assert!(config.warnings.is_empty());
+        let err = error_of("public_url = \"https://h/console\"\n", &[]);
+        assert!(err.contains("public_url"), "{err}");
+    }
+}

@@ -1,0 +1,136 @@
+//! authgate: a TLS-terminating sign-in gateway for self-hosted consoles.
+//!
+//! [`run`] wires the parts together: TLS ([`tls`]) in front of the accept
+//! loop ([`server`]), which hands every request to [`gateway::Gateway`],
+//! which routes ([`routes`]) and forwards ([`proxy`]).
+
+pub mod config;
+pub mod gateway;
+pub mod pages;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use config::Config;
+use server::{Connections, TlsListener};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the gateway sends: streamed from a peer or built here.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot build the TLS configuration: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    #[error(transparent)]
+    UpstreamClient(#[from] proxy::ClientError),
+    #[error("cannot listen on `{key}` = {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Serves until SIGTERM or SIGINT, then drains in-flight requests.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    if config.tls.may_self_sign
+        && tls::ensure_self_signed(&config.tls.cert, &config.tls.key, config.public_url.host())?
+    {
+        tracing::warn!(
+            cert = %config.tls.cert.display(),
+            host = config.public_url.host(),
+            "NO CERTIFICATE CONFIGURED: generated a SELF-SIGNED one, for testing only. \
+             Browsers will warn and RustDesk clients refuse it; set tls.cert and tls.key \
+             to a real certificate (e.g. from Let's Encrypt) before going live"
+        );
+    }
+    let cert = tls::ReloadableCert::new(tls::load(&config.tls.cert, &config.tls.key)?);
+    let acceptor =
+        TlsAcceptor::from(tls::server_config(cert.clone()).map_err(StartError::TlsConfig)?);
+    let gateway = gateway::Gateway::new(&config)?;
+
+    let listener = bind("listen", config.listen).await?;
+    let redirect = match config.http_redirect_listen {
+        Some(addr) => Some(bind("http_redirect_listen", addr).await?),
+        None => None,
+    };
+    let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
+    tokio::spawn(tls::watch(
+        cert,
+        config.tls.cert.clone(),
+        config.tls.key.clone(),
+        config.tls.reload_check,
+    ));
+    tracing::info!(
+        addr = %listener.local_addr().unwrap_or(config.listen),
+        redirect_addr = ?redirect.as_ref().and_then(|l| l.local_addr().ok()),
+        public_url = %config.public_url,
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
+    );
+
+    let (stop, shutdown) = watch::channel(false);
+    let connections = Connections::default();
+    let redirect_connections = Connections::default();
+    let tls_listener = TlsListener {
+        listener,
+        acceptor,
+        gateway: gateway.clone(),
+    };
+    tokio::join!(
+        tls_listener.run(&config, shutdown.clone(), &connections),
+        async {
+            if let Some(listener) = redirect {
+                server::run_redirect(listener, &config, shutdown.clone(), &redirect_connections)
+                    .await;
+            }
+        },
+        async {
+            tokio::select! {
+                _ = terminate.recv() => tracing::info!("SIGTERM received, shutting down"),
+                _ = interrupt.recv() => tracing::info!("SIGINT received, shutting down"),
+            }
+            gateway.start_draining();
+            let _ = stop.send(true);
+        },
+    );
+    // The listeners are closed now; finish what is in flight.
+    let grace = config.timeouts.shutdown_grace;
+    tokio::join!(connections.drain(grace), redirect_connections.drain(grace));
+    Ok(())
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+/// Random bytes from the binary's one crypto provider (aws-lc-rs).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    tls::provider()
+        .secure_random
+        .fill(&mut bytes)
+        .expect("the system random generator failed");
+    bytes
+}

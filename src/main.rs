@@ -1,0 +1,137 @@
+//! The `authgate` command: parses the command line and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::Engine;
+use clap::{Parser, Subcommand};
+
+use authgate::config::{Config, LogFormat};
+
+const DEFAULT_CONFIG: &str = "config/authgate.toml";
+
+/// A sign-in gateway for self-hosted consoles: terminates TLS and forwards
+/// every request to the console behind it.
+#[derive(Debug, Parser)]
+#[command(name = "authgate", version, propagate_version = true)]
+#[command(
+    after_help = "Every config key can also be set by an environment variable \
+    AUTHGATE_<SECTION>_<KEY> (e.g. AUTHGATE_UPSTREAM, AUTHGATE_TLS_CERT), and read \
+    from a file with the key suffix _file (e.g. AUTHGATE_PUBLIC_URL_FILE)."
+)]
+struct Cli {
+    /// Configuration file (TOML). When the default file is missing,
+    /// built-in defaults and the environment are used.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "AUTHGATE_CONFIG",
+        value_name = "PATH"
+    )]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Serve,
+    /// Validate the configuration and print what the gateway would do.
+    CheckConfig,
+    /// Print a fresh random secret (32 bytes, base64url), e.g. for session keys.
+    GenSecret,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::GenSecret => {
+            let secret = authgate::random_bytes::<32>();
+            println!(
+                "{}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+            );
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig => match load(cli.config) {
+            Ok(config) => {
+                print_summary(&config);
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Serve => {
+            let config = match load(cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            init_logging(&config);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("authgate: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(authgate::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "authgate stopped");
+                    eprintln!("authgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let required = path.is_some();
+    let path = path.unwrap_or_else(|| DEFAULT_CONFIG.into());
+    Config::load(&path, required, std::env::vars()).map_err(|e| {
+        eprintln!("authgate: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn print_summary(config: &Config) {
+    println!("configuration is valid");
+    println!("  listen        https://{}", config.listen);
+    if let Some(addr) = config.http_redirect_listen {
+        println!("  redirect      http://{addr} -> {}", config.public_url);
+    }
+    println!("  public_url    {}", config.public_url);
+    let tls = &config.tls;
+    match authgate::tls::load(&tls.cert, &tls.key) {
+        Ok(_) => println!("  certificate   {} (loads)", tls.cert.display()),
+        Err(_) if tls.may_self_sign && !tls.cert.exists() => {
+            println!("  certificate   none yet: a self-signed one will be generated at {} (testing only)", tls.cert.display())
+        }
+        Err(e) => println!("  certificate   PROBLEM: {e}"),
+    }
+    println!("  routes (longest prefix wins):");
+    let mut routes = config.routes.clone();
+    routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+    for route in routes {
+        println!("    {:<20} -> {}", route.prefix, route.upstream);
+    }
+    for warning in &config.warnings {
+        println!("warning: {warning}");
+    }
+}

@@ -1,0 +1,228 @@
+//! Accepting connections: a bounded accept loop (one semaphore permit per
+//! connection), the TLS handshake under a deadline, HTTP/1.1 or HTTP/2 by
+//! ALPN, the plain-HTTP redirect listener, and graceful shutdown.
+//!
+//! Shutdown is one mechanism used by both listeners: a `watch` channel
+//! flips, the accept loops stop, and hyper-util's `GracefulShutdown` asks
+//! every watched connection to finish its in-flight requests, bounded by
+//! the configured grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderValue, LOCATION};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, PublicUrl};
+use crate::gateway::Gateway;
+use crate::pages;
+
+/// HTTP/2 streams a client may reset before we stop accepting new ones
+/// (rapid reset, RUSTSEC-2024-0003), and resets we may send on errors.
+const MAX_PENDING_RESETS: usize = 20;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the
+/// loop does not spin while the condition lasts.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A listener's connections, drained together on shutdown.
+pub struct Connections {
+    graceful: GracefulShutdown,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            graceful: GracefulShutdown::new(),
+        }
+    }
+}
+
+impl Connections {
+    /// Waits for in-flight requests to finish, at most `grace`.
+    pub async fn drain(self, grace: Duration) {
+        let open = self.graceful.count();
+        tokio::select! {
+            () = self.graceful.shutdown() => tracing::info!(connections = open, "all connections drained"),
+            () = tokio::time::sleep(grace) => tracing::warn!(?grace, "grace period over; closing remaining connections"),
+        }
+    }
+}
+
+/// Accepts until `shutdown` flips, handing each connection to `serve`
+/// with a permit that bounds how many are open at once.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+    connections: &Connections,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.changed() => break,
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = serve(stream, peer, connections.graceful.watcher());
+        tokio::spawn(async move {
+            connection.await;
+            drop(permit);
+        });
+    }
+}
+
+/// The HTTPS listener in front of the gateway.
+pub struct TlsListener {
+    pub listener: TcpListener,
+    pub acceptor: TlsAcceptor,
+    pub gateway: Arc<Gateway>,
+}
+
+impl TlsListener {
+    pub async fn run(
+        self,
+        config: &Config,
+        shutdown: watch::Receiver<bool>,
+        connections: &Connections,
+    ) {
+        let http1 = Arc::new(http_builder(config).http1_only());
+        let http2 = Arc::new(http_builder(config).http2_only());
+        let handshake_timeout = config.timeouts.tls_handshake;
+        let TlsListener {
+            listener,
+            acceptor,
+            gateway,
+        } = self;
+        accept_loop(
+            listener,
+            config.limits.max_connections,
+            shutdown,
+            connections,
+            |tcp, peer, watcher| {
+                let acceptor = acceptor.clone();
+                let gateway = gateway.clone();
+                let (http1, http2) = (http1.clone(), http2.clone());
+                async move {
+                    let tls =
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                return tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                        };
+                    // ALPN already chose the protocol, so no detection read
+                    // (which has no deadline, hyper issue 3962) is needed.
+                    let builder = match tls.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => http2,
+                        _ => http1,
+                    };
+                    let service = service_fn(move |req| gateway.clone().handle(req, peer));
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                        .into_owned();
+                    if let Err(e) = watcher.watch(connection).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+            },
+        )
+        .await;
+    }
+}
+
+fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.timeouts.header_read)
+        .max_buf_size(config.limits.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
+    builder
+}
+
+/// The optional port-80 listener: every request is sent to the same path
+/// on the https `public_url` with 308, which keeps the method and body
+/// (a 301/302 would turn a RustDesk client's POST into a GET).
+pub async fn run_redirect(
+    listener: TcpListener,
+    config: &Config,
+    shutdown: watch::Receiver<bool>,
+    connections: &Connections,
+) {
+    let origin = Arc::new(config.public_url.clone());
+    let header_read = config.timeouts.header_read;
+    accept_loop(
+        listener,
+        config.limits.max_connections,
+        shutdown,
+        connections,
+        |tcp, peer, watcher| {
+            let origin = origin.clone();
+            async move {
+                let service = service_fn(move |req| {
+                    let origin = origin.clone();
+                    async move { Ok::<_, std::convert::Infallible>(redirect(&origin, &req)) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read)
+                    .serve_connection(TokioIo::new(tcp), service);
+                if let Err(e) = watcher.watch(connection).await {
+                    tracing::debug!(%peer, error = %e, "redirect connection ended with an error");
+                }
+            }
+        },
+    )
+    .await;
+}
+
+/// Always to the configured origin, never to the request's `Host`, so the
+/// redirect cannot be pointed elsewhere.
+fn redirect(origin: &PublicUrl, req: &Request<Incoming>) -> Response<crate::Body> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = format!("{origin}{path}");
+    let mut response = Response::new(pages::full(""));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    if let Ok(location) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    response
+}
