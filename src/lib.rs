@@ -80,9 +80,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         config.tls.key.clone(),
         config.tls.reload_check,
     ));
+    if let Some(addr) = redirect.as_ref().and_then(|l| l.local_addr().ok()) {
+        tracing::info!(%addr, to = %config.public_url, "redirecting plain HTTP");
+    }
     tracing::info!(
         addr = %listener.local_addr().unwrap_or(config.listen),
-        redirect_addr = ?redirect.as_ref().and_then(|l| l.local_addr().ok()),
         public_url = %config.public_url,
         version = env!("CARGO_PKG_VERSION"),
         "listening"

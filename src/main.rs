@@ -57,10 +57,8 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::CheckConfig => match load(cli.config) {
-            Ok(config) => {
-                print_summary(&config);
-                ExitCode::SUCCESS
-            }
+            Ok(config) if print_summary(&config) => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
             Err(code) => code,
         },
         Command::Serve => {
@@ -110,7 +108,8 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn print_summary(config: &Config) {
+/// Prints what the gateway would do; false when the certificate is unusable.
+fn print_summary(config: &Config) -> bool {
     println!("configuration is valid");
     println!("  listen        https://{}", config.listen);
     if let Some(addr) = config.http_redirect_listen {
@@ -118,13 +117,23 @@ fn print_summary(config: &Config) {
     }
     println!("  public_url    {}", config.public_url);
     let tls = &config.tls;
-    match authgate::tls::load(&tls.cert, &tls.key) {
-        Ok(_) => println!("  certificate   {} (loads)", tls.cert.display()),
-        Err(_) if tls.may_self_sign && !tls.cert.exists() => {
-            println!("  certificate   none yet: a self-signed one will be generated at {} (testing only)", tls.cert.display())
+    let cert_ok = match authgate::tls::load(&tls.cert, &tls.key) {
+        Ok(_) => {
+            println!("  certificate   {} (loads)", tls.cert.display());
+            true
         }
-        Err(e) => println!("  certificate   PROBLEM: {e}"),
-    }
+        Err(_) if tls.may_self_sign && !tls.cert.exists() && !tls.key.exists() => {
+            println!(
+                "  certificate   none yet: a self-signed one will be generated at {} (testing only)",
+                tls.cert.display()
+            );
+            true
+        }
+        Err(e) => {
+            println!("  certificate   PROBLEM: {e}");
+            false
+        }
+    };
     println!("  routes (longest prefix wins):");
     let mut routes = config.routes.clone();
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -134,4 +143,5 @@ fn print_summary(config: &Config) {
     for warning in &config.warnings {
         println!("warning: {warning}");
     }
+    cert_ok
 }

@@ -1,0 +1,535 @@
+//! Start/stop helpers shared by the integration tests: the real `authgate`
+//! binary, a real upstream HTTP server, and a real TLS client.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+// ---------------------------------------------------------------- gateway
+
+/// The real binary, started in its own directory with a config file.
+pub struct Gateway {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub redirect_addr: Option<SocketAddr>,
+    logs: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Gateway {
+    /// Starts `authgate` with `config` (TOML) and waits for its
+    /// "listening" log line, which carries the bound address.
+    pub fn start(config: &str) -> Gateway {
+        Self::start_in(tempfile::tempdir().unwrap(), config)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
+        let path = dir.path().join("authgate.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_authgate"))
+            .arg("--config")
+            .arg(&path)
+            .current_dir(dir.path())
+            .env("AUTHGATE_LOG_FORMAT", "json")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start authgate");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let value: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                sink.lock().unwrap().push(value.clone());
+                let _ = tx.send(value);
+            }
+        });
+        let started = Instant::now();
+        let mut redirect_addr = None;
+        loop {
+            let remaining = DEADLINE.saturating_sub(started.elapsed());
+            let line = match rx.recv_timeout(remaining) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let mut err = String::new();
+                    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).ok();
+                    panic!(
+                        "authgate did not start: stderr {err}; logs {:?}",
+                        logs.lock().unwrap()
+                    );
+                }
+            };
+            let fields = &line["fields"];
+            if fields["message"] == "redirecting plain HTTP" {
+                redirect_addr = fields["addr"].as_str().map(|a| a.parse().unwrap());
+            }
+            if fields["message"] == "listening" {
+                let addr = fields["addr"].as_str().unwrap().parse().unwrap();
+                return Gateway {
+                    child,
+                    dir,
+                    addr,
+                    redirect_addr,
+                    logs,
+                };
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0);
+    }
+
+    /// Peak resident memory of the gateway process, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line matching `pred`.
+    pub async fn log_line(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self.logs().into_iter().find(&pred) {
+                return line;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "no such log line in {:?}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < DEADLINE, "authgate did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.path().join("certs/tls.crt")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion with `args`, in `dir`, returning
+/// (exit status, stdout, stderr).
+pub fn run_authgate(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_authgate"))
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// --------------------------------------------------------------- upstream
+
+/// A real HTTP/1.1 server standing in for the console (or hbbs/hbbr).
+///
+/// - `/download?bytes=N` streams N bytes; `/upload` counts the body;
+/// - `/hold` answers only when the test calls [`Upstream::release`];
+/// - `/hang` never answers;
+/// - WebSocket upgrades are echoed;
+/// - anything else echoes the request as JSON (see [`Echo`]).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    held: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Echo {
+    pub upstream: String,
+    pub method: String,
+    pub path: String,
+    pub version: String,
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub body: String,
+}
+
+impl Echo {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v[0].as_str())
+    }
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        let name = Arc::new(name.to_owned());
+        let (h, r) = (held.clone(), release.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (name, held, release) = (name.clone(), h.clone(), r.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        upstream_handle(name.clone(), held.clone(), release.clone(), req)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            held,
+            release,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until a `/hold` request has arrived.
+    pub async fn held(&self) {
+        tokio::time::timeout(DEADLINE, self.held.notified())
+            .await
+            .expect("no /hold request arrived");
+    }
+
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+async fn upstream_handle(
+    name: Arc<String>,
+    held: Arc<Notify>,
+    release: Arc<Notify>,
+    mut req: Request<Incoming>,
+) -> Result<Response<TestBody>, std::convert::Infallible> {
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    if req
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v == "websocket")
+    {
+        let key = req
+            .headers()
+            .get("sec-websocket-key")
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let upgraded = upgrade.await.unwrap();
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            use futures_util::{SinkExt, StreamExt};
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_close() || ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header(
+                "sec-websocket-accept",
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key),
+            )
+            .body(empty())
+            .unwrap());
+    }
+    match path.as_str() {
+        "/download" => {
+            let total: usize = query.trim_start_matches("bytes=").parse().unwrap();
+            return Ok(Response::new(repeated_body(total)));
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut count = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    count += data.len();
+                }
+            }
+            return Ok(Response::new(full(count.to_string())));
+        }
+        "/hold" => {
+            held.notify_one();
+            release.notified().await;
+            return Ok(Response::new(full("released")));
+        }
+        "/hang" => std::future::pending::<()>().await,
+        _ => {}
+    }
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.to_string())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let method = req.method().to_string();
+    let version = format!("{:?}", req.version());
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let echo = serde_json::json!({
+        "upstream": *name,
+        "method": method,
+        "path": path_and_query,
+        "version": version,
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .header("x-upstream", name.as_str())
+        .body(full(echo.to_string()))
+        .unwrap())
+}
+
+pub fn full(body: impl Into<Bytes>) -> TestBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> TestBody {
+    full(Bytes::new())
+}
+
+/// `total` bytes in 64 KiB chunks, produced as they are sent.
+pub fn repeated_body(total: usize) -> TestBody {
+    const CHUNK: usize = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    let frames = (0..total.div_ceil(CHUNK)).map(move |i| {
+        let len = CHUNK.min(total - i * CHUNK);
+        Ok::<_, std::io::Error>(Frame::data(chunk.slice(..len)))
+    });
+    StreamBody::new(futures_util::stream::iter(frames)).boxed()
+}
+
+// ----------------------------------------------------------------- client
+
+/// Accepts any server certificate and keeps the one it saw: the tests
+/// check *which* certificate the gateway serves, not the web PKI.
+#[derive(Debug)]
+struct RecordingVerifier {
+    seen: Arc<Mutex<Option<CertificateDer<'static>>>>,
+}
+
+impl ServerCertVerifier for RecordingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.seen.lock().unwrap() = Some(end_entity.clone().into_owned());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::aws_lc_rs::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A TLS connection to the gateway, with the certificate it presented.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+) -> (TlsStream<TcpStream>, CertificateDer<'static>) {
+    let seen = Arc::new(Mutex::new(None));
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(RecordingVerifier { seen: seen.clone() }))
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    let cert = seen.lock().unwrap().clone().unwrap();
+    (tls, cert)
+}
+
+/// An HTTP/1.1 connection over TLS that can carry several requests.
+pub async fn http1(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<TestBody>,
+    CertificateDer<'static>,
+) {
+    let (tls, cert) = tls_connect(addr, &[b"http/1.1"]).await;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    (send, cert)
+}
+
+/// An HTTP/2 connection over TLS (ALPN `h2`).
+pub async fn http2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<TestBody> {
+    let (tls, _) = tls_connect(addr, &[b"h2"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "gateway did not negotiate h2"
+    );
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// One request on a fresh HTTP/1.1 connection (`Host: localhost` unless
+/// the request has one).
+pub async fn send(addr: SocketAddr, mut req: Request<TestBody>) -> Response<Incoming> {
+    if !req.headers().contains_key("host") {
+        req.headers_mut()
+            .insert("host", http::HeaderValue::from_static("localhost"));
+    }
+    let (mut send, _) = http1(addr).await;
+    send.send_request(req).await.unwrap()
+}
+
+pub fn get(path: &str) -> http::request::Builder {
+    Request::get(path)
+}
+
+pub async fn body_string(response: Response<Incoming>) -> String {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+pub async fn upstream_saw(response: Response<Incoming>) -> Echo {
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = body_string(response).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not an echo ({e}): {text}"))
+}
+
+/// A port with nothing listening on it.
+pub fn closed_port() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Writes a fresh self-signed certificate and key for `localhost` to the
+/// given paths (atomically: temporary file, then rename) and returns the
+/// certificate's DER.
+pub fn write_cert(cert: &Path, key: &Path) -> Vec<u8> {
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::create_dir_all(cert.parent().unwrap()).unwrap();
+    for (path, content) in [
+        (key, generated.signing_key.serialize_pem()),
+        (cert, generated.cert.pem()),
+    ] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    generated.cert.der().to_vec()
+}

@@ -1,0 +1,241 @@
+//! Starting, reloading and stopping the real binary: certificates, signals,
+//! configuration errors and the command line.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+fn config_with_cert(upstream: &str, reload_check: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n\
+         [tls]\ncert = \"certs/tls.crt\"\nkey = \"certs/tls.key\"\nreload_check = \"{reload_check}\"\n"
+    )
+}
+
+/// Opens new connections until the gateway presents `expected`.
+async fn wait_for_cert(gateway: &Gateway, expected: &[u8]) {
+    let started = Instant::now();
+    loop {
+        let (_, cert) = tls_connect(gateway.addr, &[b"http/1.1"]).await;
+        if cert.as_ref() == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn assert_connection_works(send: &mut hyper::client::conn::http1::SendRequest<TestBody>) {
+    let response = send
+        .send_request(
+            get("/still-here")
+                .header("host", "localhost")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .expect("the earlier connection was dropped");
+    assert_eq!(upstream_saw(response).await.path, "/still-here");
+}
+
+#[tokio::test]
+async fn replaced_certificate_is_served_on_next_handshake_and_old_connections_live_on() {
+    let upstream = Upstream::start("console").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        dir.path().join("certs/tls.crt"),
+        dir.path().join("certs/tls.key"),
+    );
+    let first = write_cert(&cert, &key);
+    let gateway = Gateway::start_in(dir, &config_with_cert(&upstream.url(), "100ms"));
+
+    let (mut earlier, served) = http1(gateway.addr).await;
+    assert_eq!(served.as_ref(), first.as_slice());
+    assert_connection_works(&mut earlier).await;
+
+    let second = write_cert(&cert, &key);
+    wait_for_cert(&gateway, &second).await;
+    assert_connection_works(&mut earlier).await;
+    gateway
+        .log_line(|l| l["fields"]["message"] == "TLS certificate reloaded")
+        .await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_at_once() {
+    let upstream = Upstream::start("console").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        dir.path().join("certs/tls.crt"),
+        dir.path().join("certs/tls.key"),
+    );
+    write_cert(&cert, &key);
+    // With an hour between checks, only the signal can explain a reload.
+    let gateway = Gateway::start_in(dir, &config_with_cert(&upstream.url(), "1h"));
+    let second = write_cert(&cert, &key);
+    gateway.signal(libc::SIGHUP);
+    wait_for_cert(&gateway, &second).await;
+    let line = gateway
+        .log_line(|l| l["fields"]["message"] == "TLS certificate reloaded")
+        .await;
+    assert_eq!(line["fields"]["reason"], "SIGHUP");
+}
+
+#[tokio::test]
+async fn broken_replacement_keeps_the_old_certificate() {
+    let upstream = Upstream::start("console").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        dir.path().join("certs/tls.crt"),
+        dir.path().join("certs/tls.key"),
+    );
+    let first = write_cert(&cert, &key);
+    let gateway = Gateway::start_in(dir, &config_with_cert(&upstream.url(), "1h"));
+    std::fs::write(&cert, "not a certificate").unwrap();
+    gateway.signal(libc::SIGHUP);
+    gateway
+        .log_line(|l| {
+            l["fields"]["message"] == "TLS certificate not reloaded; still serving the previous one"
+        })
+        .await;
+    let (_, served) = tls_connect(gateway.addr, &[b"http/1.1"]).await;
+    assert_eq!(served.as_ref(), first.as_slice());
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_slow_response_finish() {
+    let upstream = Upstream::start("console").await;
+    let mut gateway = Gateway::start(&format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        upstream.url()
+    ));
+    let addr = gateway.addr;
+    let in_flight = tokio::spawn(async move {
+        let response = send(addr, get("/hold").body(empty()).unwrap()).await;
+        (response.status(), body_string(response).await)
+    });
+    upstream.held().await;
+    gateway.signal(libc::SIGTERM);
+    // New connections are refused once the listener has closed...
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "listener still open after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while the request already in flight still gets its answer.
+    upstream.release();
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "released");
+    assert!(gateway.wait_exit().success());
+}
+
+#[test]
+fn self_signed_certificate_is_generated_when_none_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start_in(dir, "listen = \"127.0.0.1:0\"\n");
+    assert!(gateway.cert_path().exists());
+    let key = gateway.dir.path().join("certs/tls.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let warning = gateway
+        .logs()
+        .into_iter()
+        .find(|l| l["level"] == "WARN")
+        .expect("a warning about the self-signed certificate");
+    assert!(warning["fields"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("SELF-SIGNED"));
+}
+
+/// Each bad configuration stops `serve` before it listens, with a message
+/// naming the key.
+#[test]
+fn bad_configuration_exits_non_zero_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // (config file, environment, what the message must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        ("[tls]\ncertificate = \"x.crt\"\n", &[], "tls.certificate"),
+        ("upstream = \"127.0.0.1:21114\"\n", &[], "`upstream`"),
+        (
+            "[[routes]]\nprefix = \"/ws/id\"\nupstream = \"ws//hbbs\"\n",
+            &[],
+            "routes[0].upstream",
+        ),
+        (
+            "[tls]\ncert = \"missing.crt\"\nkey = \"missing.key\"\n",
+            &[],
+            "tls.cert",
+        ),
+        (
+            "",
+            &[("AUTHGATE_PUBLIC_URL_FILE", "/run/secrets/absent")],
+            "public_url_file",
+        ),
+        ("", &[("AUTHGATE_LISTEN", "localhost")], "AUTHGATE_LISTEN"),
+        ("listen = [\n", &[], "not valid TOML"),
+    ];
+    for (toml, env, expected) in cases {
+        std::fs::write(dir.path().join("bad.toml"), toml).unwrap();
+        let (status, stdout, stderr) =
+            run_authgate(dir.path(), &["--config", "bad.toml", "serve"], env);
+        assert_eq!(status.code(), Some(2), "{toml}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{toml}: expected {expected} in {stderr}"
+        );
+        assert!(!stdout.contains("listening"), "{toml}: it listened");
+    }
+    let (status, _, stderr) = run_authgate(dir.path(), &["--config", "absent.toml"], &[]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("absent.toml"), "{stderr}");
+}
+
+#[test]
+fn check_config_and_gen_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ok.toml"),
+        "upstream = \"http://127.0.0.1:21114\"\n[[routes]]\nprefix = \"/ws/id\"\nupstream = \"http://127.0.0.1:21118\"\n",
+    )
+    .unwrap();
+    let (status, stdout, _) = run_authgate(dir.path(), &["check-config", "-c", "ok.toml"], &[]);
+    assert!(status.success());
+    assert!(
+        stdout.contains("/ws/id") && stdout.contains("http://127.0.0.1:21118"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("self-signed"), "{stdout}");
+    assert!(
+        !dir.path().join("certs").exists(),
+        "check-config must not write files"
+    );
+
+    let (status, first, _) = run_authgate(dir.path(), &["gen-secret"], &[]);
+    assert!(status.success());
+    let (_, second, _) = run_authgate(dir.path(), &["gen-secret"], &[]);
+    assert_eq!(
+        first.trim().len(),
+        43,
+        "32 bytes in unpadded base64url: {first}"
+    );
+    assert_ne!(first, second);
+
+    let (status, version, _) = run_authgate(dir.path(), &["--version"], &[]);
+    assert!(status.success());
+    assert!(version.contains(env!("CARGO_PKG_VERSION")));
+}

@@ -1,0 +1,419 @@
+//! The gateway core as a user sees it: the real binary, real TLS, a real
+//! upstream server.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+fn config(upstream: &str, extra: &str) -> String {
+    format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n")
+}
+
+#[tokio::test]
+async fn get_and_post_pass_with_headers_and_bodies_intact() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+
+    let response = send(
+        gateway.addr,
+        get("/devices?page=2&q=a%20b")
+            .header("host", "console.example.com")
+            .header("x-custom", "kept")
+            .header("cookie", "a=1")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(response.headers().contains_key("x-request-id"));
+    assert_eq!(response.headers()["x-upstream"], "console");
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.method, "GET");
+    assert_eq!(echo.path, "/devices?page=2&q=a%20b");
+    assert_eq!(
+        echo.header("host"),
+        Some("console.example.com"),
+        "Host is preserved"
+    );
+    assert_eq!(echo.header("x-custom"), Some("kept"));
+    assert_eq!(echo.header("cookie"), Some("a=1"));
+
+    let payload = "{\"name\":\"ünïcode\",\"n\":1}";
+    let response = send(
+        gateway.addr,
+        Request::post("/api/thing")
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(full(payload))
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.method, "POST");
+    assert_eq!(echo.body, payload);
+    assert_eq!(echo.header("content-type"), Some("application/json"));
+    assert_eq!(
+        echo.header("content-length"),
+        Some(payload.len().to_string().as_str())
+    );
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set_from_the_peer_not_the_client() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+    let response = send(
+        gateway.addr,
+        get("/")
+            .header("host", "console.example.com")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("x-real-ip", "6.6.6.6")
+            .header("x-forwarded-proto", "http")
+            .header("forwarded", "for=6.6.6.6")
+            .header("x-request-id", "trace-42")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.headers()["x-request-id"], "trace-42");
+    let seen = upstream_saw(response).await;
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-real-ip"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("console.example.com"));
+    assert_eq!(
+        seen.header("forwarded"),
+        Some("for=127.0.0.1;proto=https;host=\"console.example.com\"")
+    );
+    assert_eq!(seen.header("x-request-id"), Some("trace-42"));
+
+    // A request id the gateway makes up reaches the upstream and the log.
+    let response = send(gateway.addr, get("/logged").body(empty()).unwrap()).await;
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        upstream_saw(response).await.header("x-request-id"),
+        Some(id.as_str())
+    );
+    let line = gateway
+        .log_line(|l| l["fields"]["request_id"] == id.as_str())
+        .await;
+    assert_eq!(line["fields"]["method"], "GET");
+    assert_eq!(line["fields"]["path"], "/logged");
+    assert_eq!(line["fields"]["status"], 200);
+    assert!(line["fields"]["latency_ms"].as_f64().is_some());
+}
+
+#[tokio::test]
+async fn trusted_proxies_extend_the_chain() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[proxy]\ntrusted_proxies = [\"127.0.0.1\"]",
+    ));
+    let response = send(
+        gateway.addr,
+        get("/")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-proto", "https")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(
+        echo.header("x-forwarded-for"),
+        Some("203.0.113.9, 127.0.0.1")
+    );
+    assert_eq!(echo.header("x-real-ip"), Some("203.0.113.9"));
+}
+
+#[tokio::test]
+async fn hop_by_hop_and_connection_named_headers_do_not_reach_the_upstream() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+    let response = send(
+        gateway.addr,
+        get("/")
+            .header("connection", "keep-alive, x-hop-secret")
+            .header("x-hop-secret", "must not pass")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("proxy-authorization", "Basic Zm9vOmJhcg==")
+            .header("te", "gzip")
+            .header("x-end-to-end", "passes")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    for name in [
+        "x-hop-secret",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+    ] {
+        assert_eq!(
+            echo.header(name),
+            None,
+            "{name} reached the upstream: {:?}",
+            echo.headers
+        );
+    }
+    assert_ne!(echo.header("connection"), Some("keep-alive, x-hop-secret"));
+    assert_eq!(echo.header("x-end-to-end"), Some("passes"));
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+    let mut h2 = http2(gateway.addr).await;
+    for i in 0..3 {
+        let response = h2
+            .send_request(
+                Request::post(format!("https://console.example.com/h2/{i}"))
+                    .body(full("over h2"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let echo = upstream_saw(response).await;
+        assert_eq!(echo.path, format!("/h2/{i}"));
+        assert_eq!(echo.body, "over h2");
+        assert_eq!(
+            echo.version, "HTTP/1.1",
+            "upstream is spoken to in HTTP/1.1"
+        );
+        assert_eq!(
+            echo.header("host"),
+            Some("console.example.com"),
+            ":authority becomes Host"
+        );
+    }
+}
+
+#[tokio::test]
+async fn longest_prefix_chooses_the_upstream() {
+    let console = Upstream::start("console").await;
+    let hbbs = Upstream::start("hbbs").await;
+    let hbbr = Upstream::start("hbbr").await;
+    let ws = Upstream::start("ws").await;
+    let gateway = Gateway::start(&config(
+        &console.url(),
+        &format!(
+            "[[routes]]\nprefix = \"/ws\"\nupstream = \"{}\"\n\
+             [[routes]]\nprefix = \"/ws/id\"\nupstream = \"{}\"\n\
+             [[routes]]\nprefix = \"/ws/relay\"\nupstream = \"{}\"\n",
+            ws.url(),
+            hbbs.url(),
+            hbbr.url()
+        ),
+    ));
+    for (path, expected) in [
+        ("/", "console"),
+        ("/ws/id", "hbbs"),
+        ("/ws/id/abc", "hbbs"),
+        ("/ws/relay", "hbbr"),
+        ("/ws/other", "ws"),
+        ("/ws/identity", "ws"),
+        ("/wsx", "console"),
+    ] {
+        let response = send(gateway.addr, get(path).body(empty()).unwrap()).await;
+        assert_eq!(
+            upstream_saw(response).await.upstream,
+            expected,
+            "for {path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn websocket_echo_through_wss_on_ws_routes() {
+    let console = Upstream::start("console").await;
+    let hbbs = Upstream::start("hbbs").await;
+    let gateway = Gateway::start(&config(
+        &console.url(),
+        &format!(
+            "[[routes]]\nprefix = \"/ws/id\"\nupstream = \"{}\"\n",
+            hbbs.url()
+        ),
+    ));
+    let (mut send, _) = http1(gateway.addr).await;
+    let response = send
+        .send_request(
+            get("/ws/id")
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        response.headers()["sec-websocket-accept"],
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    );
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    for text in ["hello", "second message"] {
+        ws.send(Message::text(text)).await.unwrap();
+        let reply = ws.next().await.unwrap().unwrap();
+        assert_eq!(reply, Message::text(text));
+    }
+    let binary = Bytes::from(vec![7u8; 100_000]);
+    ws.send(Message::binary(binary.clone())).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(binary));
+}
+
+#[tokio::test]
+async fn large_bodies_stream_both_ways_with_flat_memory() {
+    const SIZE: usize = 64 * 1024 * 1024;
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+
+    let response = send(
+        gateway.addr,
+        Request::post("/upload")
+            .header("host", "localhost")
+            .body(repeated_body(SIZE))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_string(response).await, SIZE.to_string());
+
+    let response = send(
+        gateway.addr,
+        get(&format!("/download?bytes={SIZE}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let mut received = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            received += data.len();
+        }
+    }
+    assert_eq!(received, SIZE);
+
+    let peak = gateway.peak_rss();
+    eprintln!("gateway peak RSS: {} KiB", peak / 1024);
+    assert!(
+        peak < 64 * 1024 * 1024,
+        "gateway peak RSS {} MiB while moving 64 MiB each way",
+        peak / 1024 / 1024
+    );
+}
+
+#[tokio::test]
+async fn upstream_down_gives_502_page_for_browsers_and_json_for_clients() {
+    let down = closed_port();
+    let gateway = Gateway::start(&config(&format!("http://{down}"), ""));
+
+    let response = send(
+        gateway.addr,
+        get("/")
+            .header("accept", "text/html,*/*")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let page = body_string(response).await;
+    assert!(page.contains("The console is not reachable"), "{page}");
+
+    let response = send(
+        gateway.addr,
+        Request::post("/api/heartbeat")
+            .header("host", "localhost")
+            .body(full("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let json: serde_json::Value = serde_json::from_str(&body_string(response).await).unwrap();
+    assert_eq!(json["error"], "upstream_unreachable");
+}
+
+#[tokio::test]
+async fn slow_upstream_gives_504() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[timeouts]\nupstream_response = \"300ms\"",
+    ));
+    let response = send(gateway.addr, get("/hang").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    let json: serde_json::Value = serde_json::from_str(&body_string(response).await).unwrap();
+    assert_eq!(json["error"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn health_endpoints_live_under_the_gateway_prefix() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+    let response = send(gateway.addr, get("/oauth2/ping").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = send(gateway.addr, get("/oauth2/ready").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(body_string(response).await, "{\"ready\":true}");
+    let response = send(gateway.addr, get("/oauth2/nothing").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    // Paths outside the prefix are the console's, even similar ones.
+    let response = send(gateway.addr, get("/oauth2x/ping").body(empty()).unwrap()).await;
+    assert_eq!(upstream_saw(response).await.upstream, "console");
+}
+
+#[tokio::test]
+async fn plain_http_listener_redirects_to_the_public_origin_with_308() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "public_url = \"https://console.example.com:8443\"\nhttp_redirect_listen = \"127.0.0.1:0\"",
+    ));
+    let addr = gateway
+        .redirect_addr
+        .expect("redirect listener address logged");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let response = send
+        .send_request(
+            Request::post("/api/oidc/auth?x=1")
+                .header("host", "evil.example")
+                .body(full("{}"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        response.headers()["location"],
+        "https://console.example.com:8443/api/oidc/auth?x=1"
+    );
+}
