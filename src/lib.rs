@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod gateway;
+pub mod health;
 pub mod pages;
 pub mod proxy;
 pub mod routes;

@@ -41,6 +41,9 @@ enum Command {
     Serve,
     /// Validate the configuration and print what the gateway would do.
     CheckConfig,
+    /// Probe the running gateway's liveness endpoint over TLS (for a
+    /// container HEALTHCHECK); exit 0 when it answers.
+    Health,
     /// Print a fresh random secret (32 bytes, base64url), e.g. for session keys.
     GenSecret,
 }
@@ -55,6 +58,27 @@ fn main() -> ExitCode {
                 base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
             );
             ExitCode::SUCCESS
+        }
+        Command::Health => {
+            let config = match load(cli.config) {
+                Ok(config) => config,
+                Err(code) => return code,
+            };
+            let probed = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| {
+                    rt.block_on(authgate::health::probe(&config))
+                        .map_err(|e| e.to_string())
+                });
+            match probed {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("authgate: unhealthy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::CheckConfig => match load(cli.config) {
             Ok(config) if print_summary(&config) => ExitCode::SUCCESS,

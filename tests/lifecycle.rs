@@ -239,3 +239,19 @@ fn check_config_and_gen_secret() {
     assert!(status.success());
     assert!(version.contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn health_command_probes_the_running_gateway() {
+    let mut gateway = Gateway::start("listen = \"127.0.0.1:0\"\n");
+    let addr = gateway.addr.to_string();
+    let dir = gateway.dir.path().to_owned();
+    let args = ["health", "--config", "authgate.toml"];
+    let (status, _, stderr) = run_authgate(&dir, &args, &[("AUTHGATE_LISTEN", &addr)]);
+    assert!(status.success(), "{stderr}");
+
+    gateway.signal(libc::SIGTERM);
+    assert!(gateway.wait_exit().success());
+    let (status, _, stderr) = run_authgate(&dir, &args, &[("AUTHGATE_LISTEN", &addr)]);
+    assert!(!status.success());
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+}

@@ -417,3 +417,50 @@ async fn plain_http_listener_redirects_to_the_public_origin_with_308() {
         "https://console.example.com:8443/api/oidc/auth?x=1"
     );
 }
+
+#[tokio::test]
+async fn https_upstream_is_trusted_through_the_configured_ca() {
+    let ca = TestCa::new();
+    let upstream = Upstream::start_tls("secure-console", &ca).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    let gateway = Gateway::start_in(dir, &config(&upstream.url(), "[proxy]\nca = \"ca.pem\""));
+    let response = send(gateway.addr, get("/over-tls").body(empty()).unwrap()).await;
+    assert_eq!(upstream_saw(response).await.upstream, "secure-console");
+
+    // Without that CA the upstream's certificate is refused: 502, not a
+    // silently unverified connection.
+    let untrusting = Gateway::start(&config(&upstream.url(), ""));
+    let response = send(untrusting.addr, get("/over-tls").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn oversized_request_heads_are_refused() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[limits]\nmax_header_bytes = 16384",
+    ));
+    let big = "x".repeat(20_000);
+    let (mut connection, _) = http1(gateway.addr).await;
+    let refused = connection
+        .send_request(
+            get("/")
+                .header("host", "localhost")
+                .header("x-big", big)
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(
+        refused.unwrap().status(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let response = send(
+        gateway.addr,
+        get("/").header("x-small", "y").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(upstream_saw(response).await.upstream, "console");
+}

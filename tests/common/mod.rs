@@ -199,6 +199,7 @@ pub fn run_authgate(
 /// - anything else echoes the request as JSON (see [`Echo`]).
 pub struct Upstream {
     pub addr: SocketAddr,
+    scheme: &'static str,
     held: Arc<Notify>,
     release: Arc<Notify>,
 }
@@ -221,36 +222,74 @@ impl Echo {
 
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
+        Self::start_with(name, None).await
+    }
+
+    /// An upstream that speaks https with a certificate from `ca`.
+    pub async fn start_tls(name: &str, ca: &TestCa) -> Upstream {
+        let (cert, key) = ca.leaf();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+        Self::start_with(
+            name,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn start_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let held = Arc::new(Notify::new());
         let release = Arc::new(Notify::new());
-        let name = Arc::new(name.to_owned());
-        let (h, r) = (held.clone(), release.clone());
+        let state = (Arc::new(name.to_owned()), held.clone(), release.clone());
+        let scheme = if tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
-                let (name, held, release) = (name.clone(), h.clone(), r.clone());
+                let (name, held, release) = state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         upstream_handle(name.clone(), held.clone(), release.clone(), req)
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(tcp).await {
+                            Ok(io) => {
+                                builder
+                                    .serve_connection(TokioIo::new(io), service)
+                                    .with_upgrades()
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                        None => {
+                            builder
+                                .serve_connection(TokioIo::new(tcp), service)
+                                .with_upgrades()
+                                .await
+                        }
+                    };
                 });
             }
         });
         Upstream {
             addr,
+            scheme,
             held,
             release,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://localhost:{}", self.scheme, self.addr.port())
     }
 
     /// Waits until a `/hold` request has arrived.
@@ -532,4 +571,46 @@ pub fn write_cert(cert: &Path, key: &Path) -> Vec<u8> {
         std::fs::rename(&tmp, path).unwrap();
     }
     generated.cert.der().to_vec()
+}
+
+/// A certificate authority for test servers, written as PEM for the
+/// gateway to trust.
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "authgate test CA");
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        TestCa {
+            pem: issuer.pem(),
+            issuer,
+        }
+    }
+
+    /// A leaf certificate for `localhost` and `127.0.0.1`.
+    pub fn leaf(
+        &self,
+    ) -> (
+        CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params =
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (
+            cert.der().clone(),
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+    }
 }

@@ -1,0 +1,28 @@
+# authgate container image: a static binary on distroless, run as non-root.
+#   docker build -t authgate .
+#   docker run -p 8443:8443 -v ./certs:/certs -v ./config:/config \
+#     -e AUTHGATE_UPSTREAM=http://console:21114 authgate
+# scripts/build-image replays these steps without Docker (CI runs it).
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY scripts/build-static ./scripts/build-static
+RUN scripts/build-static /out/usr/local/bin/authgate
+# Mount points, owned by the runtime user (65532 = distroless "nonroot"),
+# so a first run can write its self-signed certificate into /certs.
+COPY config/authgate.toml /out/config/authgate.toml
+RUN mkdir -p /out/certs && chown -R 65532:65532 /out/certs /out/config
+
+FROM gcr.io/distroless/static-debian12:nonroot
+COPY --from=build /out/ /
+# Relative defaults (config/authgate.toml, certs/tls.crt) resolve from /.
+WORKDIR /
+USER 65532:65532
+VOLUME ["/certs", "/config"]
+EXPOSE 8443
+HEALTHCHECK --interval=30s --timeout=6s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/authgate", "health"]
+ENTRYPOINT ["/usr/local/bin/authgate"]
+CMD ["serve"]
