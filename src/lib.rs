@@ -63,6 +63,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
              to a real certificate (e.g. from Let's Encrypt) before going live"
         );
     }
+    let watcher = tls::Watcher::new(
+        config.tls.cert.clone(),
+        config.tls.key.clone(),
+        config.tls.reload_check,
+    )
+    .map_err(StartError::Signals)?;
     let cert = tls::ReloadableCert::new(tls::load(&config.tls.cert, &config.tls.key)?);
     let acceptor =
         TlsAcceptor::from(tls::server_config(cert.clone()).map_err(StartError::TlsConfig)?);
@@ -75,12 +81,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
-    tokio::spawn(tls::watch(
-        cert,
-        config.tls.cert.clone(),
-        config.tls.key.clone(),
-        config.tls.reload_check,
-    ));
+    tokio::spawn(watcher.run(cert));
     if let Some(addr) = redirect.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, to = %config.public_url, "redirecting plain HTTP");
     }

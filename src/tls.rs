@@ -13,7 +13,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -169,39 +169,60 @@ fn stamp(cert: &Path, key: &Path) -> Stamp {
 /// Reloads the certificate when its files change (checked every
 /// `interval`) and on SIGHUP. A pair that fails to load (e.g. half
 /// written) is logged and the old certificate kept; the next check retries.
-pub async fn watch(
-    cert: Arc<ReloadableCert>,
+pub struct Watcher {
     cert_path: PathBuf,
     key_path: PathBuf,
     interval: Duration,
-) {
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate reload on file change only");
-            None
-        }
-    };
-    let mut loaded = stamp(&cert_path, &key_path);
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let forced = tokio::select! {
-            _ = ticks.tick() => false,
-            Some(()) = async { hangup.as_mut()?.recv().await } => true,
-        };
-        let now = stamp(&cert_path, &key_path);
-        if !forced && now == loaded {
-            continue;
-        }
-        match load(&cert_path, &key_path) {
-            Ok(key) => {
-                cert.replace(key);
-                loaded = now;
-                tracing::info!(cert = %cert_path.display(), reason = if forced { "SIGHUP" } else { "file changed" }, "TLS certificate reloaded");
+    /// Registered before the first load, so a SIGHUP sent as soon as the
+    /// gateway is up reloads instead of killing the process.
+    hangup: Signal,
+    /// The files' state when last loaded successfully.
+    loaded: Stamp,
+}
+
+impl Watcher {
+    /// Call before loading the certificate, so a change made between the
+    /// load and the first check is not missed.
+    pub fn new(
+        cert_path: PathBuf,
+        key_path: PathBuf,
+        interval: Duration,
+    ) -> std::io::Result<Watcher> {
+        Ok(Watcher {
+            loaded: stamp(&cert_path, &key_path),
+            hangup: signal(SignalKind::hangup())?,
+            cert_path,
+            key_path,
+            interval,
+        })
+    }
+
+    pub async fn run(mut self, cert: Arc<ReloadableCert>) {
+        let start = tokio::time::Instant::now() + self.interval;
+        let mut ticks = tokio::time::interval_at(start, self.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                _ = ticks.tick() => false,
+                Some(()) = self.hangup.recv() => true,
+            };
+            let now = stamp(&self.cert_path, &self.key_path);
+            if !forced && now == self.loaded {
+                continue;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "TLS certificate not reloaded; still serving the previous one")
+            match load(&self.cert_path, &self.key_path) {
+                Ok(key) => {
+                    cert.replace(key);
+                    self.loaded = now;
+                    tracing::info!(
+                        cert = %self.cert_path.display(),
+                        reason = if forced { "SIGHUP" } else { "file changed" },
+                        "TLS certificate reloaded"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate not reloaded; still serving the previous one")
+                }
             }
         }
     }

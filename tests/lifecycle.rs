@@ -8,11 +8,25 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::StatusCode;
 
-fn config_with_cert(upstream: &str, reload_check: &str) -> String {
-    format!(
-        "listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n\
-         [tls]\ncert = \"certs/tls.crt\"\nkey = \"certs/tls.key\"\nreload_check = \"{reload_check}\"\n"
-    )
+/// A gateway with a certificate of its own in `certs/`; returns it with
+/// a function that replaces that certificate and the first one's DER.
+fn start_with_cert(
+    upstream: &Upstream,
+    reload_check: &str,
+) -> (Gateway, impl Fn() -> Vec<u8>, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        dir.path().join("certs/tls.crt"),
+        dir.path().join("certs/tls.key"),
+    );
+    let first = write_cert(&cert, &key);
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+         [tls]\ncert = \"certs/tls.crt\"\nkey = \"certs/tls.key\"\nreload_check = \"{reload_check}\"\n",
+        upstream.url()
+    );
+    let gateway = Gateway::start_in(dir, &config);
+    (gateway, move || write_cert(&cert, &key), first)
 }
 
 /// Opens new connections until the gateway presents `expected`.
@@ -47,19 +61,13 @@ async fn assert_connection_works(send: &mut hyper::client::conn::http1::SendRequ
 #[tokio::test]
 async fn replaced_certificate_is_served_on_next_handshake_and_old_connections_live_on() {
     let upstream = Upstream::start("console").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (
-        dir.path().join("certs/tls.crt"),
-        dir.path().join("certs/tls.key"),
-    );
-    let first = write_cert(&cert, &key);
-    let gateway = Gateway::start_in(dir, &config_with_cert(&upstream.url(), "100ms"));
+    let (gateway, replace_cert, first) = start_with_cert(&upstream, "100ms");
 
     let (mut earlier, served) = http1(gateway.addr).await;
     assert_eq!(served.as_ref(), first.as_slice());
     assert_connection_works(&mut earlier).await;
 
-    let second = write_cert(&cert, &key);
+    let second = replace_cert();
     wait_for_cert(&gateway, &second).await;
     assert_connection_works(&mut earlier).await;
     gateway
@@ -70,15 +78,9 @@ async fn replaced_certificate_is_served_on_next_handshake_and_old_connections_li
 #[tokio::test]
 async fn sighup_reloads_the_certificate_at_once() {
     let upstream = Upstream::start("console").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (
-        dir.path().join("certs/tls.crt"),
-        dir.path().join("certs/tls.key"),
-    );
-    write_cert(&cert, &key);
     // With an hour between checks, only the signal can explain a reload.
-    let gateway = Gateway::start_in(dir, &config_with_cert(&upstream.url(), "1h"));
-    let second = write_cert(&cert, &key);
+    let (gateway, replace_cert, _) = start_with_cert(&upstream, "1h");
+    let second = replace_cert();
     gateway.signal(libc::SIGHUP);
     wait_for_cert(&gateway, &second).await;
     let line = gateway
@@ -90,14 +92,8 @@ async fn sighup_reloads_the_certificate_at_once() {
 #[tokio::test]
 async fn broken_replacement_keeps_the_old_certificate() {
     let upstream = Upstream::start("console").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (
-        dir.path().join("certs/tls.crt"),
-        dir.path().join("certs/tls.key"),
-    );
-    let first = write_cert(&cert, &key);
-    let gateway = Gateway::start_in(dir, &config_with_cert(&upstream.url(), "1h"));
-    std::fs::write(&cert, "not a certificate").unwrap();
+    let (gateway, _, first) = start_with_cert(&upstream, "1h");
+    std::fs::write(gateway.cert_path(), "not a certificate").unwrap();
     gateway.signal(libc::SIGHUP);
     gateway
         .log_line(|l| {
