@@ -17,12 +17,23 @@ use serde::Deserialize;
 
 /// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
 /// whose name starts with one of these targets a key inside it.
-const SECTIONS: &[&str] = &["tls", "proxy", "timeouts", "limits", "log"];
+const SECTIONS: &[&str] = &[
+    "tls", "proxy", "timeouts", "limits", "log", "oidc", "session", "headers",
+];
 const ENV_PREFIX: &str = "AUTHGATE_";
 /// Environment variables that steer the command line, not the file.
 const ENV_NOT_KEYS: &[&str] = &["AUTHGATE_CONFIG"];
 const DEFAULT_CERT: &str = "certs/tls.crt";
 const DEFAULT_KEY: &str = "certs/tls.key";
+/// Entra's multi-tenant issuers: the discovery document says
+/// `https://login.microsoftonline.com/{tenantid}/v2.0`, tokens carry the
+/// user's own tenant.
+const MULTI_TENANT_PATHS: &[&str] = &["/common/v2.0", "/organizations/v2.0", "/consumers/v2.0"];
+/// Algorithms an ID token may be signed with; asymmetric only (RFC 8725:
+/// never `none`, never an HMAC keyed with a public key).
+const SIGNING_ALGORITHMS: &[&str] = &[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -77,6 +88,10 @@ pub struct Config {
     pub log: LogConfig,
     /// Every route, the default `/` one (from `upstream`) included.
     pub routes: Vec<RouteConfig>,
+    /// Sign-in; `None` when no route needs it.
+    pub oidc: Option<OidcConfig>,
+    pub session: Option<SessionConfig>,
+    pub headers: IdentityHeaderNames,
     /// Problems worth a warning that do not stop the gateway.
     pub warnings: Vec<String>,
 }
@@ -206,6 +221,110 @@ impl Default for LogConfig {
 pub struct RouteConfig {
     pub prefix: String,
     pub upstream: UpstreamUrl,
+    pub access: Access,
+}
+
+/// Whether a route needs a signed-in user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Browsers are sent to sign in; API clients need a bearer token.
+    Protected,
+    /// Passed through without sign-in (identity headers still stripped),
+    /// e.g. the RustDesk client API, which carries its own tokens.
+    Public,
+}
+
+/// How the gateway proves itself to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+/// How the provider returns the browser to the callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseMode {
+    Query,
+    FormPost,
+}
+
+#[derive(Debug, Clone)]
+pub struct OidcConfig {
+    /// As configured, trailing slash and all (issuers compare exactly).
+    pub issuer: String,
+    /// True for Entra's `/common`, `/organizations` and `/consumers`.
+    pub multi_tenant: bool,
+    pub client_id: String,
+    pub client_secret: String,
+    pub client_auth: ClientAuth,
+    pub scopes: Vec<String>,
+    pub callback_path: String,
+    /// `public_url` + `callback_path`: what the admin registers in Entra.
+    pub redirect_uri: String,
+    pub response_mode: ResponseMode,
+    pub pass_unknown_callbacks: bool,
+    pub allowed_tenants: Vec<String>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub clock_skew: Duration,
+    pub ca: Option<PathBuf>,
+    pub jwks_refresh: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Secrets for the cookie keys; the first encrypts, all decrypt.
+    pub secrets: Vec<Vec<u8>>,
+    pub cookie_name: String,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+/// Names of the headers that carry the signed-in user to the upstream.
+/// Defaults follow oauth2-proxy's `X-Forwarded-*` names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaderNames {
+    pub user: String,
+    pub user_id: String,
+    pub email: String,
+    pub name: String,
+    pub tenant: String,
+    pub groups: String,
+    pub roles: String,
+    pub preferred_username: String,
+}
+
+impl Default for IdentityHeaderNames {
+    fn default() -> Self {
+        IdentityHeaderNames {
+            user: "X-Forwarded-User".into(),
+            user_id: "X-Forwarded-User-Id".into(),
+            email: "X-Forwarded-Email".into(),
+            name: "X-Forwarded-Name".into(),
+            tenant: "X-Forwarded-Tenant".into(),
+            groups: "X-Forwarded-Groups".into(),
+            roles: "X-Forwarded-Roles".into(),
+            preferred_username: "X-Forwarded-Preferred-Username".into(),
+        }
+    }
+}
+
+impl IdentityHeaderNames {
+    pub fn all(&self) -> [(&'static str, &str); 8] {
+        [
+            ("user", &self.user),
+            ("user_id", &self.user_id),
+            ("email", &self.email),
+            ("name", &self.name),
+            ("tenant", &self.tenant),
+            ("groups", &self.groups),
+            ("roles", &self.roles),
+            ("preferred_username", &self.preferred_username),
+        ]
+    }
 }
 
 /// The file's shape, before validation.
@@ -222,7 +341,77 @@ struct RawConfig {
     timeouts: Timeouts,
     limits: Limits,
     log: LogConfig,
+    access: Access,
     routes: Vec<RawRoute>,
+    oidc: RawOidc,
+    session: RawSession,
+    headers: IdentityHeaderNames,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOidc {
+    issuer: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+    client_auth: ClientAuth,
+    scopes: Vec<String>,
+    callback_path: String,
+    response_mode: ResponseMode,
+    pass_unknown_callbacks: bool,
+    allowed_tenants: Vec<String>,
+    algorithms: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    clock_skew: Duration,
+    ca: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    jwks_refresh: Duration,
+}
+
+impl Default for RawOidc {
+    fn default() -> Self {
+        RawOidc {
+            issuer: None,
+            client_id: None,
+            client_secret: None,
+            client_auth: ClientAuth::ClientSecretBasic,
+            scopes: ["openid", "profile", "email", "offline_access"]
+                .map(String::from)
+                .to_vec(),
+            callback_path: "/api/oidc/callback".into(),
+            response_mode: ResponseMode::Query,
+            pass_unknown_callbacks: false,
+            allowed_tenants: Vec::new(),
+            algorithms: vec!["RS256".into()],
+            clock_skew: Duration::from_secs(60),
+            ca: None,
+            jwks_refresh: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSession {
+    secret: Option<String>,
+    previous_secrets: Vec<String>,
+    cookie_name: String,
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    lifetime: Duration,
+}
+
+impl Default for RawSession {
+    fn default() -> Self {
+        RawSession {
+            secret: None,
+            previous_secrets: Vec::new(),
+            cookie_name: "__Host-authgate".into(),
+            idle_timeout: Duration::from_secs(8 * 3600),
+            lifetime: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 impl Default for RawConfig {
@@ -238,7 +427,11 @@ impl Default for RawConfig {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            access: Access::Protected,
             routes: Vec::new(),
+            oidc: RawOidc::default(),
+            session: RawSession::default(),
+            headers: IdentityHeaderNames::default(),
         }
     }
 }
@@ -285,6 +478,7 @@ impl Default for RawProxy {
 struct RawRoute {
     prefix: String,
     upstream: String,
+    access: Option<Access>,
 }
 
 impl Config {
@@ -484,6 +678,7 @@ impl RawConfig {
         let mut routes = vec![RouteConfig {
             prefix: "/".into(),
             upstream: parse_upstream(origins, "upstream", &self.upstream)?,
+            access: self.access,
         }];
         for (i, raw) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("routes[{i}].{field}");
@@ -508,6 +703,7 @@ impl RawConfig {
             routes.push(RouteConfig {
                 prefix: raw.prefix.clone(),
                 upstream: parse_upstream(origins, &key("upstream"), &raw.upstream)?,
+                access: raw.access.unwrap_or(self.access),
             });
         }
 
@@ -592,7 +788,37 @@ impl RawConfig {
             ));
         }
 
+        let signs_in = routes.iter().any(|r| r.access == Access::Protected);
+        let oidc = match (&self.oidc.issuer, signs_in) {
+            (None, false) => None,
+            (None, true) => {
+                return Err(origins.error(
+                    "oidc.issuer",
+                    "missing: routes with `access = \"protected\"` (the default) need sign-in. \
+                     Set oidc.issuer, oidc.client_id and oidc.client_secret (see README, \"Entra set-up\"), \
+                     or set `access = \"public\"` to run without sign-in",
+                ))
+            }
+            (Some(_), _) => Some(validate_oidc(self.oidc, &public_url, origins)?),
+        };
+        let session = oidc
+            .as_ref()
+            .map(|_| validate_session(self.session, origins))
+            .transpose()?;
+        for (field, name) in self.headers.all() {
+            if http::HeaderName::from_str(name).is_err() {
+                return Err(origins.invalid(
+                    &format!("headers.{field}"),
+                    name,
+                    "an HTTP header name",
+                ));
+            }
+        }
+
         Ok(Config {
+            oidc,
+            session,
+            headers: self.headers,
             listen,
             public_url,
             http_redirect_listen,
@@ -610,6 +836,167 @@ impl RawConfig {
             warnings,
         })
     }
+}
+
+fn validate_oidc(
+    raw: RawOidc,
+    public_url: &PublicUrl,
+    origins: &Origins,
+) -> Result<OidcConfig, ConfigError> {
+    let issuer = raw.issuer.unwrap_or_default();
+    let Some((_, authority)) = parse_issuer(&issuer) else {
+        return Err(origins.invalid(
+            "oidc.issuer",
+            &issuer,
+            "an https:// issuer URL such as https://login.microsoftonline.com/<tenant id>/v2.0",
+        ));
+    };
+    let path = Uri::from_str(&issuer)
+        .map(|u| u.path().to_owned())
+        .unwrap_or_default();
+    let multi_tenant = authority.host().ends_with("microsoftonline.com")
+        && MULTI_TENANT_PATHS.contains(&path.trim_end_matches('/'));
+    if multi_tenant && raw.allowed_tenants.is_empty() {
+        return Err(origins.error(
+            "oidc.allowed_tenants",
+            format!(
+                "missing: the issuer `{issuer}` lets users of any Entra tenant sign in; \
+                 list the tenant ids (Directory (tenant) ID) that may"
+            ),
+        ));
+    }
+    let client_id = raw.client_id.filter(|v| !v.is_empty()).ok_or_else(|| {
+        origins.error(
+            "oidc.client_id",
+            "missing: the Application (client) ID of the app registration",
+        )
+    })?;
+    let client_secret = raw.client_secret.filter(|v| !v.is_empty()).ok_or_else(|| {
+        origins.error(
+            "oidc.client_secret",
+            "missing: a client secret *value* of the app registration (or oidc.client_secret_file, \
+             or AUTHGATE_OIDC_CLIENT_SECRET)",
+        )
+    })?;
+    if !raw.scopes.iter().any(|s| s == "openid") {
+        return Err(origins.error("oidc.scopes", "must include `openid`"));
+    }
+    if !raw.callback_path.starts_with('/') || raw.callback_path.contains(['?', '#']) {
+        return Err(origins.invalid(
+            "oidc.callback_path",
+            &raw.callback_path,
+            "a path such as /api/oidc/callback",
+        ));
+    }
+    let algorithms = raw
+        .algorithms
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            SIGNING_ALGORITHMS
+                .contains(&name.as_str())
+                .then(|| jsonwebtoken::Algorithm::from_str(name).ok())
+                .flatten()
+                .ok_or_else(|| {
+                    origins.invalid(
+                        &format!("oidc.algorithms[{i}]"),
+                        name,
+                        &format!("one of {}", SIGNING_ALGORITHMS.join(", ")),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if algorithms.is_empty() {
+        return Err(origins.error(
+            "oidc.algorithms",
+            "must name at least one algorithm, such as RS256",
+        ));
+    }
+    if let Some(ca) = &raw.ca {
+        require_readable(origins, "oidc.ca", ca)?;
+    }
+    Ok(OidcConfig {
+        redirect_uri: format!("{public_url}{}", raw.callback_path),
+        issuer,
+        multi_tenant,
+        client_id,
+        client_secret,
+        client_auth: raw.client_auth,
+        scopes: raw.scopes,
+        callback_path: raw.callback_path,
+        response_mode: raw.response_mode,
+        pass_unknown_callbacks: raw.pass_unknown_callbacks,
+        allowed_tenants: raw.allowed_tenants,
+        algorithms,
+        clock_skew: raw.clock_skew,
+        ca: raw.ca,
+        jwks_refresh: raw.jwks_refresh,
+    })
+}
+
+/// An issuer is an https URL (http only for a loopback test provider).
+fn parse_issuer(value: &str) -> Option<(Scheme, Authority)> {
+    let uri = Uri::from_str(value).ok()?;
+    let scheme = uri.scheme()?.clone();
+    let authority = uri.authority()?.clone();
+    let allowed =
+        scheme == Scheme::HTTPS || (scheme == Scheme::HTTP && is_loopback_host(authority.host()));
+    (allowed && uri.query().is_none()).then_some((scheme, authority))
+}
+
+fn validate_session(raw: RawSession, origins: &Origins) -> Result<SessionConfig, ConfigError> {
+    const EXPECTED: &str =
+        "at least 32 random bytes in base64, such as the output of `authgate gen-secret`";
+    let current = raw.secret.ok_or_else(|| {
+        origins.error(
+            "session.secret",
+            format!("missing: {EXPECTED} (or session.secret_file, or AUTHGATE_SESSION_SECRET)"),
+        )
+    })?;
+    let mut secrets = Vec::new();
+    for (key, value) in std::iter::once(("session.secret".to_owned(), &current)).chain(
+        raw.previous_secrets
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("session.previous_secrets[{i}]"), v)),
+    ) {
+        let shown = "(hidden)";
+        let bytes = decode_secret(value).ok_or_else(|| origins.invalid(&key, shown, EXPECTED))?;
+        secrets.push(bytes);
+    }
+    if !raw.cookie_name.starts_with("__Host-")
+        || http::HeaderName::from_str(&raw.cookie_name).is_err()
+    {
+        return Err(origins.invalid(
+            "session.cookie_name",
+            &raw.cookie_name,
+            "a cookie name starting with __Host- (bound to this origin, Secure, Path=/)",
+        ));
+    }
+    if raw.idle_timeout.is_zero() || raw.lifetime < raw.idle_timeout {
+        return Err(origins.error(
+            "session.lifetime",
+            "must be at least session.idle_timeout, and both above zero",
+        ));
+    }
+    Ok(SessionConfig {
+        secrets,
+        cookie_name: raw.cookie_name,
+        idle_timeout: raw.idle_timeout,
+        lifetime: raw.lifetime,
+    })
+}
+
+/// Standard or URL-safe base64, padded or not, of 32 bytes or more.
+fn decode_secret(value: &str) -> Option<Vec<u8>> {
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let trimmed = value.trim().trim_end_matches('=');
+    URL_SAFE_NO_PAD
+        .decode(trimmed)
+        .or_else(|_| STANDARD_NO_PAD.decode(trimmed))
+        .ok()
+        .filter(|b| b.len() >= 32)
 }
 
 fn parse_socket_addr(origins: &Origins, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -689,7 +1076,12 @@ fn is_loopback_host(host: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Loads `toml` for a gateway without sign-in.
     fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        load_exactly(&format!("access = \"public\"\n{toml}"), env)
+    }
+
+    fn load_exactly(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("authgate.toml");
         std::fs::write(&path, toml).unwrap();
@@ -702,6 +1094,90 @@ mod tests {
 
     fn error_of(toml: &str, env: &[(&str, &str)]) -> String {
         load(toml, env).unwrap_err().to_string()
+    }
+
+    const SIGN_IN: &str = "[oidc]\nissuer = \"https://login.microsoftonline.com/11111111-2222-3333-4444-555555555555/v2.0\"\n\
+        client_id = \"app\"\nclient_secret = \"s3cret\"\n\
+        [session]\nsecret = \"0123456789abcdef0123456789abcdef0123456789A\"\n";
+
+    #[test]
+    fn protected_routes_need_sign_in_configured() {
+        let err = load_exactly("", &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("oidc.issuer") && err.contains("access = \"public\""),
+            "{err}"
+        );
+        let config = load_exactly(SIGN_IN, &[]).unwrap();
+        let oidc = config.oidc.unwrap();
+        assert_eq!(
+            oidc.redirect_uri,
+            "https://localhost:8443/api/oidc/callback"
+        );
+        assert!(!oidc.multi_tenant);
+        assert_eq!(config.session.unwrap().secrets[0].len(), 32);
+    }
+
+    #[test]
+    fn sign_in_settings_are_checked() {
+        let err = load_exactly(&SIGN_IN.replace("client_secret = \"s3cret\"\n", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("oidc.client_secret") && err.contains("AUTHGATE_OIDC_CLIENT_SECRET"),
+            "{err}"
+        );
+        let err = load_exactly(
+            &SIGN_IN.replace("0123456789abcdef0123456789abcdef0123456789A", "short"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("session.secret") && err.contains("gen-secret"),
+            "{err}"
+        );
+        assert!(!err.contains("short"), "a secret must not be echoed: {err}");
+        let err = load_exactly(SIGN_IN, &[("AUTHGATE_OIDC_ALGORITHMS", "[\"HS256\"]")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("oidc.algorithms[0]") && err.contains("RS256"),
+            "{err}"
+        );
+        let err = load_exactly(
+            SIGN_IN,
+            &[("AUTHGATE_OIDC_ISSUER", "http://idp.example/v2.0")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("oidc.issuer") && err.contains("https://"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn multi_tenant_issuers_need_a_tenant_allow_list() {
+        let common = [(
+            "AUTHGATE_OIDC_ISSUER",
+            "https://login.microsoftonline.com/organizations/v2.0",
+        )];
+        let err = load_exactly(SIGN_IN, &common).unwrap_err().to_string();
+        assert!(err.contains("oidc.allowed_tenants"), "{err}");
+        let env = [
+            common[0],
+            (
+                "AUTHGATE_OIDC_ALLOWED_TENANTS",
+                "[\"11111111-2222-3333-4444-555555555555\"]",
+            ),
+        ];
+        assert!(
+            load_exactly(SIGN_IN, &env)
+                .unwrap()
+                .oidc
+                .unwrap()
+                .multi_tenant
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The request path, top to bottom in [`Gateway::handle`]: the gateway's
-//! own endpoints, then route, then forward. Sign-in slots in between
-//! routing and forwarding as the authenticate and authorize steps.
+//! The request path, top to bottom in [`Gateway::handle`]: strip identity
+//! headers, the gateway's own endpoints, the sign-in callback, route,
+//! authenticate, then forward with the identity added.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,17 +9,25 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::config::Config;
+use crate::config::{Access, Config};
+use crate::identity::IdentityHeaders;
+use crate::oidc::Oidc;
 use crate::pages;
 use crate::proxy::{self, Proxy, ProxyError};
 use crate::routes::Routes;
+use crate::session::{Found, Sessions};
+use crate::signin::{append_cookies, Callback, SignIn};
 use crate::Body;
 
 pub struct Gateway {
     routes: Routes,
     proxy: Proxy,
+    identity_headers: IdentityHeaders,
+    /// `None` when every route is public.
+    signin: Option<SignIn>,
     /// Paths under this prefix are the gateway's own (`/oauth2/` by default).
     own_prefix: String,
     /// Set when shutdown begins, so readiness fails and load balancers stop
@@ -28,10 +36,24 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Result<Arc<Gateway>, proxy::ClientError> {
+    /// `oidc` is present exactly when the configuration has sign-in.
+    pub fn new(
+        config: &Config,
+        oidc: Option<Arc<Oidc>>,
+    ) -> Result<Arc<Gateway>, crate::outbound::ClientError> {
+        let signin = oidc.zip(config.session.as_ref()).map(|(oidc, session)| {
+            SignIn::new(
+                oidc,
+                Sessions::new(session),
+                config.public_url.clone(),
+                config.gateway_prefix.clone(),
+            )
+        });
         Ok(Arc::new(Gateway {
             routes: Routes::new(&config.routes),
             proxy: Proxy::new(config)?,
+            identity_headers: IdentityHeaders::new(&config.headers),
+            signin,
             own_prefix: config.gateway_prefix.clone(),
             draining: AtomicBool::new(false),
         }))
@@ -47,29 +69,58 @@ impl Gateway {
         peer: SocketAddr,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
+        let mut req = req.map(|b| b.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed());
         let request_id = proxy::request_id(req.headers());
         let id = request_id.to_str().unwrap_or_default().to_owned();
         let method = req.method().clone();
         // Only the path is logged: queries can carry codes and tokens.
         let path = req.uri().path().to_owned();
         let html = pages::wants_html(req.headers());
+        let log =
+            |route: &str, status| log_request(&method, &path, route, status, started, &id, peer);
 
+        // 1. No client speaks for the user: identity headers are ours alone.
+        self.identity_headers.strip(req.headers_mut());
+
+        // 2. The gateway's own endpoints.
         if let Some(endpoint) = path.strip_prefix(&self.own_prefix) {
-            let response = self.own_endpoint(endpoint, &method, html, &id);
-            log_request(
-                &method,
-                &path,
-                "gateway",
-                response.status(),
-                started,
-                &id,
-                peer,
-            );
+            let response = self.own_endpoint(endpoint, &req, html, &id);
+            log("gateway", response.status());
             return Ok(response);
         }
 
+        // 3. The sign-in callback, unless it belongs to the console.
+        if let Some(signin) = self.signin.as_ref().filter(|s| s.is_callback(&path)) {
+            match signin.callback(req, html, &id).await {
+                Callback::Answered(response) => {
+                    log("sign-in", response.status());
+                    return Ok(response);
+                }
+                Callback::NotOurs(passed) => req = passed,
+            }
+        }
+
+        // 4. Route; 5. authenticate where the route needs it.
         let route = self.routes.find(&path);
-        let response = match self
+        let mut cookies = Vec::new();
+        if let (Access::Protected, Some(signin)) = (route.access, &self.signin) {
+            let session = match signin.session(req.headers()) {
+                Found::Valid(session) => session,
+                Found::None | Found::Unusable => {
+                    let response = signin.challenge(&method, req.uri(), req.headers(), html, &id);
+                    log(&route.prefix, response.status());
+                    return Ok(response);
+                }
+            };
+            cookies = signin.touch(&session, req.headers());
+            signin.strip_own_cookies(req.headers_mut());
+            // 6. Tell the upstream who it is.
+            self.identity_headers
+                .inject(req.headers_mut(), &session.identity);
+        }
+
+        // 7. Forward.
+        let mut response = match self
             .proxy
             .forward(req, &route.upstream, peer, &request_id)
             .await
@@ -85,36 +136,35 @@ impl Gateway {
                 pages::problem(problem, html, &id)
             }
         };
-        log_request(
-            &method,
-            &path,
-            &route.prefix,
-            response.status(),
-            started,
-            &id,
-            peer,
-        );
+        append_cookies(&mut response, cookies);
+        log(&route.prefix, response.status());
         Ok(response)
     }
 
     /// `ping` answers while the process lives; `ready` only while it
-    /// accepts new work.
+    /// accepts new work and sign-in can start.
     fn own_endpoint(
         &self,
         endpoint: &str,
-        method: &Method,
+        req: &Request<Body>,
         html: bool,
         id: &str,
     ) -> Response<Body> {
+        let method = req.method();
         let readable = method == Method::GET || method == Method::HEAD;
-        match endpoint {
-            "ping" if readable => {
+        let draining = self.draining.load(Ordering::Relaxed);
+        let signin_ready = self.signin.as_ref().is_none_or(SignIn::is_ready);
+        match (endpoint, &self.signin) {
+            ("ping", _) if readable => {
                 pages::json(StatusCode::OK, serde_json::json!({ "status": "ok" }))
             }
-            "ready" if readable && !self.draining.load(Ordering::Relaxed) => {
+            ("ready", _) if readable && !draining && signin_ready => {
                 pages::json(StatusCode::OK, serde_json::json!({ "ready": true }))
             }
-            "ready" if readable => pages::problem(pages::DRAINING, html, id),
+            ("ready", _) if readable && draining => pages::problem(pages::DRAINING, html, id),
+            ("ready", _) if readable => pages::problem(pages::PROVIDER_NOT_READY, html, id),
+            ("sign_out", Some(signin)) => signin.sign_out(method, req.headers(), html, id),
+            ("signed_out", Some(signin)) if readable => signin.signed_out_page(html, id),
             _ => pages::problem(pages::NOT_FOUND, html, id),
         }
     }

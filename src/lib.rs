@@ -5,13 +5,21 @@
 //! which routes ([`routes`]) and forwards ([`proxy`]).
 
 pub mod config;
+pub mod explain;
 pub mod gateway;
 pub mod health;
+pub mod identity;
+pub mod jwks;
+pub mod oidc;
+pub mod outbound;
 pub mod pages;
 pub mod proxy;
 pub mod routes;
 pub mod server;
+pub mod session;
+pub mod signin;
 pub mod tls;
+pub mod token;
 
 use std::net::SocketAddr;
 
@@ -36,7 +44,7 @@ pub enum StartError {
     #[error("cannot build the TLS configuration: {0}")]
     TlsConfig(#[source] rustls::Error),
     #[error(transparent)]
-    UpstreamClient(#[from] proxy::ClientError),
+    UpstreamClient(#[from] outbound::ClientError),
     #[error("cannot listen on `{key}` = {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -72,7 +80,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let cert = tls::ReloadableCert::new(tls::load(&config.tls.cert, &config.tls.key)?);
     let acceptor =
         TlsAcceptor::from(tls::server_config(cert.clone()).map_err(StartError::TlsConfig)?);
-    let gateway = gateway::Gateway::new(&config)?;
+    let oidc = match &config.oidc {
+        Some(oidc_config) => {
+            let http = outbound::client(oidc_config.ca.as_deref(), &config.timeouts)?;
+            Some(oidc::Oidc::new(oidc_config.clone(), http))
+        }
+        None => {
+            tracing::warn!("sign-in is not configured: every route is public");
+            None
+        }
+    };
+    let gateway = gateway::Gateway::new(&config, oidc.clone())?;
+    if let Some(oidc) = oidc {
+        tokio::spawn(oidc.discover_until_ready());
+    }
 
     let listener = bind("listen", config.listen).await?;
     let redirect = match config.http_redirect_listen {

@@ -1,6 +1,8 @@
 //! What the gateway itself answers: small HTML pages for browsers and JSON
 //! for API clients, chosen by the request's `Accept` header.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use http::{HeaderMap, Response, StatusCode};
@@ -58,6 +60,14 @@ pub const NOT_FOUND: Problem = Problem {
     detail: "This path belongs to the gateway itself and serves nothing here.",
 };
 
+pub const PROVIDER_NOT_READY: Problem = Problem {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    code: "provider_not_ready",
+    title: "The sign-in provider has not been reached yet",
+    detail: "The gateway keeps retrying its OpenID provider's discovery document and keys; \
+             its log says why they failed.",
+};
+
 pub const DRAINING: Problem = Problem {
     status: StatusCode::SERVICE_UNAVAILABLE,
     code: "shutting_down",
@@ -65,41 +75,112 @@ pub const DRAINING: Problem = Problem {
     detail: "This instance is draining its connections; retry shortly.",
 };
 
-/// Renders `problem` as HTML or JSON. `request_id` has been sanitised to
-/// a safe character set by the caller, so it can be embedded verbatim.
-pub fn problem(problem: Problem, html: bool, request_id: &str) -> Response<Body> {
-    let (content_type, body) = if html {
-        let body = format!(
+/// Any page the gateway renders: a problem, a sign-in failure explained,
+/// a notice. Dynamic text is escaped when rendered.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub status: StatusCode,
+    pub code: Cow<'static, str>,
+    pub title: Cow<'static, str>,
+    pub detail: Cow<'static, str>,
+    /// What to check or do, for whoever can fix it.
+    pub advice: Vec<String>,
+    /// A link on this origin and its label, e.g. ("/", "Sign in again").
+    pub link: Option<(String, &'static str)>,
+    /// A same-origin POST form and its button label (sign-out).
+    pub form: Option<(String, &'static str)>,
+}
+
+impl From<Problem> for Page {
+    fn from(p: Problem) -> Page {
+        Page::new(p.status, p.code, p.title, p.detail)
+    }
+}
+
+impl Page {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        title: impl Into<Cow<'static, str>>,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Page {
+        Page {
+            status,
+            code: code.into(),
+            title: title.into(),
+            detail: detail.into(),
+            advice: Vec::new(),
+            link: None,
+            form: None,
+        }
+    }
+
+    /// HTML for browsers, JSON for everyone else.
+    pub fn render(&self, html: bool, request_id: &str) -> Response<Body> {
+        let (content_type, body) = if html {
+            ("text/html; charset=utf-8", self.html(request_id))
+        } else {
+            let body = serde_json::json!({
+                "error": self.code,
+                "message": self.title,
+                "detail": self.detail,
+                "advice": self.advice,
+                "request_id": request_id,
+            });
+            ("application/json", body.to_string())
+        };
+        let mut response = Response::new(full(body));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+
+    fn html(&self, request_id: &str) -> String {
+        use html_escape::{encode_double_quoted_attribute as attr, encode_text as text};
+        let mut out = format!(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <meta name=\"viewport\" content=\"width=device-width\">\
-             <title>{title}</title></head><body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\">\
-             <h1>{title}</h1><p>{detail}</p>\
-             <p><small>Error {status} · {code} · request {request_id}</small></p></body></html>",
-            title = problem.title,
-            detail = problem.detail,
-            status = problem.status.as_u16(),
-            code = problem.code,
+             <meta name=\"viewport\" content=\"width=device-width\"><title>{title}</title></head>\
+             <body style=\"font-family:sans-serif;max-width:42em;margin:4em auto;line-height:1.5\">\
+             <h1>{title}</h1><p>{detail}</p>",
+            title = text(&self.title),
+            detail = text(&self.detail),
         );
-        ("text/html; charset=utf-8", body)
-    } else {
-        let body = serde_json::json!({
-            "error": problem.code,
-            "message": problem.title,
-            "detail": problem.detail,
-            "request_id": request_id,
-        })
-        .to_string();
-        ("application/json", body)
-    };
-    let mut response = Response::new(full(body));
-    *response.status_mut() = problem.status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-        .headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+        if !self.advice.is_empty() {
+            out.push_str("<h2>What to check</h2><ul>");
+            for item in &self.advice {
+                out.push_str(&format!("<li>{}</li>", text(item)));
+            }
+            out.push_str("</ul>");
+        }
+        if let Some((href, label)) = &self.link {
+            out.push_str(&format!(
+                "<p><a href=\"{}\">{}</a></p>",
+                attr(href),
+                text(label)
+            ));
+        }
+        if let Some((action, label)) = &self.form {
+            out.push_str(&format!(
+                "<form method=\"post\" action=\"{}\"><button type=\"submit\">{}</button></form>",
+                attr(action),
+                text(label)
+            ));
+        }
+        out.push_str(&format!(
+            "<p><small>Error {} · {} · request {}</small></p></body></html>",
+            self.status.as_u16(),
+            text(&self.code),
+            text(request_id)
+        ));
+        out
+    }
+}
+
+/// Renders `problem` as HTML or JSON.
+pub fn problem(problem: Problem, html: bool, request_id: &str) -> Response<Body> {
+    Page::from(problem).render(html, request_id)
 }
 
 /// A small JSON answer, e.g. for health endpoints.

@@ -10,16 +10,11 @@ use std::time::Duration;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::CertificateDer;
 
 use crate::config::{Config, UpstreamUrl};
+use crate::outbound::{self, ClientError, HttpClient};
 use crate::Body;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -63,23 +58,8 @@ pub enum ProxyError {
     Timeout { upstream: String, after: Duration },
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot read upstream CA file {path}: {source}")]
-    Ca {
-        path: String,
-        source: rustls_pki_types::pem::Error,
-    },
-    #[error("upstream CA file {path}: {source}")]
-    BadCa { path: String, source: rustls::Error },
-    #[error("cannot set up the upstream TLS client: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error("cannot load the system's root certificates: {0}")]
-    Roots(#[from] std::io::Error),
-}
-
 pub struct Proxy {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    client: HttpClient,
     trusted_proxies: Vec<IpNet>,
     preserve_host: bool,
     response_timeout: Duration,
@@ -87,43 +67,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: &Config) -> Result<Proxy, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        roots.add_parsable_certificates(native.certs);
-        if let Some(path) = &config.proxy.ca {
-            let shown = path.display().to_string();
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|c| c.collect::<Result<Vec<_>, _>>())
-                .map_err(|source| ClientError::Ca {
-                    path: shown.clone(),
-                    source,
-                })?;
-            for cert in certs {
-                roots.add(cert).map_err(|source| ClientError::BadCa {
-                    path: shown.clone(),
-                    source,
-                })?;
-            }
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(config.timeouts.connect));
-        http.set_nodelay(true);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(config.timeouts.idle)
-            .build(connector);
+        let client = outbound::client(config.proxy.ca.as_deref(), &config.timeouts)?;
         Ok(Proxy {
             client,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
@@ -136,7 +80,7 @@ impl Proxy {
     /// connection (WebSocket) tunnelled in the background.
     pub async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         upstream: &UpstreamUrl,
         peer: SocketAddr,
         request_id: &HeaderValue,
@@ -194,7 +138,7 @@ impl Proxy {
         // HTTP/2 clients are served over HTTP/1.1 to the upstream, the
         // protocol consoles and WebSocket upgrades speak.
         parts.version = Version::HTTP_11;
-        let req = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        let req = Request::from_parts(parts, body);
 
         let shown = || upstream.to_string();
         let mut response =

@@ -2,12 +2,13 @@
 //! prefixes match whole path segments, so `/ws/id` serves `/ws/id` and
 //! `/ws/id/…` but not `/ws/idle`.
 
-use crate::config::{RouteConfig, UpstreamUrl};
+use crate::config::{Access, RouteConfig, UpstreamUrl};
 
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
     pub upstream: UpstreamUrl,
+    pub access: Access,
 }
 
 #[derive(Debug)]
@@ -24,6 +25,7 @@ impl Routes {
             .map(|c| Route {
                 prefix: c.prefix.clone(),
                 upstream: c.upstream.clone(),
+                access: c.access,
             })
             .collect();
         by_length.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -64,6 +66,7 @@ mod tests {
                     scheme: http::uri::Scheme::HTTP,
                     authority: http::uri::Authority::from_str(&format!("u{i}:1")).unwrap(),
                 },
+                access: Access::Public,
             })
             .collect();
         Routes::new(&configs)

@@ -21,7 +21,7 @@ fn start_with_cert(
     );
     let first = write_cert(&cert, &key);
     let config = format!(
-        "listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+        "listen = \"127.0.0.1:0\"\naccess = \"public\"\nupstream = \"{}\"\n\
          [tls]\ncert = \"certs/tls.crt\"\nkey = \"certs/tls.key\"\nreload_check = \"{reload_check}\"\n",
         upstream.url()
     );
@@ -108,7 +108,7 @@ async fn broken_replacement_keeps_the_old_certificate() {
 async fn sigterm_lets_an_in_flight_slow_response_finish() {
     let upstream = Upstream::start("console").await;
     let mut gateway = Gateway::start(&format!(
-        "listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        "listen = \"127.0.0.1:0\"\naccess = \"public\"\nupstream = \"{}\"\n",
         upstream.url()
     ));
     let addr = gateway.addr;
@@ -138,7 +138,7 @@ async fn sigterm_lets_an_in_flight_slow_response_finish() {
 #[test]
 fn self_signed_certificate_is_generated_when_none_is_configured() {
     let dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start_in(dir, "listen = \"127.0.0.1:0\"\n");
+    let gateway = Gateway::start_in(dir, "listen = \"127.0.0.1:0\"\naccess = \"public\"\n");
     assert!(gateway.cert_path().exists());
     let key = gateway.dir.path().join("certs/tls.key");
     use std::os::unix::fs::PermissionsExt;
@@ -206,7 +206,7 @@ fn check_config_and_gen_secret() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("ok.toml"),
-        "upstream = \"http://127.0.0.1:21114\"\n[[routes]]\nprefix = \"/ws/id\"\nupstream = \"http://127.0.0.1:21118\"\n",
+        "access = \"public\"\nupstream = \"http://127.0.0.1:21114\"\n[[routes]]\nprefix = \"/ws/id\"\nupstream = \"http://127.0.0.1:21118\"\n",
     )
     .unwrap();
     let (status, stdout, _) = run_authgate(dir.path(), &["check-config", "-c", "ok.toml"], &[]);
@@ -238,7 +238,7 @@ fn check_config_and_gen_secret() {
 
 #[test]
 fn health_command_probes_the_running_gateway() {
-    let mut gateway = Gateway::start("listen = \"127.0.0.1:0\"\n");
+    let mut gateway = Gateway::start("listen = \"127.0.0.1:0\"\naccess = \"public\"\n");
     let addr = gateway.addr.to_string();
     let dir = gateway.dir.path().to_owned();
     let args = ["health", "--config", "authgate.toml"];

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 fn config(upstream: &str, extra: &str) -> String {
-    format!("listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n")
+    format!("listen = \"127.0.0.1:0\"\naccess = \"public\"\nupstream = \"{upstream}\"\n{extra}\n")
 }
 
 #[tokio::test]

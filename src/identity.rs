@@ -1,0 +1,162 @@
+//! Who is signed in, and the headers that tell the upstream. Every header
+//! of those names is stripped from every client request first, so a
+//! client can never claim an identity itself, on any route.
+
+use http::header::{HeaderName, HeaderValue};
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+use crate::config::IdentityHeaderNames;
+
+/// The signed-in user, from a verified ID token (Entra v2 claim names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// `sub`: per application in Entra.
+    pub subject: String,
+    /// `oid` (stable across an Entra tenant's apps), else `sub`.
+    pub user_id: String,
+    /// `preferred_username` (the UPN in Entra), else email, else `sub`.
+    pub username: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub tenant: Option<String>,
+    pub groups: Vec<String>,
+    pub roles: Vec<String>,
+    /// The token listed no groups because the user is in too many (Entra
+    /// sends `_claim_names` instead): `groups` is then unknown, not empty.
+    #[serde(default)]
+    pub groups_overage: bool,
+}
+
+/// Header names, parsed once.
+#[derive(Debug, Clone)]
+pub struct IdentityHeaders {
+    user: HeaderName,
+    user_id: HeaderName,
+    email: HeaderName,
+    name: HeaderName,
+    tenant: HeaderName,
+    groups: HeaderName,
+    roles: HeaderName,
+    preferred_username: HeaderName,
+}
+
+impl IdentityHeaders {
+    /// `names` were validated as header names by the configuration.
+    pub fn new(names: &IdentityHeaderNames) -> IdentityHeaders {
+        let parse = |n: &str| HeaderName::from_bytes(n.as_bytes()).expect("validated by config");
+        IdentityHeaders {
+            user: parse(&names.user),
+            user_id: parse(&names.user_id),
+            email: parse(&names.email),
+            name: parse(&names.name),
+            tenant: parse(&names.tenant),
+            groups: parse(&names.groups),
+            roles: parse(&names.roles),
+            preferred_username: parse(&names.preferred_username),
+        }
+    }
+
+    fn all(&self) -> [&HeaderName; 8] {
+        [
+            &self.user,
+            &self.user_id,
+            &self.email,
+            &self.name,
+            &self.tenant,
+            &self.groups,
+            &self.roles,
+            &self.preferred_username,
+        ]
+    }
+
+    /// Removes every identity header a client sent.
+    pub fn strip(&self, headers: &mut HeaderMap) {
+        for name in self.all() {
+            headers.remove(name);
+        }
+    }
+
+    /// Sets the headers for `identity`. Values are UTF-8 as the provider
+    /// sent them; a value that cannot be a header (control characters) is
+    /// left out rather than mangled.
+    pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
+        let mut set = |name: &HeaderName, value: &str| {
+            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+                headers.insert(name.clone(), value);
+            }
+        };
+        set(&self.user, &identity.username);
+        set(&self.preferred_username, &identity.username);
+        set(&self.user_id, &identity.user_id);
+        if let Some(email) = &identity.email {
+            set(&self.email, email);
+        }
+        if let Some(name) = &identity.name {
+            set(&self.name, name);
+        }
+        if let Some(tenant) = &identity.tenant {
+            set(&self.tenant, tenant);
+        }
+        if !identity.groups.is_empty() {
+            set(&self.groups, &identity.groups.join(","));
+        }
+        if !identity.roles.is_empty() {
+            set(&self.roles, &identity.roles.join(","));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> Identity {
+        Identity {
+            subject: "sub-1".into(),
+            user_id: "oid-1".into(),
+            username: "alice@contoso.example".into(),
+            email: Some("alice@contoso.example".into()),
+            name: Some("Alïce Example".into()),
+            tenant: Some("tid-1".into()),
+            groups: vec!["g1".into(), "g2".into()],
+            roles: vec![],
+            groups_overage: false,
+        }
+    }
+
+    #[test]
+    fn spoofed_headers_are_stripped_in_any_case_and_repetition() {
+        let headers_config = IdentityHeaders::new(&IdentityHeaderNames::default());
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-user", HeaderValue::from_static("admin"));
+        headers.append("X-Forwarded-User", HeaderValue::from_static("root"));
+        headers.append("x-forwarded-groups", HeaderValue::from_static("admins"));
+        headers.append("x-forwarded-email", HeaderValue::from_static("a@b"));
+        headers.append(
+            "authorization",
+            HeaderValue::from_static("Bearer rustdesk-token"),
+        );
+        headers_config.strip(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(
+            headers.contains_key("authorization"),
+            "a client's own token is not ours to strip"
+        );
+    }
+
+    #[test]
+    fn identity_becomes_headers() {
+        let headers_config = IdentityHeaders::new(&IdentityHeaderNames::default());
+        let mut headers = HeaderMap::new();
+        headers_config.inject(&mut headers, &alice());
+        assert_eq!(headers["x-forwarded-user"], "alice@contoso.example");
+        assert_eq!(headers["x-forwarded-user-id"], "oid-1");
+        assert_eq!(headers["x-forwarded-groups"], "g1,g2");
+        assert_eq!(
+            headers["x-forwarded-name"].as_bytes(),
+            "Alïce Example".as_bytes()
+        );
+        assert!(!headers.contains_key("x-forwarded-roles"));
+    }
+}

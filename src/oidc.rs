@@ -1,0 +1,294 @@
+//! The OpenID provider (Microsoft Entra ID): discovery with retry, the
+//! authorization URL (code flow, PKCE S256, state, nonce) and the code
+//! exchange, through the `openidconnect` crate driven by the gateway's own
+//! HTTPS client (one crypto stack for the whole binary).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use openidconnect::core::{
+    CoreAuthenticationFlow, CoreClient, CoreErrorResponseType, CoreProviderMetadata,
+    CoreTokenResponse,
+};
+use openidconnect::url::Url;
+use openidconnect::{
+    AsyncHttpClient, AuthType, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, HttpClientError, HttpRequest, HttpResponse,
+    Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl,
+    RequestTokenError, Scope, StandardErrorResponse, TokenResponse,
+};
+
+use crate::config::{ClientAuth, OidcConfig, ResponseMode};
+use crate::jwks::Jwks;
+use crate::outbound::{self, FetchError, HttpClient};
+use crate::session::LoginState;
+use crate::token::{Claims, IssuerMatch, TokenError, Verifier};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+type Client = CoreClient<
+    EndpointSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointMaybeSet,
+    EndpointMaybeSet,
+>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot fetch the discovery document: {0}")]
+    Fetch(#[from] FetchError),
+    #[error("the discovery document at {uri} is not valid: {message}")]
+    Parse { uri: String, message: String },
+    #[error("the discovery document names issuer `{found}`, but oidc.issuer is `{expected}` (they must match exactly, trailing slash included)")]
+    Issuer { expected: String, found: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignInError {
+    #[error("the sign-in provider has not been reached yet")]
+    NotReady,
+    #[error("the provider refused the code exchange: {error}")]
+    Refused {
+        error: String,
+        description: Option<String>,
+    },
+    #[error("the code exchange failed: {0}")]
+    Exchange(String),
+    #[error("the provider sent no ID token")]
+    NoIdToken,
+    #[error("the ID token was rejected: {0}")]
+    Token(#[from] TokenError),
+}
+
+/// What a finished sign-in yields.
+pub struct SignedIn {
+    pub claims: Claims,
+    pub id_token: String,
+    pub refresh_token: Option<String>,
+}
+
+/// Everything learnt from discovery.
+struct Provider {
+    metadata: CoreProviderMetadata,
+    verifier: Verifier,
+    /// RP-initiated logout (OpenID Connect RP-Initiated Logout 1.0).
+    end_session: Option<Url>,
+}
+
+pub struct Oidc {
+    config: OidcConfig,
+    http: HttpClient,
+    provider: OnceLock<Provider>,
+}
+
+impl Oidc {
+    pub fn new(config: OidcConfig, http: HttpClient) -> Arc<Oidc> {
+        Arc::new(Oidc {
+            config,
+            http,
+            provider: OnceLock::new(),
+        })
+    }
+
+    pub fn config(&self) -> &OidcConfig {
+        &self.config
+    }
+
+    /// True once discovery and the first key fetch succeeded.
+    pub fn is_ready(&self) -> bool {
+        self.provider.get().is_some()
+    }
+
+    /// Discovers the provider, retrying with backoff while it is
+    /// unreachable (the gateway serves and reports not-ready meanwhile),
+    /// then keeps its keys fresh.
+    pub async fn discover_until_ready(self: Arc<Self>) {
+        let mut wait = RETRY_FIRST;
+        let jwks = loop {
+            match self.discover().await {
+                Ok((provider, jwks)) => {
+                    let _ = self.provider.set(provider);
+                    break jwks;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, issuer = %self.config.issuer, retry_in = ?wait, "sign-in provider not ready");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_MAX);
+                }
+            }
+        };
+        tracing::info!(issuer = %self.config.issuer, "sign-in provider ready");
+        jwks.refresh_periodically(self.config.jwks_refresh).await;
+    }
+
+    async fn discover(&self) -> Result<(Provider, Arc<Jwks>), String> {
+        let uri = format!(
+            "{}/.well-known/openid-configuration",
+            self.config.issuer.trim_end_matches('/')
+        );
+        let body = outbound::get_json(&self.http, &uri, TIMEOUT)
+            .await
+            .map_err(|e| DiscoveryError::from(e).to_string())?;
+        let metadata: CoreProviderMetadata = serde_json::from_slice(&body).map_err(|e| {
+            DiscoveryError::Parse {
+                uri: uri.clone(),
+                message: e.to_string(),
+            }
+            .to_string()
+        })?;
+        // Not part of the core metadata type.
+        let end_session = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|doc| {
+                doc["end_session_endpoint"]
+                    .as_str()
+                    .and_then(|u| Url::parse(u).ok())
+            });
+        let found = metadata.issuer().as_str().to_owned();
+        let issuer = if self.config.multi_tenant && found.contains("{tenantid}") {
+            IssuerMatch::Template(found)
+        } else if found == self.config.issuer {
+            IssuerMatch::Exact(found)
+        } else {
+            return Err(DiscoveryError::Issuer {
+                expected: self.config.issuer.clone(),
+                found,
+            }
+            .to_string());
+        };
+        let jwks = Arc::new(Jwks::new(
+            metadata.jwks_uri().url().to_string(),
+            self.http.clone(),
+        ));
+        jwks.current().await.map_err(|e| e.to_string())?;
+        let verifier = Verifier {
+            issuer,
+            audience: self.config.client_id.clone(),
+            algorithms: self.config.algorithms.clone(),
+            skew: self.config.clock_skew,
+            allowed_tenants: self.config.allowed_tenants.clone(),
+            jwks: jwks.clone(),
+        };
+        Ok((
+            Provider {
+                metadata,
+                verifier,
+                end_session,
+            },
+            jwks,
+        ))
+    }
+
+    /// Where to send the browser to end the provider's session, coming
+    /// back to `post_logout_redirect`.
+    pub fn end_session_url(&self, post_logout_redirect: &str) -> Option<Url> {
+        let mut url = self.provider.get()?.end_session.clone()?;
+        url.query_pairs_mut()
+            .append_pair("client_id", &self.config.client_id)
+            .append_pair("post_logout_redirect_uri", post_logout_redirect);
+        Some(url)
+    }
+
+    fn client(&self, provider: &Provider) -> Client {
+        let redirect =
+            RedirectUrl::new(self.config.redirect_uri.clone()).expect("validated by config");
+        CoreClient::from_provider_metadata(
+            provider.metadata.clone(),
+            ClientId::new(self.config.client_id.clone()),
+            Some(ClientSecret::new(self.config.client_secret.clone())),
+        )
+        .set_redirect_uri(redirect)
+        .set_auth_type(match self.config.client_auth {
+            ClientAuth::ClientSecretBasic => AuthType::BasicAuth,
+            ClientAuth::ClientSecretPost => AuthType::RequestBody,
+        })
+    }
+
+    /// The provider's authorization URL for a new sign-in, and what the
+    /// callback will need to finish it.
+    pub fn start(&self, return_to: String) -> Result<(String, LoginState), SignInError> {
+        let provider = self.provider.get().ok_or(SignInError::NotReady)?;
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let client = self.client(provider);
+        let mut request = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .set_pkce_challenge(challenge);
+        for scope in self.config.scopes.iter().filter(|s| *s != "openid") {
+            request = request.add_scope(Scope::new(scope.clone()));
+        }
+        if self.config.response_mode == ResponseMode::FormPost {
+            request = request.add_extra_param("response_mode", "form_post");
+        }
+        let (url, state, nonce) = request.url();
+        let login = LoginState {
+            state: state.secret().clone(),
+            nonce: nonce.secret().clone(),
+            pkce_verifier: verifier.secret().clone(),
+            return_to,
+            started_at: crate::token::now(),
+        };
+        Ok((url.to_string(), login))
+    }
+
+    /// Exchanges the callback's code and verifies the ID token.
+    pub async fn finish(&self, login: &LoginState, code: &str) -> Result<SignedIn, SignInError> {
+        let provider = self.provider.get().ok_or(SignInError::NotReady)?;
+        let client = self.client(provider);
+        let response: CoreTokenResponse = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| SignInError::Exchange(e.to_string()))?
+            .set_pkce_verifier(PkceCodeVerifier::new(login.pkce_verifier.clone()))
+            .request_async(&Idp(&self.http))
+            .await
+            .map_err(explain_token_error)?;
+        let id_token = response
+            .id_token()
+            .ok_or(SignInError::NoIdToken)?
+            .to_string();
+        let claims = provider.verifier.id_token(&id_token, &login.nonce).await?;
+        Ok(SignedIn {
+            claims,
+            id_token,
+            refresh_token: response.refresh_token().map(|t| t.secret().clone()),
+        })
+    }
+}
+
+type TokenRequestError =
+    RequestTokenError<HttpClientError<FetchError>, StandardErrorResponse<CoreErrorResponseType>>;
+
+fn explain_token_error(error: TokenRequestError) -> SignInError {
+    match error {
+        RequestTokenError::ServerResponse(response) => SignInError::Refused {
+            error: response.error().to_string(),
+            description: response.error_description().cloned(),
+        },
+        other => SignInError::Exchange(other.to_string()),
+    }
+}
+
+/// Drives `openidconnect` with the gateway's own client.
+struct Idp<'a>(&'a HttpClient);
+
+impl<'c> AsyncHttpClient<'c> for Idp<'_> {
+    type Error = HttpClientError<FetchError>;
+    type Future = Pin<Box<dyn Future<Output = Result<HttpResponse, Self::Error>> + Send + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            outbound::exchange(self.0, request, TIMEOUT)
+                .await
+                .map_err(|e| HttpClientError::Other(e.to_string()))
+        })
+    }
+}

@@ -1,0 +1,424 @@
+//! Encrypted cookies, sealed with the `cookie` crate's private jar (AEAD,
+//! the cookie's name bound in): the session — who is signed in and their
+//! tokens — and the short-lived login state of each sign-in in flight.
+//!
+//! A session too large for one cookie (Entra tokens with many groups) is
+//! split across `<name>`, `<name>.1`, `<name>.2`…; several secrets are
+//! accepted for opening, so the secret can be rotated without signing
+//! everyone out.
+
+use std::time::Duration;
+
+use cookie::{Cookie, CookieJar, Key, SameSite};
+use http::header::{HeaderValue, COOKIE};
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+use crate::config::SessionConfig;
+use crate::identity::Identity;
+use crate::token::now;
+
+/// Bytes of sealed value per cookie: browsers keep at least 4096 bytes
+/// per cookie including name and attributes (RFC 6265 §6.1).
+const CHUNK: usize = 3800;
+/// More chunks than this is not a session we wrote.
+const MAX_CHUNKS: usize = 10;
+/// A sign-in has this long from the redirect to the callback.
+pub const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// Re-issue the cookie (to slide the idle timeout) at most this often.
+const TOUCH_INTERVAL: u64 = 60;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session {
+    pub identity: Identity,
+    pub id_token: String,
+    pub refresh_token: Option<String>,
+    /// When the ID token expires (Unix seconds).
+    pub expires_at: u64,
+    pub signed_in_at: u64,
+    pub last_seen: u64,
+}
+
+/// What the callback needs to finish a sign-in this browser started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginState {
+    pub state: String,
+    pub nonce: String,
+    pub pkce_verifier: String,
+    /// A path on this origin, checked when it was recorded.
+    pub return_to: String,
+    pub started_at: u64,
+}
+
+pub struct Sessions {
+    /// The first key seals; all open.
+    keys: Vec<Key>,
+    name: String,
+    idle: Duration,
+    lifetime: Duration,
+}
+
+/// What reading the session cookie found.
+pub enum Found {
+    None,
+    Valid(Box<Session>),
+    /// Present but expired, tampered with, or sealed with an unknown key.
+    Unusable,
+}
+
+impl Sessions {
+    pub fn new(config: &SessionConfig) -> Sessions {
+        Sessions {
+            keys: config.secrets.iter().map(|s| Key::derive_from(s)).collect(),
+            name: config.cookie_name.clone(),
+            idle: config.idle_timeout,
+            lifetime: config.lifetime,
+        }
+    }
+
+    fn seal(&self, name: &str, value: String) -> String {
+        let mut jar = CookieJar::new();
+        jar.private_mut(&self.keys[0])
+            .add(Cookie::new(name.to_owned(), value));
+        jar.get(name)
+            .map(|c| c.value().to_owned())
+            .unwrap_or_default()
+    }
+
+    fn open(&self, name: &str, sealed: &str) -> Option<String> {
+        let jar = CookieJar::new();
+        self.keys.iter().find_map(|key| {
+            jar.private(key)
+                .decrypt(Cookie::new(name.to_owned(), sealed.to_owned()))
+                .map(|c| c.value().to_owned())
+        })
+    }
+
+    pub fn read(&self, headers: &HeaderMap) -> Found {
+        let cookies = request_cookies(headers);
+        let Some(first) = cookies.iter().find(|(n, _)| *n == self.name) else {
+            return Found::None;
+        };
+        let mut sealed = first.1.clone();
+        for i in 1..MAX_CHUNKS {
+            let chunk_name = format!("{}.{i}", self.name);
+            match cookies.iter().find(|(n, _)| *n == chunk_name) {
+                Some((_, value)) => sealed.push_str(value),
+                None => break,
+            }
+        }
+        let session = self
+            .open(&self.name, &sealed)
+            .and_then(|json| serde_json::from_str::<Session>(&json).ok());
+        match session {
+            Some(s) if self.is_live(&s) => Found::Valid(Box::new(s)),
+            _ => Found::Unusable,
+        }
+    }
+
+    fn is_live(&self, session: &Session) -> bool {
+        let now = now();
+        now < session.signed_in_at + self.lifetime.as_secs()
+            && now < session.last_seen + self.idle.as_secs()
+    }
+
+    /// Whether the cookie should be re-issued to slide the idle timeout.
+    pub fn needs_touch(&self, session: &Session) -> bool {
+        now() >= session.last_seen + TOUCH_INTERVAL
+    }
+
+    /// `Set-Cookie` values for `session`, also clearing chunks of a larger
+    /// earlier session the request carried.
+    pub fn write(&self, session: &Session, request: &HeaderMap) -> Vec<HeaderValue> {
+        let json = serde_json::to_string(session).expect("a session serializes");
+        let sealed = self.seal(&self.name, json);
+        let remaining = (session.signed_in_at + self.lifetime.as_secs()).saturating_sub(now());
+        let mut out = Vec::new();
+        let chunks: Vec<&str> = sealed
+            .as_bytes()
+            .chunks(CHUNK)
+            .map(|c| std::str::from_utf8(c).expect("sealed values are base64"))
+            .collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut cookie = Cookie::new(self.chunk_name(i), *chunk);
+            harden(&mut cookie, SameSite::Lax);
+            cookie.set_max_age(cookie::time::Duration::seconds(remaining as i64));
+            out.push(header(&cookie));
+        }
+        let present = request_cookies(request);
+        for i in chunks.len()..MAX_CHUNKS {
+            let name = self.chunk_name(i);
+            if present.iter().any(|(n, _)| *n == name) {
+                out.push(removal(name));
+            }
+        }
+        out
+    }
+
+    /// `Set-Cookie` values that remove every session cookie the request had.
+    pub fn clear(&self, request: &HeaderMap) -> Vec<HeaderValue> {
+        let present = request_cookies(request);
+        (0..MAX_CHUNKS)
+            .map(|i| self.chunk_name(i))
+            .filter(|name| present.iter().any(|(n, _)| n == name))
+            .map(removal)
+            .collect()
+    }
+
+    /// Removes the gateway's own cookies from a request before it goes
+    /// upstream: the console has no use for them, and a split session can
+    /// be large enough to hit its header limits.
+    pub fn strip_own(&self, headers: &mut HeaderMap) {
+        let kept: Vec<String> = headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .map(str::trim)
+            .filter(|pair| !pair.is_empty() && !pair.starts_with(self.name.as_str()))
+            .map(str::to_owned)
+            .collect();
+        headers.remove(COOKIE);
+        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+            if !kept.is_empty() {
+                headers.insert(COOKIE, value);
+            }
+        }
+    }
+
+    fn chunk_name(&self, i: usize) -> String {
+        if i == 0 {
+            self.name.clone()
+        } else {
+            format!("{}.{i}", self.name)
+        }
+    }
+
+    /// One cookie per sign-in in flight, named after its state, so several
+    /// tabs can sign in at once. A `form_post` callback is a cross-site
+    /// POST, which only carries `SameSite=None` cookies.
+    pub fn write_login(&self, login: &LoginState, cross_site_post: bool) -> HeaderValue {
+        let name = self.login_name(&login.state);
+        let sealed = self.seal(
+            &name,
+            serde_json::to_string(login).expect("login state serializes"),
+        );
+        let mut cookie = Cookie::new(name, sealed);
+        harden(
+            &mut cookie,
+            if cross_site_post {
+                SameSite::None
+            } else {
+                SameSite::Lax
+            },
+        );
+        cookie.set_max_age(cookie::time::Duration::seconds(LOGIN_TTL.as_secs() as i64));
+        header(&cookie)
+    }
+
+    /// The login state for `state`, if this browser started that sign-in
+    /// recently.
+    pub fn read_login(&self, headers: &HeaderMap, state: &str) -> Option<LoginState> {
+        let name = self.login_name(state);
+        let (_, sealed) = request_cookies(headers)
+            .into_iter()
+            .find(|(n, _)| *n == name)?;
+        let login: LoginState = serde_json::from_str(&self.open(&name, &sealed)?).ok()?;
+        (login.state == state && now() < login.started_at + LOGIN_TTL.as_secs()).then_some(login)
+    }
+
+    pub fn clear_login(&self, state: &str) -> HeaderValue {
+        removal(self.login_name(state))
+    }
+
+    fn login_name(&self, state: &str) -> String {
+        // The state is random base64url; a prefix tells sign-ins apart.
+        let id: String = state
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(16)
+            .collect();
+        format!("{}-login-{id}", self.name)
+    }
+}
+
+/// `__Host-` cookies: Secure, Path=/, no Domain; never readable by scripts.
+fn harden(cookie: &mut Cookie<'_>, same_site: SameSite) {
+    cookie.set_secure(true);
+    cookie.set_http_only(true);
+    cookie.set_path("/");
+    cookie.set_same_site(same_site);
+}
+
+fn removal(name: String) -> HeaderValue {
+    let mut cookie = Cookie::new(name, "");
+    harden(&mut cookie, SameSite::Lax);
+    cookie.set_max_age(cookie::time::Duration::ZERO);
+    header(&cookie)
+}
+
+fn header(cookie: &Cookie<'_>) -> HeaderValue {
+    HeaderValue::from_str(&cookie.to_string())
+        .expect("cookie names and sealed values are header-safe")
+}
+
+fn request_cookies(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(Cookie::split_parse)
+        .filter_map(Result::ok)
+        .map(|c| (c.name().to_owned(), c.value().to_owned()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sessions(secrets: &[&[u8]]) -> Sessions {
+        Sessions::new(&SessionConfig {
+            secrets: secrets.iter().map(|s| s.to_vec()).collect(),
+            cookie_name: "__Host-authgate".into(),
+            idle_timeout: Duration::from_secs(3600),
+            lifetime: Duration::from_secs(8 * 3600),
+        })
+    }
+
+    fn session(groups: usize) -> Session {
+        Session {
+            identity: Identity {
+                subject: "s".into(),
+                user_id: "oid".into(),
+                username: "alice@contoso.example".into(),
+                email: None,
+                name: None,
+                tenant: None,
+                groups: (0..groups)
+                    .map(|i| format!("00000000-0000-0000-0000-{i:012}"))
+                    .collect(),
+                roles: vec![],
+                groups_overage: false,
+            },
+            id_token: "header.payload.signature".into(),
+            refresh_token: Some("refresh".into()),
+            expires_at: now() + 3600,
+            signed_in_at: now(),
+            last_seen: now(),
+        }
+    }
+
+    /// The request a browser sends back after `set_cookies`.
+    fn browser_request(set_cookies: &[HeaderValue]) -> HeaderMap {
+        let pairs: Vec<String> = set_cookies
+            .iter()
+            .map(|v| Cookie::parse(v.to_str().unwrap().to_owned()).unwrap())
+            .filter(|c| c.max_age() != Some(cookie::time::Duration::ZERO))
+            .map(|c| format!("{}={}", c.name(), c.value()))
+            .collect();
+        let mut headers = HeaderMap::new();
+        headers.insert(COOKIE, HeaderValue::from_str(&pairs.join("; ")).unwrap());
+        headers
+    }
+
+    const KEY_A: &[u8] = &[1; 32];
+    const KEY_B: &[u8] = &[2; 32];
+
+    #[test]
+    fn large_sessions_split_and_come_back_whole() {
+        let jar = sessions(&[KEY_A]);
+        let set = jar.write(&session(150), &HeaderMap::new());
+        assert!(set.len() > 1, "150 groups should need more than one cookie");
+        assert!(set.iter().all(|v| v.len() < 4096));
+        let attrs = set[0].to_str().unwrap();
+        for attr in ["Secure", "HttpOnly", "SameSite=Lax", "Path=/"] {
+            assert!(attrs.contains(attr), "{attrs}");
+        }
+        match jar.read(&browser_request(&set)) {
+            Found::Valid(s) => assert_eq!(s.identity.groups.len(), 150),
+            _ => panic!("split session did not read back"),
+        }
+        // A smaller session afterwards removes the extra chunks.
+        let again = jar.write(&session(0), &browser_request(&set));
+        assert!(again
+            .iter()
+            .any(|v| v.to_str().unwrap().starts_with("__Host-authgate.1=;")));
+    }
+
+    #[test]
+    fn tampered_truncated_and_foreign_cookies_are_unusable() {
+        let jar = sessions(&[KEY_A]);
+        let set = jar.write(&session(0), &HeaderMap::new());
+        let good = browser_request(&set);
+        let value = good[COOKIE].to_str().unwrap().to_owned();
+
+        let mut flipped = value.clone().into_bytes();
+        let last = flipped.len() - 5;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        for bad in [
+            String::from_utf8(flipped).unwrap(),
+            value[..value.len() - 10].to_owned(),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(COOKIE, HeaderValue::from_str(&bad).unwrap());
+            assert!(matches!(jar.read(&headers), Found::Unusable), "{bad}");
+        }
+        assert!(matches!(sessions(&[KEY_B]).read(&good), Found::Unusable));
+        assert!(matches!(jar.read(&HeaderMap::new()), Found::None));
+    }
+
+    #[test]
+    fn rotated_secret_still_opens_old_sessions() {
+        let old = sessions(&[KEY_A]).write(&session(0), &HeaderMap::new());
+        let rotated = sessions(&[KEY_B, KEY_A]);
+        assert!(matches!(
+            rotated.read(&browser_request(&old)),
+            Found::Valid(_)
+        ));
+    }
+
+    #[test]
+    fn idle_and_absolute_lifetimes_end_sessions() {
+        let jar = sessions(&[KEY_A]);
+        let mut idle = session(0);
+        idle.last_seen = now() - 3601;
+        let mut old = session(0);
+        old.signed_in_at = now() - 8 * 3600 - 1;
+        for s in [idle, old] {
+            let set = jar.write(&s, &HeaderMap::new());
+            assert!(!matches!(jar.read(&browser_request(&set)), Found::Valid(_)));
+        }
+    }
+
+    #[test]
+    fn login_state_is_per_sign_in_and_bound_to_its_state() {
+        let jar = sessions(&[KEY_A]);
+        let login = |state: &str| LoginState {
+            state: state.into(),
+            nonce: "n".into(),
+            pkce_verifier: "v".into(),
+            return_to: "/".into(),
+            started_at: now(),
+        };
+        let one = jar.write_login(&login("aaaaaaaaaaaaaaaaaaaa1"), false);
+        let two = jar.write_login(&login("bbbbbbbbbbbbbbbbbbbb2"), true);
+        assert!(two.to_str().unwrap().contains("SameSite=None"));
+        let request = browser_request(&[one, two]);
+        assert_eq!(
+            jar.read_login(&request, "aaaaaaaaaaaaaaaaaaaa1")
+                .unwrap()
+                .state,
+            "aaaaaaaaaaaaaaaaaaaa1"
+        );
+        assert_eq!(
+            jar.read_login(&request, "bbbbbbbbbbbbbbbbbbbb2")
+                .unwrap()
+                .state,
+            "bbbbbbbbbbbbbbbbbbbb2"
+        );
+        // Same 16-character prefix, other state: refused.
+        assert!(jar.read_login(&request, "aaaaaaaaaaaaaaaaXXXX").is_none());
+        assert!(jar.read_login(&request, "unknown").is_none());
+    }
+}

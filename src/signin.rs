@@ -1,0 +1,399 @@
+//! Sign-in as the browser sees it: the redirect to the provider, the
+//! callback at `/api/oidc/callback` (ours, or the console's own when the
+//! state is not ours), the session it leaves behind, and sign-out.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use bytes::BytesMut;
+use http::header::{HeaderValue, CACHE_CONTROL, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::config::{OidcConfig, PublicUrl, ResponseMode};
+use crate::explain;
+use crate::oidc::Oidc;
+use crate::pages::Page;
+use crate::session::{Found, Session, Sessions};
+use crate::token::now;
+use crate::Body;
+
+/// Largest form_post callback body read (a code, a state and an id).
+const MAX_CALLBACK_BODY: usize = 64 * 1024;
+
+pub struct SignIn {
+    oidc: Arc<Oidc>,
+    sessions: Sessions,
+    public_url: PublicUrl,
+    own_prefix: String,
+}
+
+/// What the callback endpoint decided.
+pub enum Callback {
+    Answered(Response<Body>),
+    /// Not a sign-in this gateway started: the console's own (RustDesk
+    /// Pro's OIDC login shares the path). Forward it as it came.
+    NotOurs(Request<Body>),
+}
+
+/// The parameters a provider sends back (RFC 6749 §4.1.2, RFC 9207).
+#[derive(Debug, Default, serde::Deserialize)]
+struct CallbackParams {
+    state: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+impl SignIn {
+    pub fn new(
+        oidc: Arc<Oidc>,
+        sessions: Sessions,
+        public_url: PublicUrl,
+        own_prefix: String,
+    ) -> SignIn {
+        SignIn {
+            oidc,
+            sessions,
+            public_url,
+            own_prefix,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.oidc.is_ready()
+    }
+
+    fn config(&self) -> &OidcConfig {
+        self.oidc.config()
+    }
+
+    pub fn is_callback(&self, path: &str) -> bool {
+        path == self.config().callback_path
+    }
+
+    pub fn session(&self, headers: &HeaderMap) -> Found {
+        self.sessions.read(headers)
+    }
+
+    pub fn strip_own_cookies(&self, headers: &mut HeaderMap) {
+        self.sessions.strip_own(headers);
+    }
+
+    /// `Set-Cookie` values to re-issue a session whose idle timer should
+    /// slide, if it is time to.
+    pub fn touch(&self, session: &Session, request: &HeaderMap) -> Vec<HeaderValue> {
+        if !self.sessions.needs_touch(session) {
+            return Vec::new();
+        }
+        let mut touched = session.clone();
+        touched.last_seen = now();
+        self.sessions.write(&touched, request)
+    }
+
+    /// No usable session: browsers go to the provider, API clients get a
+    /// 401 they can act on (a redirect would turn their POST into a GET
+    /// and hand them an HTML page).
+    pub fn challenge(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        html: bool,
+        id: &str,
+    ) -> Response<Body> {
+        let stale = self.sessions.clear(headers);
+        if !html {
+            let mut page = Page::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "Sign-in required",
+                "This resource needs a signed-in user or a bearer token.",
+            );
+            page.link = None;
+            let mut response = page.render(false, id);
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"authgate\""),
+            );
+            append_cookies(&mut response, stale);
+            return response;
+        }
+        // Only a GET can be replayed after sign-in; anything else lands on /.
+        let return_to = if method == Method::GET {
+            safe_return_to(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        } else {
+            "/".to_owned()
+        };
+        let (url, login) = match self.oidc.start(return_to) {
+            Ok(started) => started,
+            Err(e) => {
+                let mut response =
+                    explain::sign_in_error(&e, &self.config().redirect_uri).render(true, id);
+                append_cookies(&mut response, stale);
+                return response;
+            }
+        };
+        let cross_site_post = self.config().response_mode == ResponseMode::FormPost;
+        let mut response = redirect(StatusCode::FOUND, &url);
+        append_cookies(&mut response, stale);
+        response.headers_mut().append(
+            SET_COOKIE,
+            self.sessions.write_login(&login, cross_site_post),
+        );
+        response
+    }
+
+    /// Handles `GET` (query) and `POST` (form_post) callbacks.
+    pub async fn callback(&self, req: Request<Body>, html: bool, id: &str) -> Callback {
+        let (parts, body) = req.into_parts();
+        let (params, body) = if parts.method == Method::POST {
+            let Some(bytes) = read_limited(body, MAX_CALLBACK_BODY).await else {
+                return Callback::Answered(bad_callback(html, id));
+            };
+            let params = serde_urlencoded::from_bytes(&bytes).unwrap_or_default();
+            (
+                params,
+                Full::new(bytes).map_err(|never| match never {}).boxed(),
+            )
+        } else {
+            let params =
+                serde_urlencoded::from_str(parts.uri.query().unwrap_or("")).unwrap_or_default();
+            (params, body)
+        };
+        let params: CallbackParams = params;
+        let login = params
+            .state
+            .as_deref()
+            .and_then(|state| self.sessions.read_login(&parts.headers, state));
+        let Some(login) = login else {
+            if self.config().pass_unknown_callbacks {
+                return Callback::NotOurs(Request::from_parts(parts, body));
+            }
+            return Callback::Answered(bad_callback(html, id));
+        };
+        let clear_login = self.sessions.clear_login(&login.state);
+        let redirect_uri = &self.config().redirect_uri;
+
+        let mut response = if let Some(error) = &params.error {
+            tracing::warn!(target: "authgate::audit", request_id = id, error, "sign-in failed at the provider");
+            explain::provider_error(error, params.error_description.as_deref(), redirect_uri)
+                .render(html, id)
+        } else if let Some(code) = &params.code {
+            match self.oidc.finish(&login, code).await {
+                Ok(signed_in) => {
+                    let identity = signed_in.claims.identity();
+                    tracing::info!(
+                        target: "authgate::audit",
+                        request_id = id,
+                        user = %identity.username,
+                        tenant = identity.tenant.as_deref().unwrap_or(""),
+                        "signed in"
+                    );
+                    let session = Session {
+                        identity,
+                        id_token: signed_in.id_token,
+                        refresh_token: signed_in.refresh_token,
+                        expires_at: signed_in.claims.exp,
+                        signed_in_at: now(),
+                        last_seen: now(),
+                    };
+                    let location = format!("{}{}", self.public_url, login.return_to);
+                    let mut response = redirect(StatusCode::SEE_OTHER, &location);
+                    append_cookies(&mut response, self.sessions.write(&session, &parts.headers));
+                    response
+                }
+                Err(e) => {
+                    tracing::warn!(target: "authgate::audit", request_id = id, error = %e, "sign-in failed");
+                    explain::sign_in_error(&e, redirect_uri).render(html, id)
+                }
+            }
+        } else {
+            bad_callback(html, id)
+        };
+        response.headers_mut().append(SET_COOKIE, clear_login);
+        Callback::Answered(response)
+    }
+
+    /// `GET` asks (a link cannot sign anyone out cross-site); `POST` from
+    /// this origin clears the session and, when the provider supports it,
+    /// ends the provider's session too.
+    pub fn sign_out(
+        &self,
+        method: &Method,
+        headers: &HeaderMap,
+        html: bool,
+        id: &str,
+    ) -> Response<Body> {
+        let action = format!("{}sign_out", self.own_prefix);
+        if method != Method::POST {
+            let mut page = Page::new(
+                StatusCode::OK,
+                "sign_out",
+                "Sign out?",
+                "This signs you out of the console.",
+            );
+            page.form = Some((action, "Sign out"));
+            return page.render(html, id);
+        }
+        if !self.same_origin(headers) {
+            return Page::new(
+                StatusCode::FORBIDDEN,
+                "cross_site_sign_out",
+                "Sign-out refused",
+                "The sign-out request did not come from this site.",
+            )
+            .render(html, id);
+        }
+        let session = match self.sessions.read(headers) {
+            Found::Valid(session) => Some(session),
+            Found::None | Found::Unusable => None,
+        };
+        if let Some(session) = &session {
+            tracing::info!(target: "authgate::audit", request_id = id, user = %session.identity.username, "signed out");
+        }
+        let signed_out = format!("{}{}signed_out", self.public_url, self.own_prefix);
+        let location = match (session, self.oidc.end_session_url(&signed_out)) {
+            (Some(session), Some(mut url)) => {
+                url.query_pairs_mut()
+                    .append_pair("id_token_hint", &session.id_token);
+                url.to_string()
+            }
+            (None, Some(url)) => url.to_string(),
+            (_, None) => signed_out,
+        };
+        let mut response = redirect(StatusCode::SEE_OTHER, &location);
+        append_cookies(&mut response, self.sessions.clear(headers));
+        response
+    }
+
+    pub fn signed_out_page(&self, html: bool, id: &str) -> Response<Body> {
+        let mut page = Page::new(
+            StatusCode::OK,
+            "signed_out",
+            "You are signed out",
+            "Your session has ended.",
+        );
+        page.link = Some(("/".into(), "Sign in again"));
+        page.render(html, id)
+    }
+
+    /// Fetch metadata when the browser sends it, else `Origin`.
+    fn same_origin(&self, headers: &HeaderMap) -> bool {
+        if let Some(site) = headers.get("sec-fetch-site") {
+            return site == "same-origin";
+        }
+        headers
+            .get(http::header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_some_and(|o| o == self.public_url.to_string())
+    }
+}
+
+/// A path to return to after sign-in: only ever a path on this origin.
+/// Anything a browser could read as another host (`//evil`, `/\\evil`,
+/// their encoded forms, control characters) becomes `/`.
+pub fn safe_return_to(path_and_query: &str) -> String {
+    let decoded: String = percent_decoded_prefix(path_and_query);
+    let looks_foreign = !path_and_query.starts_with('/')
+        || decoded.starts_with("//")
+        || decoded.starts_with("/\\")
+        || decoded.chars().any(|c| c.is_control());
+    if looks_foreign {
+        "/".to_owned()
+    } else {
+        path_and_query.to_owned()
+    }
+}
+
+/// The first characters, percent-decoded (repeatedly, for doubly
+/// encoded input), which is where a second slash or backslash would hide.
+fn percent_decoded_prefix(input: &str) -> String {
+    let mut current: String = input.chars().take(64).collect();
+    for _ in 0..3 {
+        let decoded = percent_encoding::percent_decode_str(&current)
+            .decode_utf8_lossy()
+            .into_owned();
+        if decoded == current {
+            break;
+        }
+        current = decoded;
+    }
+    current
+}
+
+/// The whole body, or `None` when it is larger than `limit` or broken.
+async fn read_limited(mut body: Body, limit: usize) -> Option<Bytes> {
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.ok()?.into_data() {
+            if buffer.len() + data.len() > limit {
+                return None;
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Some(buffer.freeze())
+}
+
+fn redirect(status: StatusCode, location: &str) -> Response<Body> {
+    let mut response = Response::new(crate::pages::full(Bytes::new()));
+    *response.status_mut() = status;
+    if let Ok(location) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+pub fn append_cookies(response: &mut Response<Body>, cookies: Vec<HeaderValue>) {
+    for cookie in cookies {
+        response.headers_mut().append(SET_COOKIE, cookie);
+    }
+}
+
+fn bad_callback(html: bool, id: &str) -> Response<Body> {
+    let mut page = Page::new(
+        StatusCode::BAD_REQUEST,
+        "unknown_sign_in",
+        "This sign-in response is not one this browser started",
+        "It may have expired (sign-ins must finish within 10 minutes), been opened in another browser, \
+         or been used already.",
+    );
+    page.link = Some(("/".into(), "Start signing in again"));
+    page.render(html, id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_to_is_only_ever_a_local_path() {
+        for ok in [
+            "/",
+            "/console/devices?page=2",
+            "/a//b",
+            "/%E2%9C%93",
+            "/x?next=//evil.example",
+        ] {
+            assert_eq!(safe_return_to(ok), ok);
+        }
+        for evil in [
+            "//evil.example/",
+            "/\\evil.example",
+            "/%2Fevil.example",
+            "/%2F%2Fevil.example",
+            "/%5Cevil.example",
+            "/%252F%252Fevil.example",
+            "https://evil.example/",
+            "evil.example",
+            "/%0d%0aLocation:%20https://evil.example",
+            "/\t/evil.example",
+        ] {
+            assert_eq!(safe_return_to(evil), "/", "{evil}");
+        }
+    }
+}

@@ -1,0 +1,110 @@
+// A real OpenID provider (npm oidc-provider, OpenID Certified) shaped like
+// Microsoft Entra ID, for authgate's end-to-end tests:
+//   issuer    https://127.0.0.1:<port>/<tenant>/v2.0
+//   endpoints /<tenant>/oauth2/v2.0/{authorize,token,logout},
+//             /<tenant>/discovery/v2.0/keys
+//   claims    oid, tid, ver, preferred_username, name, email, groups, roles
+// Consent is granted by the "tenant admin" up front, as in Entra.
+//
+// Environment: PORT (0 = any), TENANT, CLIENT_ID, CLIENT_SECRET,
+// REDIRECT_URI, POST_LOGOUT_REDIRECT_URI, TLS_CERT, TLS_KEY (PEM files).
+// Prints one JSON line {"issuer": …, "port": …, "kid": …} once it listens.
+// Each start makes a new signing key, so restarting it rolls the keys.
+
+import https from 'node:https';
+import fs from 'node:fs';
+import crypto from 'node:crypto';
+import Provider from 'oidc-provider';
+import { generateKeyPair, exportJWK } from 'jose';
+
+const env = process.env;
+const tenant = env.TENANT;
+
+const { privateKey } = await generateKeyPair('RS256', { extractable: true });
+const signingKey = { ...(await exportJWK(privateKey)), kid: crypto.randomUUID(), alg: 'RS256', use: 'sig' };
+
+// Users the tests log in as; the login name typed into the form selects one.
+function claimsFor(login) {
+  const [name, domain = 'contoso.example'] = login.split('@');
+  const groupCount = name.startsWith('overage') ? 0 : 2;
+  const claims = {
+    sub: crypto.createHash('sha256').update(`${env.CLIENT_ID}/${login}`).digest('base64url'),
+    oid: crypto.createHash('md5').update(login).digest('hex').replace(/^(.{8})(.{4})(.{4})(.{4})(.{12})$/, '$1-$2-$3-$4-$5'),
+    tid: tenant,
+    ver: '2.0',
+    name: `${name[0].toUpperCase()}${name.slice(1)} Example`,
+    preferred_username: `${name}@${domain}`,
+    email: `${name}@${domain}`,
+    groups: Array.from({ length: groupCount }, (_, i) => `group-${name}-${i}`),
+    roles: name === 'admin' ? ['Console.Admin'] : ['Console.User'],
+  };
+  if (name.startsWith('overage')) {
+    // Entra's shape for users in more than 200 groups.
+    claims._claim_names = { groups: 'src1' };
+    claims._claim_sources = { src1: { endpoint: `https://graph.microsoft.com/v1.0/users/${claims.oid}/getMemberObjects` } };
+  }
+  return claims;
+}
+
+const server = https.createServer({
+  cert: fs.readFileSync(env.TLS_CERT),
+  key: fs.readFileSync(env.TLS_KEY),
+});
+await new Promise((resolve) => server.listen(Number(env.PORT || 0), '127.0.0.1', resolve));
+const port = server.address().port;
+const issuer = `https://127.0.0.1:${port}/${tenant}/v2.0`;
+
+const provider = new Provider(issuer, {
+  clients: [{
+    client_id: env.CLIENT_ID,
+    client_secret: env.CLIENT_SECRET,
+    redirect_uris: [env.REDIRECT_URI],
+    post_logout_redirect_uris: env.POST_LOGOUT_REDIRECT_URI ? [env.POST_LOGOUT_REDIRECT_URI] : [],
+    response_types: ['code'],
+    grant_types: ['authorization_code', 'refresh_token'],
+    token_endpoint_auth_method: 'client_secret_basic',
+  }],
+  jwks: { keys: [signingKey] },
+  routes: {
+    authorization: `/${tenant}/oauth2/v2.0/authorize`,
+    token: `/${tenant}/oauth2/v2.0/token`,
+    jwks: `/${tenant}/discovery/v2.0/keys`,
+    end_session: `/${tenant}/oauth2/v2.0/logout`,
+    userinfo: `/${tenant}/openid/userinfo`,
+  },
+  scopes: ['openid', 'profile', 'email', 'offline_access'],
+  claims: {
+    openid: ['sub', 'oid', 'tid', 'ver', 'groups', 'roles', '_claim_names', '_claim_sources'],
+    profile: ['name', 'preferred_username'],
+    email: ['email'],
+  },
+  // Entra puts the profile claims in the ID token itself.
+  conformIdTokenClaims: false,
+  cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
+  findAccount: async (ctx, id) => ({ accountId: id, claims: async () => claimsFor(id) }),
+  // Admin consent: every scope the client asks for is granted.
+  loadExistingGrant: async (ctx) => {
+    const grant = new ctx.oidc.provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
+    grant.addOIDCScope('openid profile email offline_access');
+    await grant.save();
+    return grant;
+  },
+  issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  features: {
+    devInteractions: { enabled: true },
+    rpInitiatedLogout: { enabled: true },
+  },
+  ttl: { IdToken: Number(env.ID_TOKEN_TTL || 3600), AccessToken: 3600 },
+});
+provider.proxy = false;
+
+// Entra serves discovery under the issuer's path.
+const discovery = `/${tenant}/v2.0/.well-known/openid-configuration`;
+const callback = provider.callback();
+server.on('request', (req, res) => {
+  if (req.url === discovery) req.url = '/.well-known/openid-configuration';
+  callback(req, res);
+});
+
+process.stdout.write(`${JSON.stringify({ issuer, port, kid: signingKey.kid })}\n`);
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
