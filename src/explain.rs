@@ -93,7 +93,7 @@ pub fn sign_in_error(error: &SignInError, redirect_uri: &str) -> Page {
         SignInError::Refused { error, description } => {
             provider_error(error, description.as_deref(), redirect_uri)
         }
-        SignInError::NotReady | SignInError::Exchange(_) => {
+        SignInError::NotReady | SignInError::Unreachable | SignInError::Exchange(_) => {
             let mut page = Page::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "provider_unreachable",

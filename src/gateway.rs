@@ -17,7 +17,7 @@ use crate::identity::IdentityHeaders;
 use crate::oidc::Oidc;
 use crate::pages;
 use crate::proxy::{self, Proxy, ProxyError};
-use crate::routes::Routes;
+use crate::routes::{Route, Routes};
 use crate::session::{Found, Sessions};
 use crate::signin::{append_cookies, Callback, SignIn};
 use crate::Body;
@@ -96,7 +96,16 @@ impl Gateway {
                     log("sign-in", response.status());
                     return Ok(response);
                 }
-                Callback::NotOurs(passed) => req = passed,
+                // The console's own sign-in (RustDesk Pro's OIDC login):
+                // its browser has no gateway session, and needs none.
+                Callback::NotOurs(passed) => {
+                    let route = self.routes.find(&path);
+                    let response = self
+                        .forward(passed, route, peer, &request_id, html, &id)
+                        .await;
+                    log(&route.prefix, response.status());
+                    return Ok(response);
+                }
             }
         }
 
@@ -107,7 +116,9 @@ impl Gateway {
             let session = match signin.session(req.headers()) {
                 Found::Valid(session) => session,
                 Found::None | Found::Unusable => {
-                    let response = signin.challenge(&method, req.uri(), req.headers(), html, &id);
+                    let response = signin
+                        .challenge(&method, req.uri(), req.headers(), html, &id)
+                        .await;
                     log(&route.prefix, response.status());
                     return Ok(response);
                 }
@@ -120,9 +131,24 @@ impl Gateway {
         }
 
         // 7. Forward.
-        let mut response = match self
+        let mut response = self.forward(req, route, peer, &request_id, html, &id).await;
+        append_cookies(&mut response, cookies);
+        log(&route.prefix, response.status());
+        Ok(response)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Body>,
+        route: &Route,
+        peer: SocketAddr,
+        request_id: &http::HeaderValue,
+        html: bool,
+        id: &str,
+    ) -> Response<Body> {
+        match self
             .proxy
-            .forward(req, &route.upstream, peer, &request_id)
+            .forward(req, &route.upstream, peer, request_id)
             .await
         {
             Ok(response) => response,
@@ -133,12 +159,9 @@ impl Gateway {
                     ProxyError::Failed { .. } => pages::UPSTREAM_FAILED,
                     ProxyError::Timeout { .. } => pages::UPSTREAM_TIMEOUT,
                 };
-                pages::problem(problem, html, &id)
+                pages::problem(problem, html, id)
             }
-        };
-        append_cookies(&mut response, cookies);
-        log(&route.prefix, response.status());
-        Ok(response)
+        }
     }
 
     /// `ping` answers while the process lives; `ready` only while it

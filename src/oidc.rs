@@ -29,6 +29,11 @@ use crate::token::{Claims, IssuerMatch, TokenError, Verifier};
 const TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
+/// A sign-in first checks that the provider answers, so a browser gets
+/// our explanation rather than its own connection error; the answer is
+/// reused this long.
+const REACHABLE_TTL: Duration = Duration::from_secs(5);
+const REACHABLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 type Client = CoreClient<
     EndpointSet,
@@ -53,6 +58,8 @@ pub enum DiscoveryError {
 pub enum SignInError {
     #[error("the sign-in provider has not been reached yet")]
     NotReady,
+    #[error("the sign-in provider does not answer")]
+    Unreachable,
     #[error("the provider refused the code exchange: {error}")]
     Refused {
         error: String,
@@ -84,15 +91,25 @@ struct Provider {
 pub struct Oidc {
     config: OidcConfig,
     http: HttpClient,
+    discovery_uri: String,
     provider: OnceLock<Provider>,
+    reachable: moka::future::Cache<(), bool>,
 }
 
 impl Oidc {
     pub fn new(config: OidcConfig, http: HttpClient) -> Arc<Oidc> {
         Arc::new(Oidc {
+            discovery_uri: format!(
+                "{}/.well-known/openid-configuration",
+                config.issuer.trim_end_matches('/')
+            ),
             config,
             http,
             provider: OnceLock::new(),
+            reachable: moka::future::Cache::builder()
+                .max_capacity(1)
+                .time_to_live(REACHABLE_TTL)
+                .build(),
         })
     }
 
@@ -137,7 +154,7 @@ impl Oidc {
             .map_err(|e| DiscoveryError::from(e).to_string())?;
         let metadata: CoreProviderMetadata = serde_json::from_slice(&body).map_err(|e| {
             DiscoveryError::Parse {
-                uri: uri.clone(),
+                uri: uri.to_owned(),
                 message: e.to_string(),
             }
             .to_string()
@@ -212,8 +229,19 @@ impl Oidc {
 
     /// The provider's authorization URL for a new sign-in, and what the
     /// callback will need to finish it.
-    pub fn start(&self, return_to: String) -> Result<(String, LoginState), SignInError> {
+    pub async fn start(&self, return_to: String) -> Result<(String, LoginState), SignInError> {
         let provider = self.provider.get().ok_or(SignInError::NotReady)?;
+        let answers = self
+            .reachable
+            .get_with((), async {
+                outbound::get_json(&self.http, &self.discovery_uri, REACHABLE_TIMEOUT)
+                    .await
+                    .is_ok()
+            })
+            .await;
+        if !answers {
+            return Err(SignInError::Unreachable);
+        }
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let client = self.client(provider);
         let mut request = client

@@ -94,7 +94,7 @@ impl SignIn {
     /// No usable session: browsers go to the provider, API clients get a
     /// 401 they can act on (a redirect would turn their POST into a GET
     /// and hand them an HTML page).
-    pub fn challenge(
+    pub async fn challenge(
         &self,
         method: &Method,
         uri: &http::Uri,
@@ -125,7 +125,7 @@ impl SignIn {
         } else {
             "/".to_owned()
         };
-        let (url, login) = match self.oidc.start(return_to) {
+        let (url, login) = match self.oidc.start(return_to).await {
             Ok(started) => started,
             Err(e) => {
                 let mut response =

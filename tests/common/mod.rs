@@ -26,6 +26,8 @@ use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
+pub mod peers;
+
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
@@ -323,12 +325,22 @@ async fn upstream_handle(
             .unwrap()
             .as_bytes()
             .to_vec();
+        // Behind sign-in, the first message says who the gateway vouched for.
+        let user = req
+            .headers()
+            .get("x-forwarded-user")
+            .map(|v| v.to_str().unwrap().to_owned());
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let upgraded = upgrade.await.unwrap();
             let mut ws =
                 WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             use futures_util::{SinkExt, StreamExt};
+            if let Some(user) = user {
+                let greeting = serde_json::json!({ "user": user }).to_string();
+                let message = tokio_tungstenite::tungstenite::Message::text(greeting);
+                ws.send(message).await.unwrap();
+            }
             while let Some(Ok(msg)) = ws.next().await {
                 if msg.is_close() || ws.send(msg).await.is_err() {
                     break;
@@ -603,14 +615,21 @@ impl TestCa {
         CertificateDer<'static>,
         rustls::pki_types::PrivateKeyDer<'static>,
     ) {
+        use rustls::pki_types::pem::PemObject;
+        let (cert, key) = self.leaf_pem();
+        (
+            CertificateDer::from_pem_slice(cert.as_bytes()).unwrap(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+    }
+
+    /// The same, as PEM (certificate, key), for servers in other languages.
+    pub fn leaf_pem(&self) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
         let params =
             rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
                 .unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (
-            cert.der().clone(),
-            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
+        (cert.pem(), key.serialize_pem())
     }
 }

@@ -1,0 +1,156 @@
+//! The real OpenID provider (npm `oidc-provider`, shaped like Entra) and
+//! the real headless Chromium, both driven by the scripts in `tests/node/`.
+
+use std::io::BufRead;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{TestCa, DEADLINE};
+
+pub const TENANT: &str = "7f3c1b2a-5d4e-4f60-9a8b-0c1d2e3f4a5b";
+pub const CLIENT_ID: &str = "0a1b2c3d-authgate-test";
+pub const CLIENT_SECRET: &str = "test-client-secret-value";
+
+fn node_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node")
+}
+
+/// `oidc-provider` with issuer `https://127.0.0.1:<port>/<tenant>/v2.0`.
+pub struct Provider {
+    child: Option<Child>,
+    pub issuer: String,
+    pub port: u16,
+    env: Vec<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl Provider {
+    /// `redirect_uri` is the gateway's callback; after sign-out the
+    /// provider may send browsers to `post_logout`.
+    pub fn start(ca: &TestCa, redirect_uri: &str, post_logout: &str) -> Provider {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.leaf_pem();
+        std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        let env: Vec<(String, String)> = [
+            ("TENANT", TENANT.to_owned()),
+            ("CLIENT_ID", CLIENT_ID.to_owned()),
+            ("CLIENT_SECRET", CLIENT_SECRET.to_owned()),
+            ("REDIRECT_URI", redirect_uri.to_owned()),
+            ("POST_LOGOUT_REDIRECT_URI", post_logout.to_owned()),
+            ("TLS_CERT", dir.path().join("tls.crt").display().to_string()),
+            ("TLS_KEY", dir.path().join("tls.key").display().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let mut provider = Provider {
+            child: None,
+            issuer: String::new(),
+            port: 0,
+            env,
+            _dir: dir,
+        };
+        provider.spawn();
+        provider
+    }
+
+    /// Starts the process (again, on the same port once it has one) and
+    /// waits for the line that says it listens.
+    fn spawn(&mut self) {
+        let mut child = Command::new("node")
+            .arg(node_dir().join("provider.mjs"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("PORT", self.port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node is installed");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send(value);
+                }
+            }
+        });
+        let ready = rx
+            .recv_timeout(DEADLINE)
+            .expect("the OpenID provider did not start");
+        self.issuer = ready["issuer"].as_str().unwrap().to_owned();
+        self.port = ready["port"].as_u64().unwrap() as u16;
+        self.child = Some(child);
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts again on the same port: a new signing key, as
+    /// when Entra rolls its keys.
+    pub fn restart(&mut self) {
+        self.stop();
+        let started = Instant::now();
+        loop {
+            // The port may linger for a moment after the old process died.
+            if std::net::TcpListener::bind(("127.0.0.1", self.port)).is_ok() {
+                break;
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "port {} stayed busy",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.spawn();
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs `steps` (see `tests/node/browser.mjs`) in one fresh browser
+/// context against the gateway at `origin`; one result per step.
+pub async fn browser(origin: &str, steps: Value) -> Vec<Value> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("node")
+        .arg(node_dir().join("browser.mjs"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is installed");
+    let input = serde_json::json!({ "origin": origin, "steps": steps }).to_string();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .expect("the browser run took over two minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let parsed: Value = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+        panic!(
+            "browser printed no JSON: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    match parsed {
+        Value::Array(results) => results,
+        failure => panic!("browser run failed: {failure:#}"),
+    }
+}

@@ -1,0 +1,491 @@
+//! Sign-in end to end: the real binary with real TLS, a real OpenID
+//! provider process shaped like Entra (npm `oidc-provider`), a real
+//! upstream, and a real headless Chromium clicking through the login.
+
+mod common;
+
+use std::time::Instant;
+
+use common::peers::{browser, Provider, CLIENT_ID, CLIENT_SECRET, TENANT};
+use common::*;
+use http::{Request, StatusCode};
+use serde_json::{json, Value};
+
+const SESSION_SECRET: &str = "dGVzdC1zZXNzaW9uLXNlY3JldC0zMi1ieXRlcy1sb25nLWVub3VnaA";
+
+/// Provider, gateway and console, wired together.
+struct Stack {
+    gateway: Gateway,
+    provider: Provider,
+    upstream: Upstream,
+    origin: String,
+}
+
+impl Stack {
+    async fn start(oidc_extra: &str) -> Stack {
+        let ca = TestCa::new();
+        let upstream = Upstream::start("console").await;
+        let port = closed_port().port();
+        let origin = format!("https://localhost:{port}");
+        let provider = Provider::start(
+            &ca,
+            &format!("{origin}/api/oidc/callback"),
+            &format!("{origin}/oauth2/signed_out"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("provider-ca.pem"), &ca.pem).unwrap();
+        let config = format!(
+            r#"
+listen = "127.0.0.1:{port}"
+public_url = "{origin}"
+upstream = "{upstream}"
+[[routes]]
+prefix = "/api/public"
+upstream = "{upstream}"
+access = "public"
+[oidc]
+issuer = "{issuer}"
+client_id = "{CLIENT_ID}"
+client_secret = "{CLIENT_SECRET}"
+ca = "provider-ca.pem"
+{oidc_extra}
+[session]
+secret = "{SESSION_SECRET}"
+"#,
+            upstream = upstream.url(),
+            issuer = provider.issuer,
+        );
+        let gateway = Gateway::start_in(dir, &config);
+        wait_ready(&gateway).await;
+        Stack {
+            gateway,
+            provider,
+            upstream,
+            origin,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.origin)
+    }
+
+    fn provider_origin(&self) -> String {
+        format!("https://127.0.0.1:{}/", self.provider.port)
+    }
+}
+
+/// Readiness means discovery and the first key fetch have succeeded.
+async fn wait_ready(gateway: &Gateway) {
+    let started = Instant::now();
+    loop {
+        let response = send(gateway.addr, get("/oauth2/ready").body(empty()).unwrap()).await;
+        if response.status() == StatusCode::OK {
+            return;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "gateway never became ready: {:?}",
+            gateway.logs()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn echo_of(result: &Value) -> Echo {
+    let text = result["text"].as_str().unwrap();
+    serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("not the console's echo ({e}): {result:#}"))
+}
+
+/// The session cookies a browser holds, as a `Cookie` header value.
+fn session_cookie(cookies: &Value) -> String {
+    cookies
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("__Host-authgate"))
+        .map(|c| {
+            format!(
+                "{}={}",
+                c["name"].as_str().unwrap(),
+                c["value"].as_str().unwrap()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[tokio::test]
+async fn first_visit_signs_in_and_lands_on_the_asked_url_with_identity_headers() {
+    let stack = Stack::start("").await;
+    let asked = stack.url("/console/devices?page=2&q=a%20b");
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": asked }, { "login": "alice" }, { "cookies": true }]),
+    )
+    .await;
+
+    assert!(
+        results[0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&stack.provider_origin()),
+        "first visit did not reach the provider: {}",
+        results[0]["url"]
+    );
+    assert_eq!(results[1]["url"], asked.as_str());
+    let echo = echo_of(&results[1]);
+    assert_eq!(echo.path, "/console/devices?page=2&q=a%20b");
+    assert_eq!(
+        echo.header("x-forwarded-user"),
+        Some("alice@contoso.example")
+    );
+    assert_eq!(
+        echo.header("x-forwarded-email"),
+        Some("alice@contoso.example")
+    );
+    assert_eq!(echo.header("x-forwarded-name"), Some("Alice Example"));
+    assert_eq!(echo.header("x-forwarded-tenant"), Some(TENANT));
+    assert_eq!(
+        echo.header("x-forwarded-groups"),
+        Some("group-alice-0,group-alice-1")
+    );
+    assert_eq!(echo.header("x-forwarded-roles"), Some("Console.User"));
+    assert_eq!(
+        echo.header("x-forwarded-user-id").map(str::len),
+        Some(36),
+        "oid, not sub"
+    );
+    assert!(
+        !echo
+            .header("cookie")
+            .unwrap_or("")
+            .contains("__Host-authgate"),
+        "the gateway's own cookies reached the console"
+    );
+
+    let cookies = results[2].as_array().unwrap();
+    let session = cookies
+        .iter()
+        .find(|c| c["name"] == "__Host-authgate")
+        .expect("a session cookie");
+    assert_eq!(session["secure"], true);
+    assert_eq!(session["httpOnly"], true);
+    assert_eq!(session["sameSite"], "Lax");
+    assert!(
+        !cookies
+            .iter()
+            .any(|c| c["name"].as_str().unwrap().contains("-login-")),
+        "the login state cookie outlived the sign-in: {cookies:?}"
+    );
+    let audit = stack
+        .gateway
+        .log_line(|l| l["target"] == "authgate::audit" && l["fields"]["message"] == "signed in")
+        .await;
+    assert_eq!(audit["fields"]["user"], "alice@contoso.example");
+}
+
+#[tokio::test]
+async fn signed_in_requests_cannot_spoof_identity_and_websockets_carry_it() {
+    let stack = Stack::start("").await;
+    let ws_url = stack.url("/ws/live").replace("https://", "wss://");
+    let results = browser(
+        &stack.origin,
+        json!([
+            { "goto": stack.url("/") },
+            { "login": "bob" },
+            { "websocket": ws_url, "send": "ping" },
+            { "cookies": true }
+        ]),
+    )
+    .await;
+    let messages = &results[2]["messages"];
+    assert_eq!(
+        messages[0],
+        json!({ "user": "bob@contoso.example" }).to_string()
+    );
+    assert_eq!(messages[1], "ping");
+
+    // The same session from another client, with identity headers of its own.
+    let response = send(
+        stack.gateway.addr,
+        get("/whoami")
+            .header("cookie", session_cookie(&results[3]))
+            .header("x-forwarded-user", "admin@contoso.example")
+            .header("x-forwarded-groups", "Domain Admins")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(
+        echo.headers["x-forwarded-user"],
+        vec!["bob@contoso.example"]
+    );
+    assert_eq!(
+        echo.headers["x-forwarded-groups"],
+        vec!["group-bob-0,group-bob-1"]
+    );
+}
+
+#[tokio::test]
+async fn sign_out_ends_both_sessions_and_the_next_visit_signs_in_again() {
+    let stack = Stack::start("").await;
+    let results = browser(
+        &stack.origin,
+        json!([
+            { "goto": stack.url("/") },
+            { "login": "carol" },
+            { "sign_out": true },
+            { "goto": stack.url("/after") }
+        ]),
+    )
+    .await;
+    assert_eq!(results[2]["url"], stack.url("/oauth2/signed_out").as_str());
+    assert!(results[2]["text"]
+        .as_str()
+        .unwrap()
+        .contains("You are signed out"));
+    assert!(
+        results[3]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&stack.provider_origin()),
+        "after sign-out the console was reachable without signing in: {}",
+        results[3]["url"]
+    );
+    assert!(
+        results[3]["text"]
+            .as_str()
+            .unwrap()
+            .contains("name=\"login\""),
+        "the provider asks to log in again"
+    );
+}
+
+#[tokio::test]
+async fn cross_site_sign_out_is_refused() {
+    let stack = Stack::start("").await;
+    let response = send(
+        stack.gateway.addr,
+        Request::post("/oauth2/sign_out")
+            .header("origin", "https://evil.example")
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn two_tabs_signing_in_at_once_both_succeed() {
+    let stack = Stack::start("").await;
+    let (a, b) = (stack.url("/tab/one"), stack.url("/tab/two"));
+    let results = browser(&stack.origin, json!([{ "tabs": [a, b], "user": "dave" }])).await;
+    let tabs = results[0].as_array().unwrap();
+    assert_eq!(tabs[0]["url"], a.as_str());
+    assert_eq!(tabs[1]["url"], b.as_str());
+    assert_eq!(echo_of(&tabs[0]).path, "/tab/one");
+    assert_eq!(echo_of(&tabs[1]).path, "/tab/two");
+    assert_eq!(
+        echo_of(&tabs[1]).header("x-forwarded-user"),
+        Some("dave@contoso.example")
+    );
+}
+
+#[tokio::test]
+async fn sign_in_after_the_provider_rolled_its_keys_succeeds() {
+    let mut stack = Stack::start("").await;
+    let first = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "erin" }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&first[1]).header("x-forwarded-user"),
+        Some("erin@contoso.example")
+    );
+
+    stack.provider.restart();
+    let second = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/again") }, { "login": "frank" }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&second[1]).header("x-forwarded-user"),
+        Some("frank@contoso.example")
+    );
+    stack
+        .gateway
+        .log_line(|l| {
+            l["fields"]["message"] == "token signed with an unknown key; refetching the key set"
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn provider_down_keeps_sessions_and_explains_new_sign_ins() {
+    let mut stack = Stack::start("").await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "grace" }, { "cookies": true }]),
+    )
+    .await;
+    let cookie = session_cookie(&results[2]);
+    stack.provider.stop();
+
+    let response = send(
+        stack.gateway.addr,
+        get("/still-signed-in")
+            .header("cookie", cookie)
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        upstream_saw(response).await.header("x-forwarded-user"),
+        Some("grace@contoso.example")
+    );
+
+    // The gateway notices within its reachability check's lifetime.
+    let started = Instant::now();
+    loop {
+        let response = send(
+            stack.gateway.addr,
+            get("/")
+                .header("accept", "text/html")
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert_eq!(response.status(), StatusCode::FOUND);
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the gateway kept sending browsers to a dead provider"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let page = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/new-visitor") }]),
+    )
+    .await;
+    assert_eq!(page[0]["status"], 503);
+    assert_eq!(page[0]["url"], stack.url("/new-visitor").as_str());
+    assert!(page[0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("The sign-in provider cannot be reached"));
+}
+
+#[tokio::test]
+async fn a_cancelled_sign_in_shows_what_happened() {
+    let stack = Stack::start("").await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "cancel": true }]),
+    )
+    .await;
+    assert_eq!(results[1]["status"], 401);
+    let page = results[1]["text"].as_str().unwrap();
+    assert!(page.contains("Sign-in was cancelled or denied"), "{page}");
+    assert!(page.contains("Try signing in again"), "{page}");
+}
+
+#[tokio::test]
+async fn form_post_callbacks_work_cross_site() {
+    let stack = Stack::start("response_mode = \"form_post\"").await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/posted") }, { "login": "heidi" }]),
+    )
+    .await;
+    assert_eq!(results[1]["url"], stack.url("/posted").as_str());
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("heidi@contoso.example")
+    );
+}
+
+#[tokio::test]
+async fn api_clients_get_401_json_and_public_routes_need_no_session() {
+    let stack = Stack::start("").await;
+    let response = send(
+        stack.gateway.addr,
+        Request::post("/api/private").body(full("{}")).unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    let body: Value = serde_json::from_str(&body_string(response).await).unwrap();
+    assert_eq!(body["error"], "unauthenticated");
+
+    let response = send(
+        stack.gateway.addr,
+        Request::post("/api/public/heartbeat")
+            .header("x-forwarded-user", "mallory")
+            .header("authorization", "Bearer rustdesk-own-token")
+            .body(full("{\"id\":1}"))
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.body, "{\"id\":1}");
+    assert_eq!(echo.header("x-forwarded-user"), None);
+    assert_eq!(
+        echo.header("authorization"),
+        Some("Bearer rustdesk-own-token")
+    );
+}
+
+#[tokio::test]
+async fn callbacks_the_gateway_did_not_start_go_to_the_console_only_when_allowed() {
+    let refusing = Stack::start("").await;
+    let response = send(
+        refusing.gateway.addr,
+        get("/api/oidc/callback?code=abc&state=rustdesk-login-1")
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(body_string(response)
+        .await
+        .contains("not one this browser started"));
+
+    let passing = Stack::start("pass_unknown_callbacks = true").await;
+    let response = send(
+        passing.gateway.addr,
+        get("/api/oidc/callback?code=abc&state=rustdesk-login-1")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.upstream, "console");
+    assert_eq!(
+        echo.path,
+        "/api/oidc/callback?code=abc&state=rustdesk-login-1"
+    );
+
+    let response = send(
+        passing.gateway.addr,
+        Request::post("/api/oidc/callback")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full("code=abc&state=rustdesk-login-2"))
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.body, "code=abc&state=rustdesk-login-2");
+    drop(passing.upstream);
+}
