@@ -801,6 +801,14 @@ impl RawConfig {
             }
             (Some(_), _) => Some(validate_oidc(self.oidc, &public_url, origins)?),
         };
+        if oidc.is_some() && self.session.secret.is_none() {
+            warnings.push(
+                "session.secret is not set: using a random one for this run, so sessions end when \
+                 authgate restarts and cannot be shared between instances; set one from \
+                 `authgate gen-secret`"
+                    .to_owned(),
+            );
+        }
         let session = oidc
             .as_ref()
             .map(|_| validate_session(self.session, origins))
@@ -947,13 +955,18 @@ fn parse_issuer(value: &str) -> Option<(Scheme, Authority)> {
 fn validate_session(raw: RawSession, origins: &Origins) -> Result<SessionConfig, ConfigError> {
     const EXPECTED: &str =
         "at least 32 random bytes in base64, such as the output of `authgate gen-secret`";
-    let current = raw.secret.ok_or_else(|| {
-        origins.error(
-            "session.secret",
-            format!("missing: {EXPECTED} (or session.secret_file, or AUTHGATE_SESSION_SECRET)"),
-        )
-    })?;
     let mut secrets = Vec::new();
+    let Some(current) = raw.secret else {
+        // A first run works without one; sessions then end on restart.
+        secrets.push(crate::random_bytes::<32>().to_vec());
+        return session_config(
+            raw.cookie_name,
+            raw.idle_timeout,
+            raw.lifetime,
+            secrets,
+            origins,
+        );
+    };
     for (key, value) in std::iter::once(("session.secret".to_owned(), &current)).chain(
         raw.previous_secrets
             .iter()
@@ -964,16 +977,30 @@ fn validate_session(raw: RawSession, origins: &Origins) -> Result<SessionConfig,
         let bytes = decode_secret(value).ok_or_else(|| origins.invalid(&key, shown, EXPECTED))?;
         secrets.push(bytes);
     }
-    if !raw.cookie_name.starts_with("__Host-")
-        || http::HeaderName::from_str(&raw.cookie_name).is_err()
-    {
+    session_config(
+        raw.cookie_name,
+        raw.idle_timeout,
+        raw.lifetime,
+        secrets,
+        origins,
+    )
+}
+
+fn session_config(
+    cookie_name: String,
+    idle_timeout: Duration,
+    lifetime: Duration,
+    secrets: Vec<Vec<u8>>,
+    origins: &Origins,
+) -> Result<SessionConfig, ConfigError> {
+    if !cookie_name.starts_with("__Host-") || http::HeaderName::from_str(&cookie_name).is_err() {
         return Err(origins.invalid(
             "session.cookie_name",
-            &raw.cookie_name,
+            &cookie_name,
             "a cookie name starting with __Host- (bound to this origin, Secure, Path=/)",
         ));
     }
-    if raw.idle_timeout.is_zero() || raw.lifetime < raw.idle_timeout {
+    if idle_timeout.is_zero() || lifetime < idle_timeout {
         return Err(origins.error(
             "session.lifetime",
             "must be at least session.idle_timeout, and both above zero",
@@ -981,9 +1008,9 @@ fn validate_session(raw: RawSession, origins: &Origins) -> Result<SessionConfig,
     }
     Ok(SessionConfig {
         secrets,
-        cookie_name: raw.cookie_name,
-        idle_timeout: raw.idle_timeout,
-        lifetime: raw.lifetime,
+        cookie_name,
+        idle_timeout,
+        lifetime,
     })
 }
 

@@ -96,6 +96,15 @@ impl KeySet {
         Ok(KeySet { by_kid })
     }
 
+    /// A set made in memory, for tests of what a real provider never
+    /// publishes or signs.
+    #[cfg(test)]
+    pub fn from_keys(keys: Vec<(String, Key)>) -> KeySet {
+        KeySet {
+            by_kid: keys.into_iter().collect(),
+        }
+    }
+
     pub fn get(&self, kid: &str) -> Option<&Key> {
         self.by_kid.get(kid)
     }
@@ -127,6 +136,18 @@ impl Jwks {
             last_good: Mutex::new(None),
             last_refetch: Mutex::new(None),
         }
+    }
+
+    /// A cache already holding `set`, whose refetches fail (its URI
+    /// leads nowhere): for tests.
+    #[cfg(test)]
+    pub async fn preloaded(set: KeySet) -> Jwks {
+        let http = crate::outbound::client(None, &crate::config::Timeouts::default()).unwrap();
+        let jwks = Jwks::new("http://127.0.0.1:9/keys".into(), http);
+        let set = Arc::new(set);
+        *jwks.last_good.lock().unwrap() = Some(set.clone());
+        jwks.cache.insert((), set).await;
+        jwks
     }
 
     async fn fetch(&self) -> Result<Arc<KeySet>, JwksError> {

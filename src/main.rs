@@ -140,6 +140,23 @@ fn print_summary(config: &Config) -> bool {
         println!("  redirect      http://{addr} -> {}", config.public_url);
     }
     println!("  public_url    {}", config.public_url);
+    match &config.oidc {
+        Some(oidc) => {
+            println!(
+                "  sign-in       {} (client {})",
+                oidc.issuer, oidc.client_id
+            );
+            println!(
+                "  redirect URI  {}   <- register this in Entra (Authentication > Web)",
+                oidc.redirect_uri
+            );
+            println!(
+                "  sign-out URI  {}{}signed_out",
+                config.public_url, config.gateway_prefix
+            );
+        }
+        None => println!("  sign-in       none: every route is public"),
+    }
     let tls = &config.tls;
     let cert_ok = match authgate::tls::load(&tls.cert, &tls.key) {
         Ok(_) => {
@@ -162,7 +179,15 @@ fn print_summary(config: &Config) -> bool {
     let mut routes = config.routes.clone();
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
     for route in routes {
-        println!("    {:<20} -> {}", route.prefix, route.upstream);
+        let access = match route.access {
+            authgate::config::Access::Protected => "sign-in",
+            authgate::config::Access::Public => "public",
+        };
+        println!(
+            "    {:<20} -> {:<28} {access}",
+            route.prefix,
+            route.upstream.to_string()
+        );
     }
     for warning in &config.warnings {
         println!("warning: {warning}");

@@ -145,10 +145,13 @@ impl Verifier {
     }
 
     async fn verify(&self, token: &str, source: Source) -> Result<Claims, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
-            ErrorKind::InvalidAlgorithmName => TokenError::Algorithm(algorithm_name(token)),
-            _ => TokenError::Malformed,
-        })?;
+        // A header naming an algorithm the library does not know (`none`)
+        // fails to parse: say which algorithm was refused.
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| match algorithm_name(token) {
+                Some(alg) => TokenError::Algorithm(alg),
+                None => TokenError::Malformed,
+            })?;
         if !self.algorithms.contains(&header.alg) {
             return Err(TokenError::Algorithm(format!("{:?}", header.alg)));
         }
@@ -234,7 +237,7 @@ fn unverified_issuer(token: &str) -> String {
 }
 
 /// The `alg` a rejected token named, for the error message only.
-fn algorithm_name(token: &str) -> String {
+fn algorithm_name(token: &str) -> Option<String> {
     use base64::Engine;
     token
         .split('.')
@@ -246,7 +249,6 @@ fn algorithm_name(token: &str) -> String {
         })
         .and_then(|h| serde_json::from_slice::<serde_json::Value>(&h).ok())
         .and_then(|h| h["alg"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "an unknown algorithm".into())
 }
 
 pub fn now() -> u64 {
@@ -254,4 +256,195 @@ pub fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Tokens a real provider would never sign: forged, expired, misdirected.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwks::{Key, KeySet};
+    use jsonwebtoken::{encode, DecodingKey, EncodingKey, Header};
+    use serde_json::json;
+
+    const ISSUER: &str = "https://login.microsoftonline.com/tid-1/v2.0";
+    const CLIENT: &str = "client-1";
+
+    struct Signer {
+        private: EncodingKey,
+        public_pem: String,
+    }
+
+    fn rsa() -> Signer {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+        Signer {
+            private: EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap(),
+            public_pem: pair.public_key_pem(),
+        }
+    }
+
+    async fn verifier(signer: &Signer, issuer: IssuerMatch, tenants: &[&str]) -> Verifier {
+        let key = Key {
+            decoding: DecodingKey::from_rsa_pem(signer.public_pem.as_bytes()).unwrap(),
+            algorithm: Some(Algorithm::RS256),
+        };
+        let jwks = Jwks::preloaded(KeySet::from_keys(vec![("k1".into(), key)])).await;
+        Verifier {
+            issuer,
+            audience: CLIENT.into(),
+            algorithms: vec![Algorithm::RS256],
+            skew: Duration::from_secs(60),
+            allowed_tenants: tenants.iter().map(|t| t.to_string()).collect(),
+            jwks: Arc::new(jwks),
+        }
+    }
+
+    fn claims() -> serde_json::Value {
+        json!({
+            "iss": ISSUER, "aud": CLIENT, "sub": "s", "oid": "o", "tid": "tid-1",
+            "iat": now(), "nbf": now(), "exp": now() + 3600, "nonce": "n-1",
+            "preferred_username": "alice@contoso.example",
+        })
+    }
+
+    fn sign(signer: &Signer, kid: Option<&str>, claims: &serde_json::Value) -> String {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = kid.map(str::to_owned);
+        encode(&header, claims, &signer.private).unwrap()
+    }
+
+    fn with(changes: serde_json::Value) -> serde_json::Value {
+        let mut c = claims();
+        for (k, v) in changes.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    }
+
+    fn b64(value: &serde_json::Value) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string())
+    }
+
+    async fn check(v: &Verifier, token: &str) -> Result<Claims, TokenError> {
+        v.id_token(token, "n-1").await
+    }
+
+    #[tokio::test]
+    async fn a_well_formed_token_passes() {
+        let key = rsa();
+        let v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
+        let claims = check(&v, &sign(&key, Some("k1"), &claims())).await.unwrap();
+        assert_eq!(claims.identity().username, "alice@contoso.example");
+        assert_eq!(claims.identity().user_id, "o");
+    }
+
+    #[tokio::test]
+    async fn forged_and_unsigned_tokens_are_rejected() {
+        let key = rsa();
+        let v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
+        let forged = sign(&rsa(), Some("k1"), &claims());
+        assert!(matches!(
+            check(&v, &forged).await,
+            Err(TokenError::Signature)
+        ));
+
+        let none = format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "kid": "k1"})),
+            b64(&claims())
+        );
+        assert!(matches!(check(&v, &none).await, Err(TokenError::Algorithm(a)) if a == "none"));
+
+        // HS256 keyed with the provider's public key, the classic confusion.
+        let hs = encode(
+            &Header {
+                kid: Some("k1".into()),
+                ..Header::new(Algorithm::HS256)
+            },
+            &claims(),
+            &EncodingKey::from_secret(key.public_pem.as_bytes()),
+        )
+        .unwrap();
+        assert!(matches!(
+            check(&v, &hs).await,
+            Err(TokenError::Algorithm(_))
+        ));
+
+        assert!(matches!(
+            check(&v, &sign(&key, None, &claims())).await,
+            Err(TokenError::NoKeyId)
+        ));
+        let unknown = sign(&key, Some("../../etc/passwd"), &claims());
+        assert!(matches!(
+            check(&v, &unknown).await,
+            Err(TokenError::UnknownKey)
+        ));
+        assert!(matches!(
+            check(&v, "not.a.jwt").await,
+            Err(TokenError::Malformed)
+        ));
+        let real = sign(&key, Some("k1"), &claims());
+        assert!(matches!(
+            check(&v, &real[..real.len() - 20]).await,
+            Err(TokenError::Signature | TokenError::Malformed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn misdirected_and_stale_tokens_are_rejected() {
+        let key = rsa();
+        let v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
+        let cases = [
+            (with(json!({"aud": "someone-else"})), "aud"),
+            (with(json!({"aud": [CLIENT, "other"]})), "aud without azp"),
+            (
+                with(json!({"iss": "https://login.microsoftonline.com/other/v2.0"})),
+                "iss",
+            ),
+            (with(json!({"exp": now() - 3600})), "expired"),
+            (with(json!({"nbf": now() + 3600})), "not yet valid"),
+            (with(json!({"iat": now() + 3600})), "issued in the future"),
+            (with(json!({"nonce": "n-2"})), "nonce"),
+            (with(json!({"nonce": null})), "no nonce"),
+            (with(json!({"exp": null})), "no exp"),
+            (with(json!({"sub": null})), "no sub"),
+        ];
+        for (claims, what) in cases {
+            let result = check(&v, &sign(&key, Some("k1"), &claims)).await;
+            assert!(result.is_err(), "{what} was accepted");
+        }
+        let with_azp = with(json!({"aud": [CLIENT, "other"], "azp": CLIENT}));
+        assert!(check(&v, &sign(&key, Some("k1"), &with_azp)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn multi_tenant_issuers_check_the_tokens_own_tenant() {
+        let key = rsa();
+        let template =
+            IssuerMatch::Template("https://login.microsoftonline.com/{tenantid}/v2.0".into());
+        let v = verifier(&key, template, &["tid-1"]).await;
+        assert!(check(&v, &sign(&key, Some("k1"), &claims())).await.is_ok());
+
+        // A token of another tenant, consistent with itself, is still refused.
+        let other =
+            with(json!({"tid": "tid-2", "iss": "https://login.microsoftonline.com/tid-2/v2.0"}));
+        assert!(
+            matches!(check(&v, &sign(&key, Some("k1"), &other)).await, Err(TokenError::Tenant(t)) if t == "tid-2")
+        );
+        // iss and tid that disagree.
+        let mismatched = with(json!({"iss": "https://login.microsoftonline.com/tid-2/v2.0"}));
+        assert!(matches!(
+            check(&v, &sign(&key, Some("k1"), &mismatched)).await,
+            Err(TokenError::Issuer(_))
+        ));
+        let no_tid = with(json!({"tid": null}));
+        assert!(matches!(
+            check(&v, &sign(&key, Some("k1"), &no_tid)).await,
+            Err(TokenError::NoTenant)
+        ));
+    }
 }

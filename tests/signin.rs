@@ -183,6 +183,21 @@ async fn first_visit_signs_in_and_lands_on_the_asked_url_with_identity_headers()
         .log_line(|l| l["target"] == "authgate::audit" && l["fields"]["message"] == "signed in")
         .await;
     assert_eq!(audit["fields"]["user"], "alice@contoso.example");
+
+    // Nothing secret in the log: not the client secret, not the session,
+    // not the callback's code or state, not a token.
+    let log = serde_json::to_string(&stack.gateway.logs()).unwrap();
+    let session_value = session["value"].as_str().unwrap();
+    for secret in [
+        CLIENT_SECRET,
+        SESSION_SECRET,
+        &session_value[..40],
+        "code=",
+        "state=",
+        "eyJ",
+    ] {
+        assert!(!log.contains(secret), "the log contains {secret}");
+    }
 }
 
 #[tokio::test]
