@@ -15,10 +15,12 @@ use http::Uri;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::policy::Policy;
+
 /// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
 /// whose name starts with one of these targets a key inside it.
 const SECTIONS: &[&str] = &[
-    "tls", "proxy", "timeouts", "limits", "log", "oidc", "session", "headers",
+    "tls", "proxy", "timeouts", "limits", "log", "oidc", "session", "headers", "policy",
 ];
 const ENV_PREFIX: &str = "AUTHGATE_";
 /// Environment variables that steer the command line, not the file.
@@ -222,6 +224,8 @@ pub struct RouteConfig {
     pub prefix: String,
     pub upstream: UpstreamUrl,
     pub access: Access,
+    /// Who may pass once signed in.
+    pub policy: Policy,
 }
 
 /// Whether a route needs a signed-in user.
@@ -342,6 +346,7 @@ struct RawConfig {
     limits: Limits,
     log: LogConfig,
     access: Access,
+    policy: Policy,
     routes: Vec<RawRoute>,
     oidc: RawOidc,
     session: RawSession,
@@ -428,6 +433,7 @@ impl Default for RawConfig {
             limits: Limits::default(),
             log: LogConfig::default(),
             access: Access::Protected,
+            policy: Policy::default(),
             routes: Vec::new(),
             oidc: RawOidc::default(),
             session: RawSession::default(),
@@ -479,6 +485,8 @@ struct RawRoute {
     prefix: String,
     upstream: String,
     access: Option<Access>,
+    /// Replaces the top-level `[policy]` for this route.
+    policy: Option<Policy>,
 }
 
 impl Config {
@@ -679,6 +687,7 @@ impl RawConfig {
             prefix: "/".into(),
             upstream: parse_upstream(origins, "upstream", &self.upstream)?,
             access: self.access,
+            policy: self.policy.clone(),
         }];
         for (i, raw) in self.routes.iter().enumerate() {
             let key = |field: &str| format!("routes[{i}].{field}");
@@ -704,6 +713,7 @@ impl RawConfig {
                 prefix: raw.prefix.clone(),
                 upstream: parse_upstream(origins, &key("upstream"), &raw.upstream)?,
                 access: raw.access.unwrap_or(self.access),
+                policy: raw.policy.clone().unwrap_or_else(|| self.policy.clone()),
             });
         }
 

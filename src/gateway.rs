@@ -1,6 +1,6 @@
 //! The request path, top to bottom in [`Gateway::handle`]: strip identity
 //! headers, the gateway's own endpoints, the sign-in callback, route,
-//! authenticate, then forward with the identity added.
+//! authenticate, authorize, then forward with the identity added.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -123,14 +123,21 @@ impl Gateway {
                     return Ok(response);
                 }
             };
+            // 6. Authorize.
+            if let Err(denial) = route.policy.check(&session.identity) {
+                let response =
+                    signin.forbidden(&session.identity, &route.prefix, &denial, html, &id);
+                log(&route.prefix, response.status());
+                return Ok(response);
+            }
             cookies = signin.touch(&session, req.headers());
             signin.strip_own_cookies(req.headers_mut());
-            // 6. Tell the upstream who it is.
+            // 7. Tell the upstream who it is.
             self.identity_headers
                 .inject(req.headers_mut(), &session.identity);
         }
 
-        // 7. Forward.
+        // 8. Forward.
         let mut response = self.forward(req, route, peer, &request_id, html, &id).await;
         append_cookies(&mut response, cookies);
         log(&route.prefix, response.status());

@@ -13,6 +13,7 @@ pub mod jwks;
 pub mod oidc;
 pub mod outbound;
 pub mod pages;
+pub mod policy;
 pub mod proxy;
 pub mod routes;
 pub mod server;

@@ -3,12 +3,14 @@
 //! `/ws/id/…` but not `/ws/idle`.
 
 use crate::config::{Access, RouteConfig, UpstreamUrl};
+use crate::policy::Policy;
 
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
     pub upstream: UpstreamUrl,
     pub access: Access,
+    pub policy: Policy,
 }
 
 #[derive(Debug)]
@@ -26,6 +28,7 @@ impl Routes {
                 prefix: c.prefix.clone(),
                 upstream: c.upstream.clone(),
                 access: c.access,
+                policy: c.policy.clone(),
             })
             .collect();
         by_length.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -67,6 +70,7 @@ mod tests {
                     authority: http::uri::Authority::from_str(&format!("u{i}:1")).unwrap(),
                 },
                 access: Access::Public,
+                policy: Policy::default(),
             })
             .collect();
         Routes::new(&configs)

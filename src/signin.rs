@@ -12,8 +12,10 @@ use http_body_util::{BodyExt, Full};
 
 use crate::config::{OidcConfig, PublicUrl, ResponseMode};
 use crate::explain;
+use crate::identity::Identity;
 use crate::oidc::Oidc;
 use crate::pages::Page;
+use crate::policy::Denial;
 use crate::session::{Found, Session, Sessions};
 use crate::token::now;
 use crate::Body;
@@ -265,6 +267,37 @@ impl SignIn {
         let mut response = redirect(StatusCode::SEE_OTHER, &location);
         append_cookies(&mut response, self.sessions.clear(headers));
         response
+    }
+
+    /// A signed-in user the route's policy refuses: who they are signed
+    /// in as, why, and a way to sign in as someone else.
+    pub fn forbidden(
+        &self,
+        identity: &Identity,
+        route: &str,
+        denial: &Denial,
+        html: bool,
+        id: &str,
+    ) -> Response<Body> {
+        tracing::info!(
+            target: "authgate::audit",
+            request_id = id,
+            user = %identity.username,
+            tenant = identity.tenant.as_deref().unwrap_or(""),
+            route,
+            reason = denial.code(),
+            "refused"
+        );
+        let mut page = Page::new(
+            StatusCode::FORBIDDEN,
+            denial.code(),
+            "You do not have access to this page",
+            format!("You are signed in as {}, but {denial}.", identity.username),
+        );
+        page.advice
+            .push("Ask an administrator for access, or sign in with another account.".into());
+        page.form = Some((format!("{}sign_out", self.own_prefix), "Sign out"));
+        page.render(html, id)
     }
 
     pub fn signed_out_page(&self, html: bool, id: &str) -> Response<Body> {

@@ -23,6 +23,12 @@ struct Stack {
 
 impl Stack {
     async fn start(oidc_extra: &str) -> Stack {
+        Stack::with_routes("", oidc_extra).await
+    }
+
+    /// `routes` is TOML for more `[[routes]]`, `oidc_extra` more keys of
+    /// `[oidc]`.
+    async fn with_routes(routes: &str, oidc_extra: &str) -> Stack {
         let ca = TestCa::new();
         let upstream = Upstream::start("console").await;
         let port = closed_port().port();
@@ -43,6 +49,7 @@ upstream = "{upstream}"
 prefix = "/api/public"
 upstream = "{upstream}"
 access = "public"
+{routes}
 [oidc]
 issuer = "{issuer}"
 client_id = "{CLIENT_ID}"
@@ -503,4 +510,66 @@ async fn callbacks_the_gateway_did_not_start_go_to_the_console_only_when_allowed
     let echo = upstream_saw(response).await;
     assert_eq!(echo.body, "code=abc&state=rustdesk-login-2");
     drop(passing.upstream);
+}
+
+#[tokio::test]
+async fn policies_refuse_signed_in_users_with_a_page_that_says_who_they_are() {
+    let routes = r#"
+[[routes]]
+prefix = "/admin"
+upstream = "UPSTREAM"
+[routes.policy]
+allowed_roles = ["Console.Admin"]
+[[routes]]
+prefix = "/ops"
+upstream = "UPSTREAM"
+[routes.policy]
+allowed_groups = ["group-overage1-0"]
+"#;
+    let upstream = Upstream::start("console").await;
+    let stack = Stack::with_routes(&routes.replace("UPSTREAM", &upstream.url()), "").await;
+
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "alice" }, { "goto": stack.url("/admin/users") }]),
+    )
+    .await;
+    assert_eq!(results[2]["status"], 403);
+    let page = results[2]["text"].as_str().unwrap();
+    assert!(
+        page.contains("signed in as alice@contoso.example"),
+        "{page}"
+    );
+    assert!(page.contains("app role"), "{page}");
+    assert!(page.contains("Sign out"), "{page}");
+    let audit = stack
+        .gateway
+        .log_line(|l| l["fields"]["message"] == "refused")
+        .await;
+    assert_eq!(audit["fields"]["route"], "/admin");
+    assert_eq!(audit["fields"]["reason"], "role_not_allowed");
+
+    let admin = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/admin/users") }, { "login": "admin" }]),
+    )
+    .await;
+    assert_eq!(echo_of(&admin[1]).upstream, "console");
+    assert_eq!(
+        echo_of(&admin[1]).header("x-forwarded-roles"),
+        Some("Console.Admin")
+    );
+
+    // More than 200 groups: Entra sends _claim_names, not groups. That is
+    // "unknown", not "none", and the page says so.
+    let overage = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/ops") }, { "login": "overage1" }]),
+    )
+    .await;
+    assert_eq!(overage[1]["status"], 403);
+    assert!(overage[1]["text"]
+        .as_str()
+        .unwrap()
+        .contains("more groups than Microsoft Entra ID puts in a sign-in token"));
 }

@@ -1,0 +1,207 @@
+//! Who may pass once signed in: tenants, email domains, users, groups and
+//! app roles. Every list that is set must be satisfied (any entry of it);
+//! an empty policy admits every signed-in user.
+
+use serde::Deserialize;
+
+use crate::identity::Identity;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Entra tenant ids (`tid`).
+    pub allowed_tenants: Vec<String>,
+    /// Domains of the user's email or UPN, e.g. `contoso.com`.
+    pub allowed_email_domains: Vec<String>,
+    /// UPNs, emails or object ids.
+    pub allowed_users: Vec<String>,
+    /// Group object ids (Entra's `groups` claim carries ids, not names).
+    pub allowed_groups: Vec<String>,
+    /// App roles defined on the app registration (`roles` claim).
+    pub allowed_roles: Vec<String>,
+}
+
+/// Why a signed-in user was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("your organisation (tenant) is not among those allowed here")]
+    Tenant,
+    #[error("your email domain is not among those allowed here")]
+    EmailDomain,
+    #[error("your account is not among those allowed here")]
+    User,
+    #[error("you are not a member of a group allowed here")]
+    Groups,
+    #[error("you do not hold an app role allowed here")]
+    Roles,
+    /// Entra leaves `groups` out for users in more than 200 groups; their
+    /// membership is unknown, which is not the same as "none".
+    #[error(
+        "your account is in more groups than Microsoft Entra ID puts in a sign-in token, \
+         so group membership cannot be checked here; an admin can grant access through an \
+         app role instead (assign the group to an app role and allow that role)"
+    )]
+    GroupsOverage,
+}
+
+impl Denial {
+    /// A stable name for logs and JSON answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::Tenant => "tenant_not_allowed",
+            Denial::EmailDomain => "email_domain_not_allowed",
+            Denial::User => "user_not_allowed",
+            Denial::Groups => "group_not_allowed",
+            Denial::Roles => "role_not_allowed",
+            Denial::GroupsOverage => "groups_overage",
+        }
+    }
+}
+
+impl Policy {
+    pub fn check(&self, identity: &Identity) -> Result<(), Denial> {
+        let any =
+            |allowed: &[String], value: &str| allowed.iter().any(|a| a.eq_ignore_ascii_case(value));
+        if !self.allowed_tenants.is_empty()
+            && !identity
+                .tenant
+                .as_deref()
+                .is_some_and(|t| any(&self.allowed_tenants, t))
+        {
+            return Err(Denial::Tenant);
+        }
+        if !self.allowed_email_domains.is_empty() {
+            let domains = [identity.email.as_deref(), Some(identity.username.as_str())]
+                .into_iter()
+                .flatten()
+                .filter_map(|address| address.rsplit_once('@').map(|(_, domain)| domain));
+            if !domains
+                .into_iter()
+                .any(|d| any(&self.allowed_email_domains, d))
+            {
+                return Err(Denial::EmailDomain);
+            }
+        }
+        if !self.allowed_users.is_empty() {
+            let names = [
+                Some(identity.username.as_str()),
+                identity.email.as_deref(),
+                Some(identity.user_id.as_str()),
+            ];
+            if !names
+                .into_iter()
+                .flatten()
+                .any(|n| any(&self.allowed_users, n))
+            {
+                return Err(Denial::User);
+            }
+        }
+        if !self.allowed_groups.is_empty()
+            && !identity.groups.iter().any(|g| any(&self.allowed_groups, g))
+        {
+            return Err(if identity.groups_overage {
+                Denial::GroupsOverage
+            } else {
+                Denial::Groups
+            });
+        }
+        if !self.allowed_roles.is_empty()
+            && !identity.roles.iter().any(|r| any(&self.allowed_roles, r))
+        {
+            return Err(Denial::Roles);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(groups: &[&str], roles: &[&str], overage: bool) -> Identity {
+        Identity {
+            subject: "s".into(),
+            user_id: "00000000-0000-0000-0000-00000000000a".into(),
+            username: "alice@contoso.com".into(),
+            email: Some("alice@mail.contoso.com".into()),
+            name: None,
+            tenant: Some("tid-1".into()),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            groups_overage: overage,
+        }
+    }
+
+    fn policy(f: impl FnOnce(&mut Policy)) -> Policy {
+        let mut p = Policy::default();
+        f(&mut p);
+        p
+    }
+
+    #[test]
+    fn empty_policy_admits_any_signed_in_user() {
+        assert_eq!(Policy::default().check(&user(&[], &[], false)), Ok(()));
+    }
+
+    #[test]
+    fn each_rule_admits_and_refuses() {
+        let alice = user(&["g-ops"], &["Console.Admin"], false);
+        let cases = [
+            (policy(|p| p.allowed_tenants = vec!["TID-1".into()]), Ok(())),
+            (
+                policy(|p| p.allowed_tenants = vec!["tid-2".into()]),
+                Err(Denial::Tenant),
+            ),
+            (
+                policy(|p| p.allowed_email_domains = vec!["contoso.com".into()]),
+                Ok(()),
+            ),
+            (
+                policy(|p| p.allowed_email_domains = vec!["mail.contoso.com".into()]),
+                Ok(()),
+            ),
+            (
+                policy(|p| p.allowed_email_domains = vec!["fabrikam.com".into()]),
+                Err(Denial::EmailDomain),
+            ),
+            (
+                policy(|p| p.allowed_users = vec!["ALICE@contoso.com".into()]),
+                Ok(()),
+            ),
+            (
+                policy(|p| p.allowed_users = vec!["bob@contoso.com".into()]),
+                Err(Denial::User),
+            ),
+            (
+                policy(|p| p.allowed_groups = vec!["g-ops".into(), "g-x".into()]),
+                Ok(()),
+            ),
+            (
+                policy(|p| p.allowed_groups = vec!["g-x".into()]),
+                Err(Denial::Groups),
+            ),
+            (
+                policy(|p| p.allowed_roles = vec!["Console.Admin".into()]),
+                Ok(()),
+            ),
+            (
+                policy(|p| p.allowed_roles = vec!["Console.Owner".into()]),
+                Err(Denial::Roles),
+            ),
+        ];
+        for (policy, expected) in cases {
+            assert_eq!(policy.check(&alice), expected, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn groups_overage_is_refused_with_its_own_reason_not_as_no_groups() {
+        let overage = user(&[], &[], true);
+        let groups = policy(|p| p.allowed_groups = vec!["g-ops".into()]);
+        assert_eq!(groups.check(&overage), Err(Denial::GroupsOverage));
+        assert!(Denial::GroupsOverage.to_string().contains("app role"));
+        // Rules that do not involve groups are unaffected.
+        let roles = policy(|p| p.allowed_roles = vec!["Console.User".into()]);
+        assert_eq!(roles.check(&user(&[], &["Console.User"], true)), Ok(()));
+    }
+}
