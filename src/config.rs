@@ -275,6 +275,8 @@ pub struct OidcConfig {
     pub clock_skew: Duration,
     pub ca: Option<PathBuf>,
     pub jwks_refresh: Duration,
+    /// Audiences accepted in `Authorization: Bearer` tokens.
+    pub bearer_audiences: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -371,6 +373,7 @@ struct RawOidc {
     ca: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     jwks_refresh: Duration,
+    bearer_audiences: Vec<String>,
 }
 
 impl Default for RawOidc {
@@ -391,6 +394,7 @@ impl Default for RawOidc {
             clock_skew: Duration::from_secs(60),
             ca: None,
             jwks_refresh: Duration::from_secs(3600),
+            bearer_audiences: Vec::new(),
         }
     }
 }
@@ -933,7 +937,13 @@ fn validate_oidc(
     if let Some(ca) = &raw.ca {
         require_readable(origins, "oidc.ca", ca)?;
     }
+    let bearer_audiences = if raw.bearer_audiences.is_empty() {
+        vec![client_id.clone()]
+    } else {
+        raw.bearer_audiences
+    };
     Ok(OidcConfig {
+        bearer_audiences,
         redirect_uri: format!("{public_url}{}", raw.callback_path),
         issuer,
         multi_tenant,

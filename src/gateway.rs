@@ -18,8 +18,8 @@ use crate::oidc::Oidc;
 use crate::pages;
 use crate::proxy::{self, Proxy, ProxyError};
 use crate::routes::{Route, Routes};
-use crate::session::{Found, Sessions};
-use crate::signin::{append_cookies, Callback, SignIn};
+use crate::session::Sessions;
+use crate::signin::{append_cookies, Authenticated, Callback, SignIn};
 use crate::Body;
 
 pub struct Gateway {
@@ -113,28 +113,34 @@ impl Gateway {
         let route = self.routes.find(&path);
         let mut cookies = Vec::new();
         if let (Access::Protected, Some(signin)) = (route.access, &self.signin) {
-            let session = match signin.session(req.headers()) {
-                Found::Valid(session) => session,
-                Found::None | Found::Unusable => {
-                    let response = signin
-                        .challenge(&method, req.uri(), req.headers(), html, &id)
-                        .await;
+            let authenticated = match signin.authenticate(req.headers()).await {
+                Ok(authenticated) => authenticated,
+                Err(rejected) => {
+                    let response = match rejected {
+                        Some(error) => signin.invalid_bearer(&error, &id),
+                        None => {
+                            signin
+                                .challenge(&method, req.uri(), req.headers(), html, &id)
+                                .await
+                        }
+                    };
                     log(&route.prefix, response.status());
                     return Ok(response);
                 }
             };
+            let identity = authenticated.identity();
             // 6. Authorize.
-            if let Err(denial) = route.policy.check(&session.identity) {
-                let response =
-                    signin.forbidden(&session.identity, &route.prefix, &denial, html, &id);
+            if let Err(denial) = route.policy.check(&identity) {
+                let response = signin.forbidden(&identity, &route.prefix, &denial, html, &id);
                 log(&route.prefix, response.status());
                 return Ok(response);
             }
-            cookies = signin.touch(&session, req.headers());
+            if let Authenticated::Session(session) = &authenticated {
+                cookies = signin.touch(session, req.headers());
+            }
             signin.strip_own_cookies(req.headers_mut());
             // 7. Tell the upstream who it is.
-            self.identity_headers
-                .inject(req.headers_mut(), &session.identity);
+            self.identity_headers.inject(req.headers_mut(), &identity);
         }
 
         // 8. Forward.

@@ -34,6 +34,10 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// reused this long.
 const REACHABLE_TTL: Duration = Duration::from_secs(5);
 const REACHABLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bearer tokens are verified once, then served from memory for a while
+/// (an RS256 check costs ~10 µs; API clients repeat the same token).
+const BEARER_CACHE_ENTRIES: u64 = 10_000;
+const BEARER_CACHE_TTL: Duration = Duration::from_secs(300);
 
 type Client = CoreClient<
     EndpointSet,
@@ -90,6 +94,9 @@ struct Provider {
 
 pub struct Oidc {
     config: OidcConfig,
+    /// Verified bearer tokens, keyed by the whole token; `exp` is checked
+    /// again on every hit.
+    bearers: moka::future::Cache<String, Arc<Claims>>,
     http: HttpClient,
     discovery_uri: String,
     provider: OnceLock<Provider>,
@@ -99,6 +106,10 @@ pub struct Oidc {
 impl Oidc {
     pub fn new(config: OidcConfig, http: HttpClient) -> Arc<Oidc> {
         Arc::new(Oidc {
+            bearers: moka::future::Cache::builder()
+                .max_capacity(BEARER_CACHE_ENTRIES)
+                .time_to_live(BEARER_CACHE_TTL)
+                .build(),
             discovery_uri: format!(
                 "{}/.well-known/openid-configuration",
                 config.issuer.trim_end_matches('/')
@@ -187,6 +198,7 @@ impl Oidc {
         let verifier = Verifier {
             issuer,
             audience: self.config.client_id.clone(),
+            bearer_audiences: self.config.bearer_audiences.clone(),
             algorithms: self.config.algorithms.clone(),
             skew: self.config.clock_skew,
             allowed_tenants: self.config.allowed_tenants.clone(),
@@ -200,6 +212,23 @@ impl Oidc {
             },
             jwks,
         ))
+    }
+
+    /// Verifies an `Authorization: Bearer` token from an API client.
+    pub async fn verify_bearer(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
+        let provider = self.provider.get().ok_or(TokenError::Other(
+            "the provider has not been reached yet".into(),
+        ))?;
+        if let Some(claims) = self.bearers.get(token).await {
+            if claims.exp + provider.verifier.skew.as_secs() > crate::token::now() {
+                return Ok(claims);
+            }
+            self.bearers.invalidate(token).await;
+            return Err(TokenError::Expired);
+        }
+        let claims = Arc::new(provider.verifier.bearer(token).await?);
+        self.bearers.insert(token.to_owned(), claims.clone()).await;
+        Ok(claims)
     }
 
     /// Where to send the browser to end the provider's session, coming

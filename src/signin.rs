@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use bytes::BytesMut;
-use http::header::{HeaderValue, CACHE_CONTROL, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
+use http::header::{
+    HeaderValue, AUTHORIZATION, CACHE_CONTROL, LOCATION, SET_COOKIE, WWW_AUTHENTICATE,
+};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
@@ -17,7 +19,7 @@ use crate::oidc::Oidc;
 use crate::pages::Page;
 use crate::policy::Denial;
 use crate::session::{Found, Session, Sessions};
-use crate::token::now;
+use crate::token::{now, Claims, TokenError};
 use crate::Body;
 
 /// Largest form_post callback body read (a code, a state and an id).
@@ -28,6 +30,21 @@ pub struct SignIn {
     sessions: Sessions,
     public_url: PublicUrl,
     own_prefix: String,
+}
+
+/// How a request proved who it is.
+pub enum Authenticated {
+    Session(Box<Session>),
+    Bearer(Arc<Claims>),
+}
+
+impl Authenticated {
+    pub fn identity(&self) -> Identity {
+        match self {
+            Authenticated::Session(session) => session.identity.clone(),
+            Authenticated::Bearer(claims) => claims.identity(),
+        }
+    }
 }
 
 /// What the callback endpoint decided.
@@ -74,8 +91,50 @@ impl SignIn {
         path == self.config().callback_path
     }
 
-    pub fn session(&self, headers: &HeaderMap) -> Found {
-        self.sessions.read(headers)
+    /// A session cookie, else an `Authorization: Bearer` token. `Err(None)`:
+    /// neither was presented (or the session is no longer usable);
+    /// `Err(Some(_))`: a bearer token was presented and rejected.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Authenticated, Option<TokenError>> {
+        if let Found::Valid(session) = self.sessions.read(headers) {
+            return Ok(Authenticated::Session(session));
+        }
+        let token = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        match token {
+            Some(token) => self
+                .oidc
+                .verify_bearer(token)
+                .await
+                .map(Authenticated::Bearer)
+                .map_err(Some),
+            None => Err(None),
+        }
+    }
+
+    /// RFC 6750 §3: a rejected bearer token gets `invalid_token`.
+    pub fn invalid_bearer(&self, error: &TokenError, id: &str) -> Response<Body> {
+        tracing::info!(target: "authgate::audit", request_id = id, reason = %error, "bearer token refused");
+        let page = Page::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "The bearer token was refused",
+            error.to_string(),
+        );
+        let mut response = page.render(false, id);
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"authgate\", error=\"invalid_token\""),
+        );
+        response
     }
 
     pub fn strip_own_cookies(&self, headers: &mut HeaderMap) {

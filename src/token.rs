@@ -123,7 +123,11 @@ pub enum IssuerMatch {
 
 pub struct Verifier {
     pub issuer: IssuerMatch,
+    /// The client id: an ID token's audience.
     pub audience: String,
+    /// Audiences a bearer token may carry (the client id by default; an
+    /// Entra access token for this app's API carries it too).
+    pub bearer_audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
     pub skew: Duration,
     /// Empty: any tenant the issuer itself admits.
@@ -135,7 +139,14 @@ impl Verifier {
     /// Verifies an ID token from the token endpoint against the nonce this
     /// sign-in sent.
     pub async fn id_token(&self, token: &str, nonce: &str) -> Result<Claims, TokenError> {
-        let claims = self.verify(token, Source::TokenEndpoint).await?;
+        let claims = self
+            .verify(token, Source::TokenEndpoint, &[&self.audience])
+            .await?;
+        // OIDC Core §3.1.3.7 (4, 5): with several audiences, `azp` must
+        // name us.
+        if claims.aud.len() > 1 && claims.azp.as_deref() != Some(self.audience.as_str()) {
+            return Err(TokenError::Audience);
+        }
         match &claims.nonce {
             // Not a secret comparison: a matching nonce only helps a token
             // whose signature already verified.
@@ -144,7 +155,19 @@ impl Verifier {
         }
     }
 
-    async fn verify(&self, token: &str, source: Source) -> Result<Claims, TokenError> {
+    /// Verifies a token an API client presented. Its `kid` is attacker
+    /// chosen, so unknown keys refetch the set only at a limited rate.
+    pub async fn bearer(&self, token: &str) -> Result<Claims, TokenError> {
+        let audiences: Vec<&str> = self.bearer_audiences.iter().map(String::as_str).collect();
+        self.verify(token, Source::Client, &audiences).await
+    }
+
+    async fn verify(
+        &self,
+        token: &str,
+        source: Source,
+        audiences: &[&str],
+    ) -> Result<Claims, TokenError> {
         // A header naming an algorithm the library does not know (`none`)
         // fails to parse: say which algorithm was refused.
         let header =
@@ -169,7 +192,7 @@ impl Verifier {
         validation.algorithms = vec![header.alg];
         validation.leeway = self.skew.as_secs();
         validation.validate_nbf = true;
-        validation.set_audience(&[&self.audience]);
+        validation.set_audience(audiences);
         validation.set_required_spec_claims(REQUIRED);
         if let IssuerMatch::Exact(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
@@ -198,11 +221,6 @@ impl Verifier {
         // suspicious as an expired one.
         if claims.iat > now() + self.skew.as_secs() {
             return Err(TokenError::IssuedInFuture);
-        }
-        // OIDC Core §3.1.3.7 (4, 5): with several audiences, `azp` must
-        // name us.
-        if claims.aud.len() > 1 && claims.azp.as_deref() != Some(self.audience.as_str()) {
-            return Err(TokenError::Audience);
         }
         Ok(claims)
     }
@@ -291,6 +309,7 @@ mod tests {
         Verifier {
             issuer,
             audience: CLIENT.into(),
+            bearer_audiences: vec![CLIENT.into(), "api://client-1".into()],
             algorithms: vec![Algorithm::RS256],
             skew: Duration::from_secs(60),
             allowed_tenants: tenants.iter().map(|t| t.to_string()).collect(),
@@ -419,6 +438,26 @@ mod tests {
         }
         let with_azp = with(json!({"aud": [CLIENT, "other"], "azp": CLIENT}));
         assert!(check(&v, &sign(&key, Some("k1"), &with_azp)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn bearer_tokens_need_no_nonce_and_may_name_the_api() {
+        let key = rsa();
+        let v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
+        let access = with(json!({"nonce": null, "aud": "api://client-1"}));
+        assert!(v.bearer(&sign(&key, Some("k1"), &access)).await.is_ok());
+        let other = with(json!({"nonce": null, "aud": "api://another-app"}));
+        assert!(matches!(
+            v.bearer(&sign(&key, Some("k1"), &other)).await,
+            Err(TokenError::Audience)
+        ));
+        // An ID token's checks stay strict: the API audience is not ours.
+        assert!(check(
+            &v,
+            &sign(&key, Some("k1"), &with(json!({"aud": "api://client-1"})))
+        )
+        .await
+        .is_err());
     }
 
     #[tokio::test]

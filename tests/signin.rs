@@ -573,3 +573,35 @@ allowed_groups = ["group-overage1-0"]
         .unwrap()
         .contains("more groups than Microsoft Entra ID puts in a sign-in token"));
 }
+
+#[tokio::test]
+async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
+    let stack = Stack::start("").await;
+    let token = stack.provider.api_token().await;
+    let response = send(
+        stack.gateway.addr,
+        get("/api/devices")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.header("x-forwarded-user"), Some(CLIENT_ID));
+
+    // Same token with its signature's last characters changed.
+    let forged = format!("{}AAAA", &token[..token.len() - 4]);
+    let response = send(
+        stack.gateway.addr,
+        get("/api/devices")
+            .header("authorization", format!("Bearer {forged}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+}

@@ -116,6 +116,32 @@ impl Provider {
     }
 }
 
+impl Provider {
+    /// A JWT access token for the app's own API (client credentials).
+    pub async fn api_token(&self) -> String {
+        use base64::Engine;
+        use http_body_util::BodyExt;
+        let (mut send, _) = super::http1(([127, 0, 0, 1], self.port).into()).await;
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+        let request = http::Request::post(format!("/{TENANT}/oauth2/v2.0/token"))
+            .header("host", format!("127.0.0.1:{}", self.port))
+            .header("authorization", format!("Basic {basic}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(super::full(
+                "grant_type=client_credentials&scope=api&resource=api%3A%2F%2Fauthgate-test",
+            ))
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        json["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no access token: {json}"))
+            .to_owned()
+    }
+}
+
 impl Drop for Provider {
     fn drop(&mut self) {
         self.stop();

@@ -4,6 +4,8 @@
 //   endpoints /<tenant>/oauth2/v2.0/{authorize,token,logout},
 //             /<tenant>/discovery/v2.0/keys
 //   claims    oid, tid, ver, preferred_username, name, email, groups, roles
+//   client_credentials grants with resource=api://… give JWT access tokens
+//   whose audience is the client id
 // Consent is granted by the "tenant admin" up front, as in Entra.
 //
 // Environment: PORT (0 = any), TENANT, CLIENT_ID, CLIENT_SECRET,
@@ -61,7 +63,7 @@ const provider = new Provider(issuer, {
     redirect_uris: [env.REDIRECT_URI],
     post_logout_redirect_uris: env.POST_LOGOUT_REDIRECT_URI ? [env.POST_LOGOUT_REDIRECT_URI] : [],
     response_types: ['code'],
-    grant_types: ['authorization_code', 'refresh_token'],
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
     token_endpoint_auth_method: 'client_secret_basic',
   }],
   jwks: { keys: [signingKey] },
@@ -92,6 +94,13 @@ const provider = new Provider(issuer, {
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
   features: {
     devInteractions: { enabled: true },
+    // Access tokens for this app's own API, as JWTs (what an API client
+    // gets from Entra for api://<client id>/.default).
+    clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      getResourceServerInfo: async () => ({ scope: 'api', audience: env.CLIENT_ID, accessTokenFormat: 'jwt' }),
+    },
     rpInitiatedLogout: { enabled: true },
   },
   ttl: { IdToken: Number(env.ID_TOKEN_TTL || 3600), AccessToken: 3600 },
