@@ -283,6 +283,8 @@ pub struct OidcConfig {
 pub struct SessionConfig {
     /// Secrets for the cookie keys; the first encrypts, all decrypt.
     pub secrets: Vec<Vec<u8>>,
+    /// Renew the tokens this long before the ID token expires.
+    pub refresh_before: Duration,
     pub cookie_name: String,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
@@ -409,6 +411,8 @@ struct RawSession {
     idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
     lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    refresh_before: Duration,
 }
 
 impl Default for RawSession {
@@ -419,6 +423,7 @@ impl Default for RawSession {
             cookie_name: "__Host-authgate".into(),
             idle_timeout: Duration::from_secs(8 * 3600),
             lifetime: Duration::from_secs(24 * 3600),
+            refresh_before: Duration::from_secs(300),
         }
     }
 }
@@ -972,20 +977,14 @@ fn parse_issuer(value: &str) -> Option<(Scheme, Authority)> {
     (allowed && uri.query().is_none()).then_some((scheme, authority))
 }
 
-fn validate_session(raw: RawSession, origins: &Origins) -> Result<SessionConfig, ConfigError> {
+fn validate_session(mut raw: RawSession, origins: &Origins) -> Result<SessionConfig, ConfigError> {
     const EXPECTED: &str =
         "at least 32 random bytes in base64, such as the output of `authgate gen-secret`";
     let mut secrets = Vec::new();
-    let Some(current) = raw.secret else {
+    let Some(current) = raw.secret.take() else {
         // A first run works without one; sessions then end on restart.
         secrets.push(crate::random_bytes::<32>().to_vec());
-        return session_config(
-            raw.cookie_name,
-            raw.idle_timeout,
-            raw.lifetime,
-            secrets,
-            origins,
-        );
+        return session_config(raw, secrets, origins);
     };
     for (key, value) in std::iter::once(("session.secret".to_owned(), &current)).chain(
         raw.previous_secrets
@@ -997,22 +996,21 @@ fn validate_session(raw: RawSession, origins: &Origins) -> Result<SessionConfig,
         let bytes = decode_secret(value).ok_or_else(|| origins.invalid(&key, shown, EXPECTED))?;
         secrets.push(bytes);
     }
-    session_config(
-        raw.cookie_name,
-        raw.idle_timeout,
-        raw.lifetime,
-        secrets,
-        origins,
-    )
+    session_config(raw, secrets, origins)
 }
 
 fn session_config(
-    cookie_name: String,
-    idle_timeout: Duration,
-    lifetime: Duration,
+    raw: RawSession,
     secrets: Vec<Vec<u8>>,
     origins: &Origins,
 ) -> Result<SessionConfig, ConfigError> {
+    let RawSession {
+        cookie_name,
+        idle_timeout,
+        lifetime,
+        refresh_before,
+        ..
+    } = raw;
     if !cookie_name.starts_with("__Host-") || http::HeaderName::from_str(&cookie_name).is_err() {
         return Err(origins.invalid(
             "session.cookie_name",
@@ -1028,6 +1026,7 @@ fn session_config(
     }
     Ok(SessionConfig {
         secrets,
+        refresh_before,
         cookie_name,
         idle_timeout,
         lifetime,

@@ -135,8 +135,8 @@ impl Gateway {
                 log(&route.prefix, response.status());
                 return Ok(response);
             }
-            if let Authenticated::Session(session) = &authenticated {
-                cookies = signin.touch(session, req.headers());
+            if let Authenticated::Session { session, renewed } = &authenticated {
+                cookies = signin.session_cookies(session, *renewed, req.headers());
             }
             signin.strip_own_cookies(req.headers_mut());
             // 7. Tell the upstream who it is.

@@ -16,7 +16,7 @@ use openidconnect::url::Url;
 use openidconnect::{
     AsyncHttpClient, AuthType, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
     EndpointMaybeSet, EndpointNotSet, EndpointSet, HttpClientError, HttpRequest, HttpResponse,
-    Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl,
+    Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
     RequestTokenError, Scope, StandardErrorResponse, TokenResponse,
 };
 
@@ -38,6 +38,9 @@ const REACHABLE_TIMEOUT: Duration = Duration::from_secs(3);
 /// (an RS256 check costs ~10 µs; API clients repeat the same token).
 const BEARER_CACHE_ENTRIES: u64 = 10_000;
 const BEARER_CACHE_TTL: Duration = Duration::from_secs(300);
+/// A refresh result is shared by requests that carried the same refresh
+/// token within this time (providers may rotate refresh tokens).
+const REFRESH_REUSE: Duration = Duration::from_secs(60);
 
 type Client = CoreClient<
     EndpointSet,
@@ -77,7 +80,8 @@ pub enum SignInError {
     Token(#[from] TokenError),
 }
 
-/// What a finished sign-in yields.
+/// What a finished sign-in (or a refresh) yields.
+#[derive(Clone)]
 pub struct SignedIn {
     pub claims: Claims,
     pub id_token: String,
@@ -92,8 +96,23 @@ struct Provider {
     end_session: Option<Url>,
 }
 
+/// Why a session could not be renewed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RefreshError {
+    /// The provider said no (`invalid_grant`: revoked, expired, user
+    /// disabled): the user must sign in again.
+    #[error("the provider refused the refresh token: {0}")]
+    Refused(String),
+    /// The provider could not be asked; try again later.
+    #[error("the refresh could not be done: {0}")]
+    Unavailable(String),
+}
+
 pub struct Oidc {
     config: OidcConfig,
+    /// Refreshes in flight or just done, keyed by refresh token, so
+    /// parallel requests of one browser refresh once.
+    refreshes: moka::future::Cache<String, Arc<Result<SignedIn, RefreshError>>>,
     /// Verified bearer tokens, keyed by the whole token; `exp` is checked
     /// again on every hit.
     bearers: moka::future::Cache<String, Arc<Claims>>,
@@ -106,6 +125,10 @@ pub struct Oidc {
 impl Oidc {
     pub fn new(config: OidcConfig, http: HttpClient) -> Arc<Oidc> {
         Arc::new(Oidc {
+            refreshes: moka::future::Cache::builder()
+                .max_capacity(BEARER_CACHE_ENTRIES)
+                .time_to_live(REFRESH_REUSE)
+                .build(),
             bearers: moka::future::Cache::builder()
                 .max_capacity(BEARER_CACHE_ENTRIES)
                 .time_to_live(BEARER_CACHE_TTL)
@@ -317,6 +340,74 @@ impl Oidc {
             claims,
             id_token,
             refresh_token: response.refresh_token().map(|t| t.secret().clone()),
+        })
+    }
+
+    /// Renews the tokens of `subject`'s session with its refresh token.
+    /// Concurrent calls with one token share one refresh; the result is
+    /// kept a while only when the provider rotated the token (requests
+    /// still carrying the old one must not spend it again), so a revoked
+    /// grant is noticed on the next request otherwise.
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        subject: &str,
+    ) -> Arc<Result<SignedIn, RefreshError>> {
+        let outcome = self
+            .refreshes
+            .get_with(refresh_token.to_owned(), async {
+                Arc::new(self.refresh_now(refresh_token, subject).await)
+            })
+            .await;
+        let rotated =
+            matches!(&*outcome, Ok(s) if s.refresh_token.as_deref() != Some(refresh_token));
+        if !rotated {
+            self.refreshes.invalidate(refresh_token).await;
+        }
+        outcome
+    }
+
+    async fn refresh_now(
+        &self,
+        refresh_token: &str,
+        subject: &str,
+    ) -> Result<SignedIn, RefreshError> {
+        let unavailable = |e: &dyn std::fmt::Display| RefreshError::Unavailable(e.to_string());
+        let provider = self
+            .provider
+            .get()
+            .ok_or_else(|| unavailable(&"the provider has not been reached"))?;
+        let client = self.client(provider);
+        let token = RefreshToken::new(refresh_token.to_owned());
+        let response: CoreTokenResponse = client
+            .exchange_refresh_token(&token)
+            .map_err(|e| unavailable(&e))?
+            .request_async(&Idp(&self.http))
+            .await
+            .map_err(|e| match e {
+                RequestTokenError::ServerResponse(r) => {
+                    RefreshError::Refused(r.error().to_string())
+                }
+                other => unavailable(&other),
+            })?;
+        let id_token = response
+            .id_token()
+            .ok_or_else(|| RefreshError::Refused("no ID token in the refresh response".into()))?
+            .to_string();
+        let claims = provider
+            .verifier
+            .refreshed_id_token(&id_token, subject)
+            .await
+            .map_err(|e| RefreshError::Refused(e.to_string()))?;
+        Ok(SignedIn {
+            claims,
+            id_token,
+            refresh_token: Some(
+                response
+                    .refresh_token()
+                    .map(|t| t.secret().clone())
+                    .unwrap_or_else(|| refresh_token.to_owned()),
+            ),
         })
     }
 }

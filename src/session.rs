@@ -56,6 +56,7 @@ pub struct Sessions {
     name: String,
     idle: Duration,
     lifetime: Duration,
+    refresh_before: Duration,
 }
 
 /// What reading the session cookie found.
@@ -73,6 +74,7 @@ impl Sessions {
             name: config.cookie_name.clone(),
             idle: config.idle_timeout,
             lifetime: config.lifetime,
+            refresh_before: config.refresh_before,
         }
     }
 
@@ -120,6 +122,13 @@ impl Sessions {
         let now = now();
         now < session.signed_in_at + self.lifetime.as_secs()
             && now < session.last_seen + self.idle.as_secs()
+    }
+
+    /// Whether the tokens should be renewed now: a refresh token is at
+    /// hand and the ID token expires within `refresh_before`.
+    pub fn due_for_refresh(&self, session: &Session) -> bool {
+        session.refresh_token.is_some()
+            && now() + self.refresh_before.as_secs() >= session.expires_at
     }
 
     /// Whether the cookie should be re-issued to slide the idle timeout.
@@ -283,6 +292,7 @@ mod tests {
             cookie_name: "__Host-authgate".into(),
             idle_timeout: Duration::from_secs(3600),
             lifetime: Duration::from_secs(8 * 3600),
+            refresh_before: Duration::from_secs(300),
         })
     }
 

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use crate::config::{OidcConfig, PublicUrl, ResponseMode};
 use crate::explain;
 use crate::identity::Identity;
-use crate::oidc::Oidc;
+use crate::oidc::{Oidc, RefreshError};
 use crate::pages::Page;
 use crate::policy::Denial;
 use crate::session::{Found, Session, Sessions};
@@ -34,14 +34,17 @@ pub struct SignIn {
 
 /// How a request proved who it is.
 pub enum Authenticated {
-    Session(Box<Session>),
+    Session {
+        session: Box<Session>,
+        renewed: bool,
+    },
     Bearer(Arc<Claims>),
 }
 
 impl Authenticated {
     pub fn identity(&self) -> Identity {
         match self {
-            Authenticated::Session(session) => session.identity.clone(),
+            Authenticated::Session { session, .. } => session.identity.clone(),
             Authenticated::Bearer(claims) => claims.identity(),
         }
     }
@@ -99,7 +102,7 @@ impl SignIn {
         headers: &HeaderMap,
     ) -> Result<Authenticated, Option<TokenError>> {
         if let Found::Valid(session) = self.sessions.read(headers) {
-            return Ok(Authenticated::Session(session));
+            return self.renew_if_due(session).await.ok_or(None);
         }
         let token = headers
             .get(AUTHORIZATION)
@@ -117,6 +120,75 @@ impl SignIn {
                 .map(Authenticated::Bearer)
                 .map_err(Some),
             None => Err(None),
+        }
+    }
+
+    /// Renews the session's tokens when the ID token is about to expire.
+    /// `None` when the provider refused (revoked, user disabled): the
+    /// user must sign in again. A provider that cannot be asked does not
+    /// end the session; the next request tries again.
+    async fn renew_if_due(&self, session: Box<Session>) -> Option<Authenticated> {
+        let refresh_token = match &session.refresh_token {
+            Some(token) if self.sessions.due_for_refresh(&session) => token.clone(),
+            _ => {
+                return Some(Authenticated::Session {
+                    session,
+                    renewed: false,
+                })
+            }
+        };
+        let outcome = self
+            .oidc
+            .refresh(&refresh_token, &session.identity.subject)
+            .await;
+        match &*outcome {
+            Ok(signed_in) => {
+                tracing::debug!(user = %session.identity.username, "session renewed");
+                let renewed = Session {
+                    identity: signed_in.claims.identity(),
+                    id_token: signed_in.id_token.clone(),
+                    refresh_token: signed_in.refresh_token.clone(),
+                    expires_at: signed_in.claims.exp,
+                    signed_in_at: session.signed_in_at,
+                    last_seen: now(),
+                };
+                Some(Authenticated::Session {
+                    session: Box::new(renewed),
+                    renewed: true,
+                })
+            }
+            Err(RefreshError::Refused(reason)) => {
+                tracing::info!(
+                    target: "authgate::audit",
+                    user = %session.identity.username,
+                    tenant = session.identity.tenant.as_deref().unwrap_or(""),
+                    reason,
+                    "session ended: refresh refused"
+                );
+                None
+            }
+            Err(RefreshError::Unavailable(reason)) => {
+                tracing::warn!(user = %session.identity.username, reason, "session not renewed; trying again later");
+                Some(Authenticated::Session {
+                    session,
+                    renewed: false,
+                })
+            }
+        }
+    }
+
+    /// `Set-Cookie` values for a session after this request: all of it
+    /// when renewed, else only when the idle timer should slide.
+    pub fn session_cookies(
+        &self,
+        session: &Session,
+        renewed: bool,
+        request: &HeaderMap,
+    ) -> Vec<HeaderValue> {
+        if renewed {
+            self.sessions.write(session, request)
+        } else {
+            self.touch(session, request)
         }
     }
 
@@ -143,7 +215,7 @@ impl SignIn {
 
     /// `Set-Cookie` values to re-issue a session whose idle timer should
     /// slide, if it is time to.
-    pub fn touch(&self, session: &Session, request: &HeaderMap) -> Vec<HeaderValue> {
+    fn touch(&self, session: &Session, request: &HeaderMap) -> Vec<HeaderValue> {
         if !self.sessions.needs_touch(session) {
             return Vec::new();
         }

@@ -46,6 +46,8 @@ pub enum TokenError {
     Tenant(String),
     #[error("the token does not belong to this sign-in (nonce)")]
     Nonce,
+    #[error("the refreshed token is about another user")]
+    Subject,
     #[error("the token lacks the `{0}` claim")]
     MissingClaim(String),
     #[error("the token is not valid: {0}")]
@@ -139,6 +141,30 @@ impl Verifier {
     /// Verifies an ID token from the token endpoint against the nonce this
     /// sign-in sent.
     pub async fn id_token(&self, token: &str, nonce: &str) -> Result<Claims, TokenError> {
+        let claims = self.from_token_endpoint(token).await?;
+        match &claims.nonce {
+            // Not a secret comparison: a matching nonce only helps a token
+            // whose signature already verified.
+            Some(found) if found == nonce => Ok(claims),
+            _ => Err(TokenError::Nonce),
+        }
+    }
+
+    /// Verifies an ID token from a refresh (OIDC Core §12.2): same checks,
+    /// no nonce, and it must be about the same user.
+    pub async fn refreshed_id_token(
+        &self,
+        token: &str,
+        subject: &str,
+    ) -> Result<Claims, TokenError> {
+        let claims = self.from_token_endpoint(token).await?;
+        if claims.sub != subject {
+            return Err(TokenError::Subject);
+        }
+        Ok(claims)
+    }
+
+    async fn from_token_endpoint(&self, token: &str) -> Result<Claims, TokenError> {
         let claims = self
             .verify(token, Source::TokenEndpoint, &[&self.audience])
             .await?;
@@ -147,12 +173,7 @@ impl Verifier {
         if claims.aud.len() > 1 && claims.azp.as_deref() != Some(self.audience.as_str()) {
             return Err(TokenError::Audience);
         }
-        match &claims.nonce {
-            // Not a secret comparison: a matching nonce only helps a token
-            // whose signature already verified.
-            Some(found) if found == nonce => Ok(claims),
-            _ => Err(TokenError::Nonce),
-        }
+        Ok(claims)
     }
 
     /// Verifies a token an API client presented. Its `kid` is attacker

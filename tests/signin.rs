@@ -23,12 +23,12 @@ struct Stack {
 
 impl Stack {
     async fn start(oidc_extra: &str) -> Stack {
-        Stack::with_routes("", oidc_extra).await
+        Stack::with("", oidc_extra, "").await
     }
 
-    /// `routes` is TOML for more `[[routes]]`, `oidc_extra` more keys of
-    /// `[oidc]`.
-    async fn with_routes(routes: &str, oidc_extra: &str) -> Stack {
+    /// `routes` is TOML for more `[[routes]]`; `oidc` and `session` are
+    /// more keys of those sections.
+    async fn with(routes: &str, oidc_extra: &str, session_extra: &str) -> Stack {
         let ca = TestCa::new();
         let upstream = Upstream::start("console").await;
         let port = closed_port().port();
@@ -58,6 +58,7 @@ ca = "provider-ca.pem"
 {oidc_extra}
 [session]
 secret = "{SESSION_SECRET}"
+{session_extra}
 "#,
             upstream = upstream.url(),
             issuer = provider.issuer,
@@ -527,7 +528,7 @@ upstream = "UPSTREAM"
 allowed_groups = ["group-overage1-0"]
 "#;
     let upstream = Upstream::start("console").await;
-    let stack = Stack::with_routes(&routes.replace("UPSTREAM", &upstream.url()), "").await;
+    let stack = Stack::with(&routes.replace("UPSTREAM", &upstream.url()), "", "").await;
 
     let results = browser(
         &stack.origin,
@@ -604,4 +605,81 @@ async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
         .to_str()
         .unwrap()
         .contains("invalid_token"));
+}
+
+/// The session cookie a response sets, as a `Cookie` header value.
+fn set_session_cookie(response: &http::Response<hyper::body::Incoming>) -> String {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .filter(|v| v.starts_with("__Host-authgate") && !v.contains("Max-Age=0"))
+        .map(|v| v.split(';').next().unwrap().to_owned())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[tokio::test]
+async fn sessions_renew_their_tokens_and_end_when_the_provider_refuses() {
+    // Every ID token is "about to expire": each request renews.
+    let mut stack = Stack::with("", "", "refresh_before = \"2h\"").await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "ivan" }, { "cookies": true }]),
+    )
+    .await;
+    let response = send(
+        stack.gateway.addr,
+        get("/renewed")
+            .header("cookie", session_cookie(&results[2]))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let renewed = set_session_cookie(&response);
+    assert!(!renewed.is_empty(), "no renewed session cookie");
+    assert_eq!(
+        upstream_saw(response).await.header("x-forwarded-user"),
+        Some("ivan@contoso.example")
+    );
+
+    // A restarted provider has forgotten every grant: the refresh token is
+    // refused and the browser goes back through sign-in.
+    stack.provider.restart();
+    let response = send(
+        stack.gateway.addr,
+        get("/after-revocation")
+            .header("cookie", renewed)
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::FOUND);
+    let location = response.headers()["location"].to_str().unwrap();
+    assert!(location.starts_with(&stack.provider_origin()), "{location}");
+    stack
+        .gateway
+        .log_line(|l| l["fields"]["message"] == "session ended: refresh refused")
+        .await;
+}
+
+#[tokio::test]
+async fn a_replayed_callback_is_refused() {
+    let stack = Stack::start("").await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "judy" }, { "replay_callback": true }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("judy@contoso.example")
+    );
+    assert_eq!(results[2]["status"], 400);
+    assert!(results[2]["text"]
+        .as_str()
+        .unwrap()
+        .contains("not one this browser started"));
 }

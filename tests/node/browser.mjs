@@ -16,6 +16,9 @@
 //                                    → {status, url, text}
 //   {"cancel": true}                 the provider's "Cancel" link on its
 //                                    login page → {status, url, text}
+//   {"replay_callback": true}        load the last sign-in callback URL
+//                                    again (a replayed code and state)
+//                                    → {status, url, text}
 //   {"cookies": true}                → [{name, value, secure, httpOnly, sameSite}]
 
 import { chromium } from 'playwright-core';
@@ -67,6 +70,10 @@ async function signIn(page, tracked, user) {
 
 const page = await context.newPage();
 const tracked = track(page);
+let lastCallback = null;
+context.on('request', (request) => {
+  if (request.url().startsWith(`${origin}/api/oidc/callback`)) lastCallback = request.url();
+});
 const results = [];
 try {
   for (const step of input.steps) {
@@ -112,6 +119,9 @@ try {
         page.waitForURL((url) => url.toString().startsWith(origin), { waitUntil: 'load' }),
         page.click('a[href*="abort"]'),
       ]);
+      results.push(await snapshot(page, tracked));
+        } else if (step.replay_callback) {
+      await page.goto(lastCallback, { waitUntil: 'load' });
       results.push(await snapshot(page, tracked));
     } else if (step.cookies) {
       results.push((await context.cookies()).map(({ name, value, secure, httpOnly, sameSite }) => ({ name, value, secure, httpOnly, sameSite })));
