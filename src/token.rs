@@ -141,7 +141,7 @@ impl Verifier {
     /// Verifies an ID token from the token endpoint against the nonce this
     /// sign-in sent.
     pub async fn id_token(&self, token: &str, nonce: &str) -> Result<Claims, TokenError> {
-        let claims = self.from_token_endpoint(token).await?;
+        let claims = self.verify_issued(token).await?;
         match &claims.nonce {
             // Not a secret comparison: a matching nonce only helps a token
             // whose signature already verified.
@@ -157,14 +157,14 @@ impl Verifier {
         token: &str,
         subject: &str,
     ) -> Result<Claims, TokenError> {
-        let claims = self.from_token_endpoint(token).await?;
+        let claims = self.verify_issued(token).await?;
         if claims.sub != subject {
             return Err(TokenError::Subject);
         }
         Ok(claims)
     }
 
-    async fn from_token_endpoint(&self, token: &str) -> Result<Claims, TokenError> {
+    async fn verify_issued(&self, token: &str) -> Result<Claims, TokenError> {
         let claims = self
             .verify(token, Source::TokenEndpoint, &[&self.audience])
             .await?;
