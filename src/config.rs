@@ -25,6 +25,8 @@ const SECTIONS: &[&str] = &[
 const ENV_PREFIX: &str = "AUTHGATE_";
 /// Environment variables that steer the command line, not the file.
 const ENV_NOT_KEYS: &[&str] = &["AUTHGATE_CONFIG"];
+/// Set by Azure workload identity in pods that use it.
+const AZURE_TOKEN_FILE_VAR: &str = "AZURE_FEDERATED_TOKEN_FILE";
 const DEFAULT_CERT: &str = "certs/tls.crt";
 const DEFAULT_KEY: &str = "certs/tls.key";
 /// Entra's multi-tenant issuers: the discovery document says
@@ -245,6 +247,11 @@ pub enum Access {
 pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
+    /// A JWT signed with the app's certificate key (`private_key_jwt`).
+    PrivateKeyJwt,
+    /// A JWT another issuer gave this workload, read fresh from a file
+    /// (Entra workload identity federation): no secret at all.
+    Federated,
 }
 
 /// How the provider returns the browser to the callback.
@@ -262,8 +269,13 @@ pub struct OidcConfig {
     /// True for Entra's `/common`, `/organizations` and `/consumers`.
     pub multi_tenant: bool,
     pub client_id: String,
-    pub client_secret: String,
     pub client_auth: ClientAuth,
+    /// Set for the `client_secret_*` methods.
+    pub client_secret: Option<String>,
+    /// Certificate and key (PEM) for `private_key_jwt`.
+    pub client_certificate: Option<(PathBuf, PathBuf)>,
+    /// The assertion file for `federated`.
+    pub federated_token_path: Option<PathBuf>,
     pub scopes: Vec<String>,
     pub callback_path: String,
     /// `public_url` + `callback_path`: what the admin registers in Entra.
@@ -364,6 +376,9 @@ struct RawOidc {
     client_id: Option<String>,
     client_secret: Option<String>,
     client_auth: ClientAuth,
+    client_certificate: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+    federated_token_path: Option<PathBuf>,
     scopes: Vec<String>,
     callback_path: String,
     response_mode: ResponseMode,
@@ -385,6 +400,9 @@ impl Default for RawOidc {
             client_id: None,
             client_secret: None,
             client_auth: ClientAuth::ClientSecretBasic,
+            client_certificate: None,
+            client_key: None,
+            federated_token_path: None,
             scopes: ["openid", "profile", "email", "offline_access"]
                 .map(String::from)
                 .to_vec(),
@@ -566,6 +584,21 @@ fn apply_env(
     origins: &mut Origins,
 ) -> Result<(), ConfigError> {
     for (var, value) in env {
+        if var == AZURE_TOKEN_FILE_VAR {
+            // Azure workload identity's own variable, when ours is not set.
+            if let toml::Value::Table(oidc) = table
+                .entry("oidc".to_owned())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            {
+                if !oidc.contains_key("federated_token_path") {
+                    oidc.insert("federated_token_path".into(), toml::Value::String(value));
+                    origins
+                        .0
+                        .insert("oidc.federated_token_path".into(), Origin::Env(var));
+                }
+            }
+            continue;
+        }
         let Some(name) = var.strip_prefix(ENV_PREFIX) else {
             continue;
         };
@@ -898,13 +931,46 @@ fn validate_oidc(
             "missing: the Application (client) ID of the app registration",
         )
     })?;
-    let client_secret = raw.client_secret.filter(|v| !v.is_empty()).ok_or_else(|| {
-        origins.error(
-            "oidc.client_secret",
-            "missing: a client secret *value* of the app registration (or oidc.client_secret_file, \
-             or AUTHGATE_OIDC_CLIENT_SECRET)",
-        )
-    })?;
+    let (mut client_secret, mut client_certificate, mut federated_token_path) = (None, None, None);
+    match raw.client_auth {
+        ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost => {
+            client_secret = Some(raw.client_secret.filter(|v| !v.is_empty()).ok_or_else(|| {
+                origins.error(
+                    "oidc.client_secret",
+                    "missing: a client secret *value* of the app registration (or oidc.client_secret_file, \
+                     or AUTHGATE_OIDC_CLIENT_SECRET)",
+                )
+            })?);
+        }
+        ClientAuth::PrivateKeyJwt => {
+            let cert = raw.client_certificate.ok_or_else(|| {
+                origins.error(
+                    "oidc.client_certificate",
+                    "missing: client_auth = \"private_key_jwt\" needs the certificate (PEM) uploaded to the app registration",
+                )
+            })?;
+            let key = raw.client_key.ok_or_else(|| {
+                origins.error(
+                    "oidc.client_key",
+                    "missing: the private key (PEM) of oidc.client_certificate",
+                )
+            })?;
+            require_readable(origins, "oidc.client_certificate", &cert)?;
+            require_readable(origins, "oidc.client_key", &key)?;
+            client_certificate = Some((cert, key));
+        }
+        ClientAuth::Federated => {
+            let path = raw.federated_token_path.ok_or_else(|| {
+                origins.error(
+                    "oidc.federated_token_path",
+                    "missing: client_auth = \"federated\" needs the file holding the workload's token \
+                     (AZURE_FEDERATED_TOKEN_FILE sets it on AKS)",
+                )
+            })?;
+            require_readable(origins, "oidc.federated_token_path", &path)?;
+            federated_token_path = Some(path);
+        }
+    }
     if !raw.scopes.iter().any(|s| s == "openid") {
         return Err(origins.error("oidc.scopes", "must include `openid`"));
     }
@@ -954,6 +1020,8 @@ fn validate_oidc(
         multi_tenant,
         client_id,
         client_secret,
+        client_certificate,
+        federated_token_path,
         client_auth: raw.client_auth,
         scopes: raw.scopes,
         callback_path: raw.callback_path,
@@ -1200,6 +1268,35 @@ mod tests {
             err.contains("oidc.issuer") && err.contains("https://"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn certificate_and_federated_credentials_need_their_files() {
+        let err = load_exactly(SIGN_IN, &[("AUTHGATE_OIDC_CLIENT_AUTH", "private_key_jwt")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("oidc.client_certificate"), "{err}");
+        let err = load_exactly(SIGN_IN, &[("AUTHGATE_OIDC_CLIENT_AUTH", "federated")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("oidc.federated_token_path") && err.contains("AZURE_FEDERATED_TOKEN_FILE"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("azure-identity-token");
+        std::fs::write(&token, "eyJ...").unwrap();
+        let env = [
+            ("AUTHGATE_OIDC_CLIENT_AUTH", "federated"),
+            ("AZURE_FEDERATED_TOKEN_FILE", token.to_str().unwrap()),
+        ];
+        let oidc = load_exactly(&SIGN_IN.replace("client_secret = \"s3cret\"\n", ""), &env)
+            .unwrap()
+            .oidc
+            .unwrap();
+        assert_eq!(oidc.federated_token_path.as_deref(), Some(token.as_path()));
+        assert!(oidc.client_secret.is_none());
     }
 
     #[test]

@@ -73,6 +73,13 @@ pub fn provider_error(error: &str, description: Option<&str>, redirect_uri: &str
     if let Some((_, _, fix)) = known {
         page.advice
             .push(fix.replace("{redirect_uri}", redirect_uri));
+    } else if error == "invalid_client" || description.contains("client_assertion") {
+        page.advice.push(
+            "The provider did not accept the app's credential: check oidc.client_secret (the secret's \
+             Value, not its ID, and not expired), or the certificate or federated credential set up \
+             for the app registration."
+                .into(),
+        );
     }
     if let Some(code) = code {
         page.advice.push(format!(

@@ -5,6 +5,7 @@
 //! which routes ([`routes`]) and forwards ([`proxy`]).
 
 pub mod config;
+pub mod credential;
 pub mod explain;
 pub mod gateway;
 pub mod health;
@@ -46,6 +47,8 @@ pub enum StartError {
     TlsConfig(#[source] rustls::Error),
     #[error(transparent)]
     UpstreamClient(#[from] outbound::ClientError),
+    #[error(transparent)]
+    Credential(#[from] credential::CredentialError),
     #[error("cannot listen on `{key}` = {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -84,7 +87,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let oidc = match &config.oidc {
         Some(oidc_config) => {
             let http = outbound::client(oidc_config.ca.as_deref(), &config.timeouts)?;
-            Some(oidc::Oidc::new(oidc_config.clone(), http))
+            Some(oidc::Oidc::new(oidc_config.clone(), http)?)
         }
         None => {
             tracing::warn!("sign-in is not configured: every route is public");

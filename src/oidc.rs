@@ -27,6 +27,8 @@ use crate::session::LoginState;
 use crate::token::{Claims, IssuerMatch, TokenError, Verifier};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// RFC 7523 §2.2.
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// A sign-in first checks that the provider answers, so a browser gets
@@ -108,8 +110,17 @@ pub enum RefreshError {
     Unavailable(String),
 }
 
+/// How the app proves itself to the token endpoint.
+enum Credential {
+    /// Sent by openidconnect itself (basic or in the body).
+    Secret,
+    Certificate(crate::credential::CertificateCredential),
+    Federated(std::path::PathBuf),
+}
+
 pub struct Oidc {
     config: OidcConfig,
+    credential: Credential,
     /// Refreshes in flight or just done, keyed by refresh token, so
     /// parallel requests of one browser refresh once.
     refreshes: moka::future::Cache<String, Arc<Result<SignedIn, RefreshError>>>,
@@ -123,8 +134,19 @@ pub struct Oidc {
 }
 
 impl Oidc {
-    pub fn new(config: OidcConfig, http: HttpClient) -> Arc<Oidc> {
-        Arc::new(Oidc {
+    pub fn new(
+        config: OidcConfig,
+        http: HttpClient,
+    ) -> Result<Arc<Oidc>, crate::credential::CredentialError> {
+        let credential = match (&config.client_certificate, &config.federated_token_path) {
+            (Some((cert, key)), _) => {
+                Credential::Certificate(crate::credential::CertificateCredential::load(cert, key)?)
+            }
+            (None, Some(path)) => Credential::Federated(path.clone()),
+            (None, None) => Credential::Secret,
+        };
+        Ok(Arc::new(Oidc {
+            credential,
             refreshes: moka::future::Cache::builder()
                 .max_capacity(BEARER_CACHE_ENTRIES)
                 .time_to_live(REFRESH_REUSE)
@@ -144,7 +166,7 @@ impl Oidc {
                 .max_capacity(1)
                 .time_to_live(REACHABLE_TTL)
                 .build(),
-        })
+        }))
     }
 
     pub fn config(&self) -> &OidcConfig {
@@ -270,13 +292,41 @@ impl Oidc {
         CoreClient::from_provider_metadata(
             provider.metadata.clone(),
             ClientId::new(self.config.client_id.clone()),
-            Some(ClientSecret::new(self.config.client_secret.clone())),
+            self.config.client_secret.clone().map(ClientSecret::new),
         )
         .set_redirect_uri(redirect)
         .set_auth_type(match self.config.client_auth {
             ClientAuth::ClientSecretBasic => AuthType::BasicAuth,
-            ClientAuth::ClientSecretPost => AuthType::RequestBody,
+            // Assertions go in the body, next to the client id.
+            _ => AuthType::RequestBody,
         })
+    }
+
+    /// The `client_assertion` for a token request (RFC 7523), when the
+    /// app proves itself with a certificate or a federated token.
+    fn assertion(&self, provider: &Provider) -> Result<Option<String>, String> {
+        match &self.credential {
+            Credential::Secret => Ok(None),
+            Credential::Certificate(certificate) => {
+                let audience = provider
+                    .metadata
+                    .token_endpoint()
+                    .map(|u| u.url().as_str())
+                    .ok_or("the provider publishes no token endpoint")?;
+                certificate
+                    .assertion(&self.config.client_id, audience)
+                    .map(Some)
+            }
+            // Read each time: the platform rotates the file's token.
+            Credential::Federated(path) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|e| {
+                    format!(
+                        "cannot read the federated token file {}: {e}",
+                        path.display()
+                    )
+                }),
+        }
     }
 
     /// The provider's authorization URL for a new sign-in, and what the
@@ -324,10 +374,17 @@ impl Oidc {
     pub async fn finish(&self, login: &LoginState, code: &str) -> Result<SignedIn, SignInError> {
         let provider = self.provider.get().ok_or(SignInError::NotReady)?;
         let client = self.client(provider);
-        let response: CoreTokenResponse = client
+        let assertion = self.assertion(provider).map_err(SignInError::Exchange)?;
+        let mut request = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| SignInError::Exchange(e.to_string()))?
-            .set_pkce_verifier(PkceCodeVerifier::new(login.pkce_verifier.clone()))
+            .set_pkce_verifier(PkceCodeVerifier::new(login.pkce_verifier.clone()));
+        if let Some(assertion) = assertion {
+            request = request
+                .add_extra_param("client_assertion_type", ASSERTION_TYPE)
+                .add_extra_param("client_assertion", assertion);
+        }
+        let response: CoreTokenResponse = request
             .request_async(&Idp(&self.http))
             .await
             .map_err(explain_token_error)?;
@@ -378,18 +435,26 @@ impl Oidc {
             .get()
             .ok_or_else(|| unavailable(&"the provider has not been reached"))?;
         let client = self.client(provider);
+        let assertion = self.assertion(provider).map_err(|e| unavailable(&e))?;
         let token = RefreshToken::new(refresh_token.to_owned());
-        let response: CoreTokenResponse = client
+        let mut request = client
             .exchange_refresh_token(&token)
-            .map_err(|e| unavailable(&e))?
-            .request_async(&Idp(&self.http))
-            .await
-            .map_err(|e| match e {
-                RequestTokenError::ServerResponse(r) => {
-                    RefreshError::Refused(r.error().to_string())
-                }
-                other => unavailable(&other),
-            })?;
+            .map_err(|e| unavailable(&e))?;
+        if let Some(assertion) = assertion {
+            request = request
+                .add_extra_param("client_assertion_type", ASSERTION_TYPE)
+                .add_extra_param("client_assertion", assertion);
+        }
+        let response: CoreTokenResponse =
+            request
+                .request_async(&Idp(&self.http))
+                .await
+                .map_err(|e| match e {
+                    RequestTokenError::ServerResponse(r) => {
+                        RefreshError::Refused(r.error().to_string())
+                    }
+                    other => unavailable(&other),
+                })?;
         let id_token = response
             .id_token()
             .ok_or_else(|| RefreshError::Refused("no ID token in the refresh response".into()))?

@@ -21,14 +21,37 @@ struct Stack {
     origin: String,
 }
 
+/// What a test changes in the standard stack.
+#[derive(Default)]
+struct Options<'a> {
+    /// More `[[routes]]`.
+    routes: &'a str,
+    /// More keys of `[oidc]` and `[session]`.
+    oidc: &'a str,
+    session: &'a str,
+    /// Environment of the provider process.
+    provider_env: Vec<(String, String)>,
+    /// Files written into the gateway's directory before it starts.
+    files: Vec<(&'a str, Vec<u8>)>,
+}
+
 impl Stack {
     async fn start(oidc_extra: &str) -> Stack {
-        Stack::with("", oidc_extra, "").await
+        Stack::with(Options {
+            oidc: oidc_extra,
+            ..Options::default()
+        })
+        .await
     }
 
-    /// `routes` is TOML for more `[[routes]]`; `oidc` and `session` are
-    /// more keys of those sections.
-    async fn with(routes: &str, oidc_extra: &str, session_extra: &str) -> Stack {
+    async fn with(options: Options<'_>) -> Stack {
+        let Options {
+            routes,
+            oidc: oidc_extra,
+            session: session_extra,
+            provider_env,
+            files,
+        } = options;
         let ca = TestCa::new();
         let upstream = Upstream::start("console").await;
         let port = closed_port().port();
@@ -37,8 +60,12 @@ impl Stack {
             &ca,
             &format!("{origin}/api/oidc/callback"),
             &format!("{origin}/oauth2/signed_out"),
+            &provider_env,
         );
         let dir = tempfile::tempdir().unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
         std::fs::write(dir.path().join("provider-ca.pem"), &ca.pem).unwrap();
         let config = format!(
             r#"
@@ -528,7 +555,11 @@ upstream = "UPSTREAM"
 allowed_groups = ["group-overage1-0"]
 "#;
     let upstream = Upstream::start("console").await;
-    let stack = Stack::with(&routes.replace("UPSTREAM", &upstream.url()), "", "").await;
+    let stack = Stack::with(Options {
+        routes: &routes.replace("UPSTREAM", &upstream.url()),
+        ..Options::default()
+    })
+    .await;
 
     let results = browser(
         &stack.origin,
@@ -623,7 +654,11 @@ fn set_session_cookie(response: &http::Response<hyper::body::Incoming>) -> Strin
 #[tokio::test]
 async fn sessions_renew_their_tokens_and_end_when_the_provider_refuses() {
     // Every ID token is "about to expire": each request renews.
-    let mut stack = Stack::with("", "", "refresh_before = \"2h\"").await;
+    let mut stack = Stack::with(Options {
+        session: "refresh_before = \"2h\"",
+        ..Options::default()
+    })
+    .await;
     let results = browser(
         &stack.origin,
         json!([{ "goto": stack.url("/") }, { "login": "ivan" }, { "cookies": true }]),
@@ -682,4 +717,104 @@ async fn a_replayed_callback_is_refused() {
         .as_str()
         .unwrap()
         .contains("not one this browser started"));
+}
+
+/// An RSA key and a self-signed certificate for it, as an app
+/// registration's certificate credential: (cert PEM, key PEM, public PEM).
+fn app_certificate() -> (String, String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["authgate-client".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    (cert.pem(), key.serialize_pem(), key.public_key_pem())
+}
+
+fn provider_with_public_key(public_pem: &str) -> (tempfile::TempDir, Vec<(String, String)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("client.pub");
+    std::fs::write(&path, public_pem).unwrap();
+    let env = vec![
+        ("CLIENT_AUTH".to_owned(), "private_key_jwt".to_owned()),
+        ("CLIENT_PUBLIC_KEY".to_owned(), path.display().to_string()),
+    ];
+    (dir, env)
+}
+
+#[tokio::test]
+async fn a_certificate_credential_signs_in_without_a_secret() {
+    let (cert, key, public) = app_certificate();
+    let (_keep, provider_env) = provider_with_public_key(&public);
+    let stack = Stack::with(Options {
+        oidc: "client_auth = \"private_key_jwt\"\nclient_certificate = \"client.crt\"\nclient_key = \"client.key\"",
+        provider_env,
+        files: vec![("client.crt", cert.into_bytes()), ("client.key", key.into_bytes())],
+        ..Options::default()
+    })
+    .await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "kim" }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("kim@contoso.example")
+    );
+}
+
+#[tokio::test]
+async fn a_federated_credential_is_read_from_its_file_at_each_sign_in() {
+    let (_, key, public) = app_certificate();
+    let (_keep, provider_env) = provider_with_public_key(&public);
+    // Placeholder until the provider's token endpoint is known.
+    let stack = Stack::with(Options {
+        oidc: "client_auth = \"federated\"\nfederated_token_path = \"federated-token\"",
+        provider_env,
+        files: vec![("federated-token", b"not yet".to_vec())],
+        ..Options::default()
+    })
+    .await;
+    // What the platform would mount: a JWT for the token endpoint, signed
+    // by a key the provider trusts for this app.
+    let token_endpoint = stack.provider.issuer.replace("/v2.0", "/oauth2/v2.0/token");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let assertion = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &json!({ "iss": CLIENT_ID, "sub": CLIENT_ID, "aud": token_endpoint, "jti": "federated-1",
+                 "iat": now, "exp": now + 3600 }),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    let token_file = stack.gateway.dir.path().join("federated-token");
+    std::fs::write(&token_file, &assertion).unwrap();
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "lee" }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("lee@contoso.example")
+    );
+
+    // A token the provider does not accept: the next sign-in says so.
+    std::fs::write(&token_file, "expired-or-garbage").unwrap();
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "lee" }]),
+    )
+    .await;
+    assert_eq!(results[1]["status"], 401);
+    assert!(
+        results[1]["text"]
+            .as_str()
+            .unwrap()
+            .contains("client_assertion"),
+        "{}",
+        results[1]["text"]
+    );
 }

@@ -29,7 +29,12 @@ pub struct Provider {
 impl Provider {
     /// `redirect_uri` is the gateway's callback; after sign-out the
     /// provider may send browsers to `post_logout`.
-    pub fn start(ca: &TestCa, redirect_uri: &str, post_logout: &str) -> Provider {
+    pub fn start(
+        ca: &TestCa,
+        redirect_uri: &str,
+        post_logout: &str,
+        extra_env: &[(String, String)],
+    ) -> Provider {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = ca.leaf_pem();
         std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
@@ -45,6 +50,7 @@ impl Provider {
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(extra_env.iter().cloned())
         .collect();
         let mut provider = Provider {
             child: None,

@@ -8,7 +8,8 @@
 //   whose audience is the client id
 // Consent is granted by the "tenant admin" up front, as in Entra.
 //
-// Environment: PORT (0 = any), TENANT, CLIENT_ID, CLIENT_SECRET,
+// Environment: PORT (0 = any), TENANT, CLIENT_ID, CLIENT_SECRET or
+// CLIENT_AUTH=private_key_jwt with CLIENT_PUBLIC_KEY (PEM file),
 // REDIRECT_URI, POST_LOGOUT_REDIRECT_URI, TLS_CERT, TLS_KEY (PEM files).
 // Prints one JSON line {"issuer": …, "port": …, "kid": …} once it listens.
 // Each start makes a new signing key, so restarting it rolls the keys.
@@ -56,15 +57,22 @@ await new Promise((resolve) => server.listen(Number(env.PORT || 0), '127.0.0.1',
 const port = server.address().port;
 const issuer = `https://127.0.0.1:${port}/${tenant}/v2.0`;
 
+// The app's credential: its secret, or (private_key_jwt) the public key
+// of its certificate, as registered in Entra.
+const clientAuth = env.CLIENT_AUTH || 'client_secret_basic';
+const credential = env.CLIENT_PUBLIC_KEY
+  ? { jwks: { keys: [{ ...crypto.createPublicKey(fs.readFileSync(env.CLIENT_PUBLIC_KEY)).export({ format: 'jwk' }), use: 'sig' }] } }
+  : { client_secret: env.CLIENT_SECRET };
+
 const provider = new Provider(issuer, {
   clients: [{
     client_id: env.CLIENT_ID,
-    client_secret: env.CLIENT_SECRET,
+    ...credential,
     redirect_uris: [env.REDIRECT_URI],
     post_logout_redirect_uris: env.POST_LOGOUT_REDIRECT_URI ? [env.POST_LOGOUT_REDIRECT_URI] : [],
     response_types: ['code'],
     grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
-    token_endpoint_auth_method: 'client_secret_basic',
+        token_endpoint_auth_method: clientAuth,
   }],
   jwks: { keys: [signingKey] },
   routes: {
