@@ -315,6 +315,9 @@ pub struct IdentityHeaderNames {
     pub groups: String,
     pub roles: String,
     pub preferred_username: String,
+    /// Header that carries the signed-in user's raw ID token; empty: none.
+    /// `Authorization` sends it as `Bearer <token>`.
+    pub id_token: String,
 }
 
 impl Default for IdentityHeaderNames {
@@ -328,6 +331,7 @@ impl Default for IdentityHeaderNames {
             groups: "X-Forwarded-Groups".into(),
             roles: "X-Forwarded-Roles".into(),
             preferred_username: "X-Forwarded-Preferred-Username".into(),
+            id_token: String::new(),
         }
     }
 }
@@ -865,7 +869,9 @@ impl RawConfig {
             .as_ref()
             .map(|_| validate_session(self.session, origins))
             .transpose()?;
-        for (field, name) in self.headers.all() {
+        let id_token = (!self.headers.id_token.is_empty())
+            .then_some(("id_token", self.headers.id_token.as_str()));
+        for (field, name) in self.headers.all().into_iter().chain(id_token) {
             if http::HeaderName::from_str(name).is_err() {
                 return Err(origins.invalid(
                     &format!("headers.{field}"),

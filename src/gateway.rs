@@ -136,7 +136,11 @@ impl Gateway {
                 return Ok(response);
             }
             if let Authenticated::Session { session, renewed } = &authenticated {
+                // Before the gateway's cookies leave the request: a shrunk
+                // session must clear the chunks the browser still holds.
                 cookies = signin.session_cookies(session, *renewed, req.headers());
+                self.identity_headers
+                    .inject_id_token(req.headers_mut(), &session.id_token);
             }
             signin.strip_own_cookies(req.headers_mut());
             // 7. Tell the upstream who it is.

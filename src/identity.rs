@@ -39,6 +39,8 @@ pub struct IdentityHeaders {
     groups: HeaderName,
     roles: HeaderName,
     preferred_username: HeaderName,
+    /// Where the raw ID token goes, if anywhere.
+    id_token: Option<HeaderName>,
 }
 
 impl IdentityHeaders {
@@ -54,6 +56,7 @@ impl IdentityHeaders {
             groups: parse(&names.groups),
             roles: parse(&names.roles),
             preferred_username: parse(&names.preferred_username),
+            id_token: (!names.id_token.is_empty()).then(|| parse(&names.id_token)),
         }
     }
 
@@ -70,10 +73,32 @@ impl IdentityHeaders {
         ]
     }
 
-    /// Removes every identity header a client sent.
+    /// Removes every identity header a client sent. `Authorization` is
+    /// the exception when it carries the ID token: clients on public
+    /// routes (RustDesk) send their own there, and on protected routes
+    /// [`IdentityHeaders::inject_id_token`] overwrites it.
     pub fn strip(&self, headers: &mut HeaderMap) {
-        for name in self.all() {
+        let id_token = self
+            .id_token
+            .as_ref()
+            .filter(|n| **n != http::header::AUTHORIZATION);
+        for name in self.all().into_iter().chain(id_token) {
             headers.remove(name);
+        }
+    }
+
+    /// Passes the signed-in user's ID token on, when configured.
+    pub fn inject_id_token(&self, headers: &mut HeaderMap, id_token: &str) {
+        let Some(name) = &self.id_token else {
+            return;
+        };
+        let value = if *name == http::header::AUTHORIZATION {
+            format!("Bearer {id_token}")
+        } else {
+            id_token.to_owned()
+        };
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name.clone(), value);
         }
     }
 
@@ -143,6 +168,35 @@ mod tests {
             headers.contains_key("authorization"),
             "a client's own token is not ours to strip"
         );
+    }
+
+    #[test]
+    fn the_id_token_goes_where_configured() {
+        let names = IdentityHeaderNames {
+            id_token: "X-Id-Token".into(),
+            ..IdentityHeaderNames::default()
+        };
+        let headers_config = IdentityHeaders::new(&names);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-id-token", HeaderValue::from_static("forged"));
+        headers_config.strip(&mut headers);
+        assert!(headers.is_empty());
+        headers_config.inject_id_token(&mut headers, "a.b.c");
+        assert_eq!(headers["x-id-token"], "a.b.c");
+
+        let bearer = IdentityHeaders::new(&IdentityHeaderNames {
+            id_token: "Authorization".into(),
+            ..IdentityHeaderNames::default()
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer rustdesk"));
+        bearer.strip(&mut headers);
+        assert_eq!(
+            headers["authorization"], "Bearer rustdesk",
+            "public routes keep their own"
+        );
+        bearer.inject_id_token(&mut headers, "a.b.c");
+        assert_eq!(headers["authorization"], "Bearer a.b.c");
     }
 
     #[test]

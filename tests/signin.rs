@@ -24,8 +24,8 @@ struct Stack {
 /// What a test changes in the standard stack.
 #[derive(Default)]
 struct Options<'a> {
-    /// More `[[routes]]`.
-    routes: &'a str,
+    /// More tables before `[oidc]`: `[[routes]]`, `[headers]`…
+    tables: &'a str,
     /// More keys of `[oidc]` and `[session]`.
     oidc: &'a str,
     session: &'a str,
@@ -46,7 +46,7 @@ impl Stack {
 
     async fn with(options: Options<'_>) -> Stack {
         let Options {
-            routes,
+            tables,
             oidc: oidc_extra,
             session: session_extra,
             provider_env,
@@ -76,7 +76,7 @@ upstream = "{upstream}"
 prefix = "/api/public"
 upstream = "{upstream}"
 access = "public"
-{routes}
+{tables}
 [oidc]
 issuer = "{issuer}"
 client_id = "{CLIENT_ID}"
@@ -556,7 +556,7 @@ allowed_groups = ["group-overage1-0"]
 "#;
     let upstream = Upstream::start("console").await;
     let stack = Stack::with(Options {
-        routes: &routes.replace("UPSTREAM", &upstream.url()),
+        tables: &routes.replace("UPSTREAM", &upstream.url()),
         ..Options::default()
     })
     .await;
@@ -816,5 +816,117 @@ async fn a_federated_credential_is_read_from_its_file_at_each_sign_in() {
             .contains("client_assertion"),
         "{}",
         results[1]["text"]
+    );
+}
+
+#[tokio::test]
+async fn large_sessions_split_across_cookies_and_the_id_token_can_be_passed_on() {
+    let stack = Stack::with(Options {
+        tables: "[headers]\nid_token = \"X-Id-Token\"",
+        ..Options::default()
+    })
+    .await;
+    let results = browser(
+        &stack.origin,
+        json!([
+            { "goto": stack.url("/") },
+            { "login": "many1" },
+            { "cookies": true },
+            { "goto": stack.url("/second") }
+        ]),
+    )
+    .await;
+    let first = echo_of(&results[1]);
+    assert_eq!(
+        first
+            .header("x-forwarded-groups")
+            .unwrap()
+            .split(',')
+            .count(),
+        150
+    );
+    let names: Vec<&str> = results[2]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"__Host-authgate.1"),
+        "the session was not split: {names:?}"
+    );
+
+    // The split session comes back whole on the next request.
+    let second = echo_of(&results[3]);
+    assert_eq!(
+        second.header("x-forwarded-user"),
+        Some("many1@contoso.example")
+    );
+    let id_token = second
+        .header("x-id-token")
+        .expect("the ID token was passed on");
+    let payload = id_token.split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["preferred_username"], "many1@contoso.example");
+    assert_eq!(claims["aud"], CLIENT_ID);
+}
+
+#[tokio::test]
+async fn the_gateway_starts_before_its_provider_and_becomes_ready_when_it_answers() {
+    let ca = TestCa::new();
+    let upstream = Upstream::start("console").await;
+    let (port, provider_port) = (closed_port().port(), closed_port().port());
+    let origin = format!("https://localhost:{port}");
+    let issuer = format!("https://127.0.0.1:{provider_port}/{TENANT}/v2.0");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("provider-ca.pem"), &ca.pem).unwrap();
+    let gateway = Gateway::start_in(
+        dir,
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\npublic_url = \"{origin}\"\nupstream = \"{}\"\n\
+             [oidc]\nissuer = \"{issuer}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n\
+             ca = \"provider-ca.pem\"\n",
+            upstream.url()
+        ),
+    );
+    // Up, but not ready; a browser is told why instead of being redirected.
+    let response = send(gateway.addr, get("/oauth2/ready").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let response = send(
+        gateway.addr,
+        get("/")
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body_string(response).await.contains("cannot be reached"));
+    gateway
+        .log_line(|l| l["fields"]["message"] == "sign-in provider not ready")
+        .await;
+
+    let _provider = Provider::start_on(
+        provider_port,
+        &ca,
+        &format!("{origin}/api/oidc/callback"),
+        &format!("{origin}/oauth2/signed_out"),
+        &[],
+    );
+    wait_ready(&gateway).await;
+    let results = browser(
+        &origin,
+        json!([{ "goto": format!("{origin}/") }, { "login": "mia" }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("mia@contoso.example")
     );
 }

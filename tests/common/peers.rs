@@ -35,6 +35,17 @@ impl Provider {
         post_logout: &str,
         extra_env: &[(String, String)],
     ) -> Provider {
+        Provider::start_on(0, ca, redirect_uri, post_logout, extra_env)
+    }
+
+    /// The same on a chosen port (0: any).
+    pub fn start_on(
+        port: u16,
+        ca: &TestCa,
+        redirect_uri: &str,
+        post_logout: &str,
+        extra_env: &[(String, String)],
+    ) -> Provider {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = ca.leaf_pem();
         std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
@@ -55,7 +66,7 @@ impl Provider {
         let mut provider = Provider {
             child: None,
             issuer: String::new(),
-            port: 0,
+            port,
             env,
             _dir: dir,
         };

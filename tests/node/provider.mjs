@@ -29,7 +29,9 @@ const signingKey = { ...(await exportJWK(privateKey)), kid: crypto.randomUUID(),
 // Users the tests log in as; the login name typed into the form selects one.
 function claimsFor(login) {
   const [name, domain = 'contoso.example'] = login.split('@');
-  const groupCount = name.startsWith('overage') ? 0 : 2;
+    // "many…" users are in 150 groups (a session split across cookies),
+  // "overage…" users in more than Entra lists (see below).
+  const groupCount = name.startsWith('overage') ? 0 : name.startsWith('many') ? 150 : 2;
   const claims = {
     sub: crypto.createHash('sha256').update(`${env.CLIENT_ID}/${login}`).digest('base64url'),
     oid: crypto.createHash('md5').update(login).digest('hex').replace(/^(.{8})(.{4})(.{4})(.{4})(.{12})$/, '$1-$2-$3-$4-$5'),
