@@ -223,3 +223,22 @@ impl Jwks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn client_chosen_key_misses_refetch_at_a_limited_rate() {
+        let jwks = Jwks::preloaded(KeySet::default()).await;
+        assert!(jwks.may_refetch(), "the first miss may refetch");
+        assert!(!jwks.may_refetch(), "a second miss right after may not");
+        // Within the limit an unknown client-chosen kid finds no key and
+        // sends nothing to the provider.
+        assert!(jwks
+            .key("forged-kid", Source::Client)
+            .await
+            .unwrap()
+            .is_none());
+    }
+}

@@ -511,6 +511,16 @@ async fn callbacks_the_gateway_did_not_start_go_to_the_console_only_when_allowed
     assert!(body_string(response)
         .await
         .contains("not one this browser started"));
+    let response = send(
+        refusing.gateway.addr,
+        get("/api/oidc/callback?code=abc").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        response.status(),
+        StatusCode::BAD_REQUEST,
+        "a callback without state"
+    );
 
     let passing = Stack::start("pass_unknown_callbacks = true").await;
     let response = send(
@@ -928,5 +938,24 @@ async fn the_gateway_starts_before_its_provider_and_becomes_ready_when_it_answer
     assert_eq!(
         echo_of(&results[1]).header("x-forwarded-user"),
         Some("mia@contoso.example")
+    );
+}
+
+#[tokio::test]
+async fn client_secret_post_sends_the_secret_in_the_body() {
+    let stack = Stack::with(Options {
+        oidc: "client_auth = \"client_secret_post\"",
+        provider_env: vec![("CLIENT_AUTH".into(), "client_secret_post".into())],
+        ..Options::default()
+    })
+    .await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "noor" }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("noor@contoso.example")
     );
 }
