@@ -239,6 +239,12 @@ pub enum Access {
     /// Passed through without sign-in (identity headers still stripped),
     /// e.g. the RustDesk client API, which carries its own tokens.
     Public,
+    /// The upstream's own API: a request carrying its own `Authorization`
+    /// (the console's tokens, never checked here) or a CORS preflight
+    /// passes untouched; one with a gateway session passes with identity;
+    /// anything else gets 401 JSON, never a redirect.
+    #[serde(rename = "upstream_token")]
+    UpstreamToken,
 }
 
 /// How the gateway proves itself to the token endpoint.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::header::AUTHORIZATION;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -112,7 +113,23 @@ impl Gateway {
         // 4. Route; 5. authenticate where the route needs it.
         let route = self.routes.find(&path);
         let mut cookies = Vec::new();
-        if let (Access::Protected, Some(signin)) = (route.access, &self.signin) {
+        let needs_sign_in = match route.access {
+            Access::Public => false,
+            Access::Protected => true,
+            // The console checks its own tokens; CORS preflights carry none.
+            Access::UpstreamToken => {
+                !(method == Method::OPTIONS || req.headers().contains_key(AUTHORIZATION))
+            }
+        };
+        // An API route never redirects (a client would follow it to an
+        // HTML page, a POST would become a GET): it answers 401 JSON.
+        let redirects = html && route.access == Access::Protected;
+        if needs_sign_in {
+            let Some(signin) = &self.signin else {
+                let response = pages::problem(pages::UNAUTHENTICATED, false, &id);
+                log(&route.prefix, response.status());
+                return Ok(response);
+            };
             let authenticated = match signin.authenticate(req.headers()).await {
                 Ok(authenticated) => authenticated,
                 Err(rejected) => {
@@ -120,7 +137,7 @@ impl Gateway {
                         Some(error) => signin.invalid_bearer(&error, &id),
                         None => {
                             signin
-                                .challenge(&method, req.uri(), req.headers(), html, &id)
+                                .challenge(&method, req.uri(), req.headers(), redirects, &id)
                                 .await
                         }
                     };

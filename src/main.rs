@@ -182,6 +182,7 @@ fn print_summary(config: &Config) -> bool {
         let access = match route.access {
             authgate::config::Access::Protected => "sign-in",
             authgate::config::Access::Public => "public",
+            authgate::config::Access::UpstreamToken => "own token or sign-in",
         };
         println!(
             "    {:<20} -> {:<28} {access}",

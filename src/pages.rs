@@ -60,6 +60,13 @@ pub const NOT_FOUND: Problem = Problem {
     detail: "This path belongs to the gateway itself and serves nothing here.",
 };
 
+pub const UNAUTHENTICATED: Problem = Problem {
+    status: StatusCode::UNAUTHORIZED,
+    code: "unauthenticated",
+    title: "Sign-in required",
+    detail: "This resource needs a signed-in user or a token.",
+};
+
 pub const PROVIDER_NOT_READY: Problem = Problem {
     status: StatusCode::SERVICE_UNAVAILABLE,
     code: "provider_not_ready",

@@ -237,14 +237,7 @@ impl SignIn {
     ) -> Response<Body> {
         let stale = self.sessions.clear(headers);
         if !html {
-            let mut page = Page::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthenticated",
-                "Sign-in required",
-                "This resource needs a signed-in user or a bearer token.",
-            );
-            page.link = None;
-            let mut response = page.render(false, id);
+            let mut response = crate::pages::problem(crate::pages::UNAUTHENTICATED, false, id);
             response.headers_mut().insert(
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"authgate\""),

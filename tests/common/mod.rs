@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
 
 pub mod peers;
+pub mod stack;
 
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
