@@ -108,6 +108,11 @@ pub struct PublicUrl {
 }
 
 impl PublicUrl {
+    /// Entra accepts only https:// redirect URIs, or http://localhost.
+    pub fn acceptable_to_entra(&self) -> bool {
+        self.scheme == Scheme::HTTPS || is_loopback_host(self.host())
+    }
+
     pub fn host(&self) -> &str {
         self.authority
             .host()
@@ -719,7 +724,7 @@ impl RawConfig {
             .map(|v| parse_socket_addr(origins, "http_redirect_listen", v))
             .transpose()?;
         let public_url = parse_public_url(origins, &self.public_url)?;
-        if public_url.scheme == Scheme::HTTP && !is_loopback_host(public_url.host()) {
+        if !public_url.acceptable_to_entra() {
             warnings.push(format!(
                 "public_url `{public_url}` is http:// on a host that is not localhost: \
                  Microsoft Entra ID accepts only https:// (or http://localhost) redirect URIs"

@@ -4,6 +4,7 @@
 //! loop ([`server`]), which hands every request to [`gateway::Gateway`],
 //! which routes ([`routes`]) and forwards ([`proxy`]).
 
+pub mod check;
 pub mod config;
 pub mod credential;
 pub mod explain;

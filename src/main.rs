@@ -41,6 +41,14 @@ enum Command {
     Serve,
     /// Validate the configuration and print what the gateway would do.
     CheckConfig,
+    /// Troubleshoot a set-up: certificate, public URL, issuer, discovery,
+    /// the app's credential, upstreams; each check with its fix. Exit 0
+    /// only when all pass.
+    Check {
+        /// One JSON array of {check, ok, detail, fix} for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe the running gateway's liveness endpoint over TLS (for a
     /// container HEALTHCHECK); exit 0 when it answers.
     Health,
@@ -80,6 +88,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check { json } => troubleshoot(cli.config, json),
         Command::CheckConfig => match load(cli.config) {
             Ok(config) if print_summary(&config) => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,
@@ -111,12 +120,16 @@ fn main() -> ExitCode {
 }
 
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
-    let required = path.is_some();
-    let path = path.unwrap_or_else(|| DEFAULT_CONFIG.into());
-    Config::load(&path, required, std::env::vars()).map_err(|e| {
+    load_quietly(path).map_err(|e| {
         eprintln!("authgate: {e}");
         ExitCode::from(2)
     })
+}
+
+fn load_quietly(path: Option<PathBuf>) -> Result<Config, authgate::config::ConfigError> {
+    let required = path.is_some();
+    let path = path.unwrap_or_else(|| DEFAULT_CONFIG.into());
+    Config::load(&path, required, std::env::vars())
 }
 
 fn init_logging(config: &Config) {
@@ -194,4 +207,42 @@ fn print_summary(config: &Config) -> bool {
         println!("warning: {warning}");
     }
     cert_ok
+}
+
+/// `authgate check`: every finding printed, exit 0 only when all pass.
+fn troubleshoot(path: Option<PathBuf>, json: bool) -> ExitCode {
+    let findings = match load_quietly(path) {
+        Ok(config) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => runtime.block_on(authgate::check::run(&config)),
+            Err(e) => {
+                eprintln!("authgate: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Err(e) => vec![authgate::check::Finding {
+            check: "configuration".into(),
+            ok: false,
+            detail: e.to_string(),
+            fix: Some("correct the key named above; config/authgate.toml documents each".into()),
+        }],
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&findings).expect("findings serialize")
+        );
+    } else {
+        for finding in &findings {
+            let mark = if finding.ok { "PASS" } else { "FAIL" };
+            println!("{mark}  {:<16} {}", finding.check, finding.detail);
+            if let Some(fix) = &finding.fix {
+                println!("      {:<16} fix: {fix}", "");
+            }
+        }
+    }
+    if findings.iter().all(|f| f.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

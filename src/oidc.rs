@@ -82,6 +82,14 @@ pub enum SignInError {
     Token(#[from] TokenError),
 }
 
+/// What discovery found, for `authgate check`.
+pub struct Discovered {
+    pub issuer: String,
+    pub jwks_uri: String,
+    pub keys: usize,
+    pub multi_tenant: bool,
+}
+
 /// What a finished sign-in (or a refresh) yields.
 #[derive(Clone)]
 pub struct SignedIn {
@@ -201,11 +209,8 @@ impl Oidc {
     }
 
     async fn discover(&self) -> Result<(Provider, Arc<Jwks>), String> {
-        let uri = format!(
-            "{}/.well-known/openid-configuration",
-            self.config.issuer.trim_end_matches('/')
-        );
-        let body = outbound::get_json(&self.http, &uri, TIMEOUT)
+        let uri = &self.discovery_uri;
+        let body = outbound::get_json(&self.http, uri, TIMEOUT)
             .await
             .map_err(|e| DiscoveryError::from(e).to_string())?;
         let metadata: CoreProviderMetadata = serde_json::from_slice(&body).map_err(|e| {
@@ -257,6 +262,52 @@ impl Oidc {
             },
             jwks,
         ))
+    }
+
+    /// Discovers the provider once, for `authgate check`: what it found,
+    /// or why it failed.
+    pub async fn discover_once(&self) -> Result<Discovered, String> {
+        let (provider, jwks) = self.discover().await?;
+        let keys = jwks.current().await.map_err(|e| e.to_string())?.len();
+        let discovered = Discovered {
+            issuer: provider.metadata.issuer().to_string(),
+            jwks_uri: provider.metadata.jwks_uri().url().to_string(),
+            keys,
+            multi_tenant: matches!(provider.verifier.issuer, IssuerMatch::Template(_)),
+        };
+        let _ = self.provider.set(provider);
+        Ok(discovered)
+    }
+
+    /// Asks the token endpoint for a client-credentials token (for Entra,
+    /// scope `<client id>/.default`), which makes it judge the app's
+    /// credential. `Ok` when the credential was accepted, even if the
+    /// grant itself was not allowed.
+    pub async fn probe_credential(&self) -> Result<(), SignInError> {
+        let provider = self.provider.get().ok_or(SignInError::NotReady)?;
+        let client = self.client(provider);
+        let assertion = self.assertion(provider).map_err(SignInError::Exchange)?;
+        let mut request = client
+            .exchange_client_credentials()
+            .map_err(|e| SignInError::Exchange(e.to_string()))?
+            .add_scope(Scope::new(format!("{}/.default", self.config.client_id)));
+        if let Some(assertion) = assertion {
+            request = request
+                .add_extra_param("client_assertion_type", ASSERTION_TYPE)
+                .add_extra_param("client_assertion", assertion);
+        }
+        let result: Result<CoreTokenResponse, _> = request.request_async(&Idp(&self.http)).await;
+        match result.map_err(explain_token_error) {
+            Ok(_) => Ok(()),
+            // RFC 6749 §5.2: these are the credential's fault.
+            Err(SignInError::Refused { error, description })
+                if error == "invalid_client" || error == "unauthorized_client" =>
+            {
+                Err(SignInError::Refused { error, description })
+            }
+            Err(SignInError::Refused { .. }) => Ok(()),
+            Err(other) => Err(other),
+        }
     }
 
     /// Verifies an `Authorization: Bearer` token from an API client.

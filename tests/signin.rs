@@ -821,3 +821,103 @@ async fn client_secret_post_sends_the_secret_in_the_body() {
         Some("noor@contoso.example")
     );
 }
+
+/// Runs `authgate check --json` in the stack's directory.
+async fn check(stack: &Stack, env: &[(&str, &str)]) -> (bool, Vec<Value>) {
+    let dir = stack.gateway.dir.path().to_owned();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // Blocking: the upstream it probes runs on this test's runtime.
+    let (status, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_authgate(
+            &dir,
+            &["check", "--config", "authgate.toml", "--json"],
+            &env,
+        )
+    })
+    .await
+    .unwrap();
+    let findings: Vec<Value> =
+        serde_json::from_str(&stdout).unwrap_or_else(|_| panic!("{stdout}{stderr}"));
+    (status.success(), findings)
+}
+
+fn finding<'a>(findings: &'a [Value], check: &str) -> &'a Value {
+    findings
+        .iter()
+        .find(|f| f["check"].as_str().unwrap().starts_with(check))
+        .unwrap_or_else(|| panic!("no {check} finding in {findings:#?}"))
+}
+
+#[tokio::test]
+async fn authgate_check_reports_each_problem_with_its_fix() {
+    let stack = Stack::start("").await;
+    let (all_passed, findings) = check(&stack, &[]).await;
+    for name in [
+        "configuration",
+        "public_url",
+        "issuer",
+        "discovery",
+        "signing keys",
+        "credential",
+        "upstream",
+    ] {
+        assert_eq!(
+            finding(&findings, name)["ok"],
+            true,
+            "{name}: {findings:#?}"
+        );
+    }
+    assert!(finding(&findings, "public_url")["detail"]
+        .as_str()
+        .unwrap()
+        .contains(&stack.url("/api/oidc/callback")));
+    // The test certificate is self-signed: the one failure, with its fix.
+    let certificate = finding(&findings, "certificate");
+    assert_eq!(certificate["ok"], false);
+    assert!(certificate["fix"].as_str().unwrap().contains("fullchain"));
+    assert!(!all_passed, "exit 0 despite a failed check");
+
+    let (_, findings) = check(&stack, &[("AUTHGATE_OIDC_CLIENT_SECRET", "wrong-secret")]).await;
+    let credential = finding(&findings, "credential");
+    assert_eq!(credential["ok"], false, "{findings:#?}");
+    assert!(
+        credential["detail"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_client"),
+        "{credential}"
+    );
+    assert!(
+        credential["fix"]
+            .as_str()
+            .unwrap()
+            .contains("client_secret"),
+        "{credential}"
+    );
+
+    let down = format!("http://{}", closed_port());
+    let (_, findings) = check(&stack, &[("AUTHGATE_UPSTREAM", &down)]).await;
+    let upstream = finding(&findings, &format!("upstream {down}"));
+    assert_eq!(upstream["ok"], false);
+    assert!(upstream["fix"]
+        .as_str()
+        .unwrap()
+        .contains("start the service"));
+
+    let (_, findings) = check(
+        &stack,
+        &[("AUTHGATE_OIDC_ISSUER", "https://127.0.0.1:9/nothing/v2.0")],
+    )
+    .await;
+    assert_eq!(finding(&findings, "discovery")["ok"], false);
+    let (all_passed, findings) = check(&stack, &[("AUTHGATE_LISTEN", "not-an-address")]).await;
+    assert!(!all_passed);
+    assert!(finding(&findings, "configuration")["detail"]
+        .as_str()
+        .unwrap()
+        .contains("`listen`"));
+}
