@@ -60,7 +60,11 @@ pub async fn run(config: &Config) -> Vec<Finding> {
     if let Some(oidc_config) = &config.oidc {
         findings.push(issuer_shape(&oidc_config.issuer));
         match outbound::client(oidc_config.ca.as_deref(), &config.timeouts) {
-            Ok(http) => match Oidc::new(oidc_config.clone(), http) {
+            Ok(http) => match Oidc::new(
+                oidc_config.clone(),
+                http,
+                crate::metrics::Metrics::default(),
+            ) {
                 Ok(oidc) => findings.extend(provider(&oidc, &oidc_config.redirect_uri).await),
                 Err(e) => findings.push(Finding::fail(
                     "credential",

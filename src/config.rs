@@ -84,6 +84,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub public_url: PublicUrl,
     pub http_redirect_listen: Option<SocketAddr>,
+    /// Plain-HTTP listener for `/metrics`; `None`: off.
+    pub admin_listen: Option<SocketAddr>,
     pub gateway_prefix: String,
     pub tls: TlsConfig,
     pub proxy: ProxyConfig,
@@ -370,6 +372,7 @@ struct RawConfig {
     public_url: String,
     upstream: String,
     http_redirect_listen: Option<String>,
+    admin_listen: String,
     gateway_prefix: String,
     tls: RawTls,
     proxy: RawProxy,
@@ -468,6 +471,7 @@ impl Default for RawConfig {
             public_url: "https://localhost:8443".into(),
             upstream: "http://127.0.0.1:21114".into(),
             http_redirect_listen: None,
+            admin_listen: "127.0.0.1:9464".into(),
             gateway_prefix: "/oauth2/".into(),
             tls: RawTls::default(),
             proxy: RawProxy::default(),
@@ -723,6 +727,10 @@ impl RawConfig {
             .filter(|v| !v.is_empty())
             .map(|v| parse_socket_addr(origins, "http_redirect_listen", v))
             .transpose()?;
+        let admin_listen = Some(self.admin_listen.as_str())
+            .filter(|v| !v.is_empty())
+            .map(|v| parse_socket_addr(origins, "admin_listen", v))
+            .transpose()?;
         let public_url = parse_public_url(origins, &self.public_url)?;
         if !public_url.acceptable_to_entra() {
             warnings.push(format!(
@@ -899,6 +907,7 @@ impl RawConfig {
             listen,
             public_url,
             http_redirect_listen,
+            admin_listen,
             gateway_prefix: self.gateway_prefix,
             tls,
             proxy: ProxyConfig {

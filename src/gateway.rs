@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 
 use crate::config::{Access, Config};
 use crate::identity::IdentityHeaders;
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::oidc::Oidc;
 use crate::pages;
 use crate::proxy::{self, Proxy, ProxyError};
@@ -24,6 +25,7 @@ use crate::signin::{append_cookies, Authenticated, Callback, SignIn};
 use crate::Body;
 
 pub struct Gateway {
+    metrics: Metrics,
     routes: Routes,
     proxy: Proxy,
     identity_headers: IdentityHeaders,
@@ -41,6 +43,7 @@ impl Gateway {
     pub fn new(
         config: &Config,
         oidc: Option<Arc<Oidc>>,
+        metrics: Metrics,
     ) -> Result<Arc<Gateway>, crate::outbound::ClientError> {
         let signin = oidc.zip(config.session.as_ref()).map(|(oidc, session)| {
             SignIn::new(
@@ -52,7 +55,8 @@ impl Gateway {
         });
         Ok(Arc::new(Gateway {
             routes: Routes::new(&config.routes),
-            proxy: Proxy::new(config)?,
+            proxy: Proxy::new(config, metrics.websockets_active.clone())?,
+            metrics,
             identity_headers: IdentityHeaders::new(&config.headers),
             signin,
             own_prefix: config.gateway_prefix.clone(),
@@ -74,11 +78,16 @@ impl Gateway {
         let request_id = proxy::request_id(req.headers());
         let id = request_id.to_str().unwrap_or_default().to_owned();
         let method = req.method().clone();
-        // Only the path is logged: queries can carry codes and tokens.
         let path = req.uri().path().to_owned();
         let html = pages::wants_html(req.headers());
-        let log =
-            |route: &str, status| log_request(&method, &path, route, status, started, &id, peer);
+        let seen = Seen {
+            method: method.clone(),
+            path: path.clone(),
+            started,
+            id: id.clone(),
+            peer,
+        };
+        let log = |route: &str, status| self.done(&seen, route, status);
 
         // 1. No client speaks for the user: identity headers are ours alone.
         self.identity_headers.strip(req.headers_mut());
@@ -227,25 +236,45 @@ impl Gateway {
     }
 }
 
-/// One line per request; upstream latency is the time to response headers.
-fn log_request(
-    method: &Method,
-    path: &str,
-    route: &str,
-    status: StatusCode,
+/// What the per-request log line and metrics need of a request.
+struct Seen {
+    method: Method,
+    /// Only the path: queries can carry codes and tokens.
+    path: String,
     started: Instant,
-    request_id: &str,
+    id: String,
     peer: SocketAddr,
-) {
-    tracing::info!(
-        target: "authgate::access",
-        method = %method,
-        path,
-        route,
-        status = status.as_u16(),
-        latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-        request_id,
-        peer = %peer.ip(),
-        "request"
-    );
+}
+
+impl Gateway {
+    /// One log line and the metrics per request; latency is the time to
+    /// response headers.
+    fn done(&self, seen: &Seen, route: &str, status: StatusCode) {
+        let latency = seen.started.elapsed();
+        tracing::info!(
+            target: "authgate::access",
+            method = %seen.method,
+            path = seen.path,
+            route,
+            status = status.as_u16(),
+            latency_ms = latency.as_secs_f64() * 1000.0,
+            request_id = seen.id,
+            peer = %seen.peer.ip(),
+            "request"
+        );
+        let route = route.to_owned();
+        self.metrics
+            .upstream_latency
+            .get_or_create(&RouteLabels {
+                route: route.clone(),
+            })
+            .observe(latency.as_secs_f64());
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route,
+                status: status.as_u16(),
+            })
+            .inc();
+    }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
+use crate::metrics::Metrics;
 use crate::outbound::{self, FetchError, HttpClient};
 
 /// Least time between two refetches caused by unknown `kid`s in tokens
@@ -119,6 +120,7 @@ impl KeySet {
 }
 
 pub struct Jwks {
+    metrics: Metrics,
     uri: String,
     http: HttpClient,
     cache: moka::future::Cache<(), Arc<KeySet>>,
@@ -128,8 +130,9 @@ pub struct Jwks {
 }
 
 impl Jwks {
-    pub fn new(uri: String, http: HttpClient) -> Jwks {
+    pub fn new(uri: String, http: HttpClient, metrics: Metrics) -> Jwks {
         Jwks {
+            metrics,
             uri,
             http,
             cache: moka::future::Cache::new(1),
@@ -143,7 +146,7 @@ impl Jwks {
     #[cfg(test)]
     pub async fn preloaded(set: KeySet) -> Jwks {
         let http = crate::outbound::client(None, &crate::config::Timeouts::default()).unwrap();
-        let jwks = Jwks::new("http://127.0.0.1:9/keys".into(), http);
+        let jwks = Jwks::new("http://127.0.0.1:9/keys".into(), http, Metrics::default());
         let set = Arc::new(set);
         *jwks.last_good.lock().unwrap() = Some(set.clone());
         jwks.cache.insert((), set).await;
@@ -151,8 +154,20 @@ impl Jwks {
     }
 
     async fn fetch(&self) -> Result<Arc<KeySet>, JwksError> {
-        let body = outbound::get_json(&self.http, &self.uri, FETCH_TIMEOUT).await?;
-        let set = Arc::new(KeySet::parse(&self.uri, &body)?);
+        self.metrics.provider_request("keys");
+        let fetched = outbound::get_json(&self.http, &self.uri, FETCH_TIMEOUT)
+            .await
+            .map_err(JwksError::from)
+            .and_then(|body| KeySet::parse(&self.uri, &body));
+        Metrics::outcome(
+            &self.metrics.jwks_fetches,
+            if fetched.is_ok() {
+                "success"
+            } else {
+                "failure"
+            },
+        );
+        let set = Arc::new(fetched?);
         tracing::info!(keys = set.len(), uri = %self.uri, "fetched the provider's signing keys");
         *self.last_good.lock().unwrap_or_else(|e| e.into_inner()) = Some(set.clone());
         Ok(set)

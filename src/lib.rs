@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod jwks;
+pub mod metrics;
 pub mod oidc;
 pub mod outbound;
 pub mod pages;
@@ -76,26 +77,30 @@ pub async fn run(config: Config) -> Result<(), StartError> {
              to a real certificate (e.g. from Let's Encrypt) before going live"
         );
     }
+    let metrics = metrics::Metrics::default();
     let watcher = tls::Watcher::new(
         config.tls.cert.clone(),
         config.tls.key.clone(),
         config.tls.reload_check,
+        metrics.certificate_expiry.clone(),
     )
     .map_err(StartError::Signals)?;
-    let cert = tls::ReloadableCert::new(tls::load(&config.tls.cert, &config.tls.key)?);
+    let first = tls::load(&config.tls.cert, &config.tls.key)?;
+    tls::record_expiry(&first, &metrics.certificate_expiry);
+    let cert = tls::ReloadableCert::new(first);
     let acceptor =
         TlsAcceptor::from(tls::server_config(cert.clone()).map_err(StartError::TlsConfig)?);
     let oidc = match &config.oidc {
         Some(oidc_config) => {
             let http = outbound::client(oidc_config.ca.as_deref(), &config.timeouts)?;
-            Some(oidc::Oidc::new(oidc_config.clone(), http)?)
+            Some(oidc::Oidc::new(oidc_config.clone(), http, metrics.clone())?)
         }
         None => {
             tracing::warn!("sign-in is not configured: every route is public");
             None
         }
     };
-    let gateway = gateway::Gateway::new(&config, oidc.clone())?;
+    let gateway = gateway::Gateway::new(&config, oidc.clone(), metrics.clone())?;
     if let Some(oidc) = oidc {
         tokio::spawn(oidc.discover_until_ready());
     }
@@ -105,11 +110,18 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Some(addr) => Some(bind("http_redirect_listen", addr).await?),
         None => None,
     };
+    let admin = match config.admin_listen {
+        Some(addr) => Some(bind("admin_listen", addr).await?),
+        None => None,
+    };
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     tokio::spawn(watcher.run(cert));
     if let Some(addr) = redirect.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, to = %config.public_url, "redirecting plain HTTP");
+    }
+    if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+        tracing::info!(%addr, "serving metrics at /metrics");
     }
     tracing::info!(
         addr = %listener.local_addr().unwrap_or(config.listen),
@@ -120,18 +132,40 @@ pub async fn run(config: Config) -> Result<(), StartError> {
 
     let (stop, shutdown) = watch::channel(false);
     let connections = Connections::default();
-    let redirect_connections = Connections::default();
+    let plain_connections = Connections::default();
     let tls_listener = TlsListener {
         listener,
         acceptor,
         gateway: gateway.clone(),
+        handshake_failures: metrics.tls_handshake_failures.clone(),
     };
+    let origin = config.public_url.clone();
     tokio::join!(
         tls_listener.run(&config, shutdown.clone(), &connections),
         async {
             if let Some(listener) = redirect {
-                server::run_redirect(listener, &config, shutdown.clone(), &redirect_connections)
-                    .await;
+                let answer = move |req: &_| server::redirect(&origin, req);
+                server::run_plain(
+                    listener,
+                    &config,
+                    shutdown.clone(),
+                    &plain_connections,
+                    answer,
+                )
+                .await;
+            }
+        },
+        async {
+            if let Some(listener) = admin {
+                let answer = move |req: &_| metrics::answer(&metrics, req);
+                server::run_plain(
+                    listener,
+                    &config,
+                    shutdown.clone(),
+                    &plain_connections,
+                    answer,
+                )
+                .await;
             }
         },
         async {
@@ -145,7 +179,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     );
     // The listeners are closed now; finish what is in flight.
     let grace = config.timeouts.shutdown_grace;
-    tokio::join!(connections.drain(grace), redirect_connections.drain(grace));
+    tokio::join!(connections.drain(grace), plain_connections.drain(grace));
     Ok(())
 }
 

@@ -153,6 +153,10 @@ fn print_summary(config: &Config) -> bool {
         println!("  redirect      http://{addr} -> {}", config.public_url);
     }
     println!("  public_url    {}", config.public_url);
+    match config.admin_listen {
+        Some(addr) => println!("  metrics       http://{addr}/metrics"),
+        None => println!("  metrics       off"),
+    }
     match &config.oidc {
         Some(oidc) => {
             println!(

@@ -22,6 +22,7 @@ use openidconnect::{
 
 use crate::config::{ClientAuth, OidcConfig, ResponseMode};
 use crate::jwks::Jwks;
+use crate::metrics::Metrics;
 use crate::outbound::{self, FetchError, HttpClient};
 use crate::session::LoginState;
 use crate::token::{Claims, IssuerMatch, TokenError, Verifier};
@@ -127,6 +128,7 @@ enum Credential {
 }
 
 pub struct Oidc {
+    metrics: Metrics,
     config: OidcConfig,
     credential: Credential,
     /// Refreshes in flight or just done, keyed by refresh token, so
@@ -145,6 +147,7 @@ impl Oidc {
     pub fn new(
         config: OidcConfig,
         http: HttpClient,
+        metrics: Metrics,
     ) -> Result<Arc<Oidc>, crate::credential::CredentialError> {
         let credential = match (&config.client_certificate, &config.federated_token_path) {
             (Some((cert, key)), _) => {
@@ -154,6 +157,7 @@ impl Oidc {
             (None, None) => Credential::Secret,
         };
         Ok(Arc::new(Oidc {
+            metrics,
             credential,
             refreshes: moka::future::Cache::builder()
                 .max_capacity(BEARER_CACHE_ENTRIES)
@@ -210,6 +214,7 @@ impl Oidc {
 
     async fn discover(&self) -> Result<(Provider, Arc<Jwks>), String> {
         let uri = &self.discovery_uri;
+        self.metrics.provider_request("discovery");
         let body = outbound::get_json(&self.http, uri, TIMEOUT)
             .await
             .map_err(|e| DiscoveryError::from(e).to_string())?;
@@ -243,6 +248,7 @@ impl Oidc {
         let jwks = Arc::new(Jwks::new(
             metadata.jwks_uri().url().to_string(),
             self.http.clone(),
+            self.metrics.clone(),
         ));
         jwks.current().await.map_err(|e| e.to_string())?;
         let verifier = Verifier {
@@ -296,7 +302,8 @@ impl Oidc {
                 .add_extra_param("client_assertion_type", ASSERTION_TYPE)
                 .add_extra_param("client_assertion", assertion);
         }
-        let result: Result<CoreTokenResponse, _> = request.request_async(&Idp(&self.http)).await;
+        let result: Result<CoreTokenResponse, _> =
+            request.request_async(&Idp(&self.http, &self.metrics)).await;
         match result.map_err(explain_token_error) {
             Ok(_) => Ok(()),
             // RFC 6749 §5.2: these are the credential's fault.
@@ -317,14 +324,33 @@ impl Oidc {
         ))?;
         if let Some(claims) = self.bearers.get(token).await {
             if claims.exp + provider.verifier.skew.as_secs() > crate::token::now() {
+                Metrics::outcome(&self.metrics.token_validations, "bearer_cached");
                 return Ok(claims);
             }
             self.bearers.invalidate(token).await;
+            self.validated("bearer", false);
             return Err(TokenError::Expired);
         }
-        let claims = Arc::new(provider.verifier.bearer(token).await?);
+        let verified = provider.verifier.bearer(token).await;
+        self.validated("bearer", verified.is_ok());
+        let claims = Arc::new(verified?);
         self.bearers.insert(token.to_owned(), claims.clone()).await;
         Ok(claims)
+    }
+
+    fn validated(&self, kind: &'static str, valid: bool) {
+        let outcome = match (kind, valid) {
+            ("id_token", true) => "id_token_valid",
+            ("id_token", false) => "id_token_rejected",
+            (_, true) => "bearer_valid",
+            (_, false) => "bearer_rejected",
+        };
+        Metrics::outcome(&self.metrics.token_validations, outcome);
+    }
+
+    /// The gateway's metrics, for the sign-in steps to record.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Where to send the browser to end the provider's session, coming
@@ -387,6 +413,7 @@ impl Oidc {
         let answers = self
             .reachable
             .get_with((), async {
+                self.metrics.provider_request("probe");
                 outbound::get_json(&self.http, &self.discovery_uri, REACHABLE_TIMEOUT)
                     .await
                     .is_ok()
@@ -436,14 +463,16 @@ impl Oidc {
                 .add_extra_param("client_assertion", assertion);
         }
         let response: CoreTokenResponse = request
-            .request_async(&Idp(&self.http))
+            .request_async(&Idp(&self.http, &self.metrics))
             .await
             .map_err(explain_token_error)?;
         let id_token = response
             .id_token()
             .ok_or(SignInError::NoIdToken)?
             .to_string();
-        let claims = provider.verifier.id_token(&id_token, &login.nonce).await?;
+        let verified = provider.verifier.id_token(&id_token, &login.nonce).await;
+        self.validated("id_token", verified.is_ok());
+        let claims = verified?;
         Ok(SignedIn {
             claims,
             id_token,
@@ -496,16 +525,15 @@ impl Oidc {
                 .add_extra_param("client_assertion_type", ASSERTION_TYPE)
                 .add_extra_param("client_assertion", assertion);
         }
-        let response: CoreTokenResponse =
-            request
-                .request_async(&Idp(&self.http))
-                .await
-                .map_err(|e| match e {
-                    RequestTokenError::ServerResponse(r) => {
-                        RefreshError::Refused(r.error().to_string())
-                    }
-                    other => unavailable(&other),
-                })?;
+        let response: CoreTokenResponse = request
+            .request_async(&Idp(&self.http, &self.metrics))
+            .await
+            .map_err(|e| match e {
+                RequestTokenError::ServerResponse(r) => {
+                    RefreshError::Refused(r.error().to_string())
+                }
+                other => unavailable(&other),
+            })?;
         let id_token = response
             .id_token()
             .ok_or_else(|| RefreshError::Refused("no ID token in the refresh response".into()))?
@@ -542,7 +570,7 @@ fn explain_token_error(error: TokenRequestError) -> SignInError {
 }
 
 /// Drives `openidconnect` with the gateway's own client.
-struct Idp<'a>(&'a HttpClient);
+struct Idp<'a>(&'a HttpClient, &'a Metrics);
 
 impl<'c> AsyncHttpClient<'c> for Idp<'_> {
     type Error = HttpClientError<FetchError>;
@@ -550,6 +578,7 @@ impl<'c> AsyncHttpClient<'c> for Idp<'_> {
 
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
+            self.1.provider_request("token");
             outbound::exchange(self.0, request, TIMEOUT)
                 .await
                 .map_err(|e| HttpClientError::Other(e.to_string()))

@@ -12,6 +12,7 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::{Config, UpstreamUrl};
 use crate::outbound::{self, ClientError, HttpClient};
@@ -59,6 +60,7 @@ pub enum ProxyError {
 }
 
 pub struct Proxy {
+    websockets: Gauge,
     client: HttpClient,
     trusted_proxies: Vec<IpNet>,
     preserve_host: bool,
@@ -66,13 +68,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &Config) -> Result<Proxy, ClientError> {
+    /// `websockets` counts the upgraded connections open.
+    pub fn new(config: &Config, websockets: Gauge) -> Result<Proxy, ClientError> {
         let client = outbound::client(config.proxy.ca.as_deref(), &config.timeouts)?;
         Ok(Proxy {
             client,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             preserve_host: config.proxy.preserve_host,
             response_timeout: config.timeouts.upstream_response,
+            websockets,
         })
     }
 
@@ -167,7 +171,11 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgraded) = client_upgraded {
                 let upstream_upgraded = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgraded, upstream_upgraded));
+                tokio::spawn(tunnel(
+                    client_upgraded,
+                    upstream_upgraded,
+                    self.websockets.clone(),
+                ));
             }
         } else {
             remove_hop_by_hop(response.headers_mut());
@@ -293,7 +301,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    open: Gauge,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -303,9 +315,11 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     };
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
+    open.inc();
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(error = %e, "upgraded connection closed with an error");
     }
+    open.dec();
 }
 
 /// A request id the client sent is passed on when it is short and made of

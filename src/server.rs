@@ -19,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -102,6 +103,7 @@ pub struct TlsListener {
     pub listener: TcpListener,
     pub acceptor: TlsAcceptor,
     pub gateway: Arc<Gateway>,
+    pub handshake_failures: Counter,
 }
 
 impl TlsListener {
@@ -118,6 +120,7 @@ impl TlsListener {
             listener,
             acceptor,
             gateway,
+            handshake_failures,
         } = self;
         accept_loop(
             listener,
@@ -128,14 +131,19 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let gateway = gateway.clone();
                 let (http1, http2) = (http1.clone(), http2.clone());
+                let handshake_failures = handshake_failures.clone();
                 async move {
                     let tls =
                         match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                             Ok(Ok(tls)) => tls,
                             Ok(Err(e)) => {
-                                return tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                                handshake_failures.inc();
+                                return tracing::debug!(%peer, error = %e, "TLS handshake failed");
                             }
-                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                            Err(_) => {
+                                handshake_failures.inc();
+                                return tracing::debug!(%peer, "TLS handshake timed out");
+                            }
                         };
                     // ALPN already chose the protocol, so no detection read
                     // (which has no deadline, hyper issue 3962) is needed.
@@ -174,16 +182,18 @@ fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// The optional port-80 listener: every request is sent to the same path
-/// on the https `public_url` with 308, which keeps the method and body
-/// (a 301/302 would turn a RustDesk client's POST into a GET).
-pub async fn run_redirect(
+/// A plain-HTTP/1.1 listener answering every request with `answer`: the
+/// port-80 redirect and the admin (metrics) listener.
+pub async fn run_plain<F>(
     listener: TcpListener,
     config: &Config,
     shutdown: watch::Receiver<bool>,
     connections: &Connections,
-) {
-    let origin = Arc::new(config.public_url.clone());
+    answer: F,
+) where
+    F: Fn(&Request<Incoming>) -> Response<crate::Body> + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
     let header_read = config.timeouts.header_read;
     accept_loop(
         listener,
@@ -191,18 +201,18 @@ pub async fn run_redirect(
         shutdown,
         connections,
         |tcp, peer, watcher| {
-            let origin = origin.clone();
+            let answer = answer.clone();
             async move {
                 let service = service_fn(move |req| {
-                    let origin = origin.clone();
-                    async move { Ok::<_, std::convert::Infallible>(redirect(&origin, &req)) }
+                    let response = answer(&req);
+                    async move { Ok::<_, std::convert::Infallible>(response) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_read)
                     .serve_connection(TokioIo::new(tcp), service);
                 if let Err(e) = watcher.watch(connection).await {
-                    tracing::debug!(%peer, error = %e, "redirect connection ended with an error");
+                    tracing::debug!(%peer, error = %e, "plain connection ended with an error");
                 }
             }
         },
@@ -210,9 +220,11 @@ pub async fn run_redirect(
     .await;
 }
 
-/// Always to the configured origin, never to the request's `Host`, so the
-/// redirect cannot be pointed elsewhere.
-fn redirect(origin: &PublicUrl, req: &Request<Incoming>) -> Response<crate::Body> {
+/// The port-80 listener's answer: the same path on the https `public_url`
+/// with 308, which keeps the method and body (a 301/302 would turn a
+/// RustDesk client's POST into a GET). Always the configured origin, never
+/// the request's `Host`, so the redirect cannot be pointed elsewhere.
+pub fn redirect(origin: &PublicUrl, req: &Request<Incoming>) -> Response<crate::Body> {
     let path = req
         .uri()
         .path_and_query()

@@ -293,6 +293,7 @@ impl SignIn {
             .as_deref()
             .and_then(|state| self.sessions.read_login(&parts.headers, state));
         let Some(login) = login else {
+            self.count("unknown_state");
             if self.config().pass_unknown_callbacks {
                 return Callback::NotOurs(Request::from_parts(parts, body));
             }
@@ -302,18 +303,21 @@ impl SignIn {
         let redirect_uri = &self.config().redirect_uri;
 
         let mut response = if let Some(error) = &params.error {
+            self.count("provider_error");
             tracing::warn!(target: "authgate::audit", request_id = id, error, "sign-in failed at the provider");
             explain::provider_error(error, params.error_description.as_deref(), redirect_uri)
                 .render(html, id)
         } else if let Some(code) = &params.code {
             match self.oidc.finish(&login, code).await {
                 Ok(signed_in) => {
+                    self.count("success");
                     let identity = signed_in.claims.identity();
                     tracing::info!(
                         target: "authgate::audit",
                         request_id = id,
                         user = %identity.username,
                         tenant = identity.tenant.as_deref().unwrap_or(""),
+                        route = %login.return_to.split('?').next().unwrap_or("/"),
                         "signed in"
                     );
                     let session = Session {
@@ -330,15 +334,21 @@ impl SignIn {
                     response
                 }
                 Err(e) => {
+                    self.count("failed");
                     tracing::warn!(target: "authgate::audit", request_id = id, error = %e, "sign-in failed");
                     explain::sign_in_error(&e, redirect_uri).render(html, id)
                 }
             }
         } else {
+            self.count("failed");
             bad_callback(html, id)
         };
         response.headers_mut().append(SET_COOKIE, clear_login);
         Callback::Answered(response)
+    }
+
+    fn count(&self, outcome: &'static str) {
+        crate::metrics::Metrics::outcome(&self.oidc.metrics().sign_ins, outcome);
     }
 
     /// `GET` asks (a link cannot sign anyone out cross-site); `POST` from
@@ -376,7 +386,13 @@ impl SignIn {
             Found::None | Found::Unusable => None,
         };
         if let Some(session) = &session {
-            tracing::info!(target: "authgate::audit", request_id = id, user = %session.identity.username, "signed out");
+            tracing::info!(
+                target: "authgate::audit",
+                request_id = id,
+                user = %session.identity.username,
+                tenant = session.identity.tenant.as_deref().unwrap_or(""),
+                "signed out"
+            );
         }
         let signed_out = format!("{}{}signed_out", self.public_url, self.own_prefix);
         let location = match (session, self.oidc.end_session_url(&signed_out)) {

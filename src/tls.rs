@@ -4,9 +4,11 @@
 //! stay up, so a renewed certificate is served on the next handshake.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -154,6 +156,19 @@ impl ResolvesServerCert for ReloadableCert {
     }
 }
 
+/// Records when the leaf certificate of `key` expires (Unix seconds).
+pub fn record_expiry(key: &CertifiedKey, gauge: &Gauge<i64, AtomicI64>) {
+    if let Some(not_after) = key.cert.first().and_then(|leaf| not_after(leaf.as_ref())) {
+        gauge.set(not_after);
+    }
+}
+
+/// The `notAfter` of a DER certificate, in Unix seconds.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// What identifies a version of the files on disk without reading them.
 type Stamp = Option<[(SystemTime, u64); 2]>;
 
@@ -170,6 +185,8 @@ fn stamp(cert: &Path, key: &Path) -> Stamp {
 /// `interval`) and on SIGHUP. A pair that fails to load (e.g. half
 /// written) is logged and the old certificate kept; the next check retries.
 pub struct Watcher {
+    /// Set to the served certificate's expiry on every load.
+    expiry: Gauge<i64, AtomicI64>,
     cert_path: PathBuf,
     key_path: PathBuf,
     interval: Duration,
@@ -187,8 +204,10 @@ impl Watcher {
         cert_path: PathBuf,
         key_path: PathBuf,
         interval: Duration,
+        expiry: Gauge<i64, AtomicI64>,
     ) -> std::io::Result<Watcher> {
         Ok(Watcher {
+            expiry,
             loaded: stamp(&cert_path, &key_path),
             hangup: signal(SignalKind::hangup())?,
             cert_path,
@@ -212,6 +231,7 @@ impl Watcher {
             }
             match load(&self.cert_path, &self.key_path) {
                 Ok(key) => {
+                    record_expiry(&key, &self.expiry);
                     cert.replace(key);
                     self.loaded = now;
                     tracing::info!(

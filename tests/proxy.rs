@@ -464,3 +464,83 @@ async fn oversized_request_heads_are_refused() {
     .await;
     assert_eq!(upstream_saw(response).await.upstream, "console");
 }
+
+#[tokio::test]
+async fn metrics_are_served_on_the_admin_listener_only() {
+    let upstream = Upstream::start("console").await;
+    let down = closed_port();
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        &format!(
+            "[[routes]]\nprefix = \"/down\"\nupstream = \"http://{down}\"\naccess = \"public\""
+        ),
+    ));
+    for _ in 0..2 {
+        let response = send(gateway.addr, get("/").body(empty()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let response = send(gateway.addr, get("/down").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+
+    // An open WebSocket, and a client that speaks no TLS.
+    let (mut ws_send, _) = http1(gateway.addr).await;
+    let upgraded = ws_send
+        .send_request(
+            get("/ws")
+                .header("host", "localhost")
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let _open = hyper::upgrade::on(upgraded).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest).await;
+    }
+
+    gateway
+        .metric("authgate_requests_total{route=\"/\",status=\"200\"} 2")
+        .await;
+    gateway
+        .metric("authgate_requests_total{route=\"/down\",status=\"502\"} 1")
+        .await;
+    gateway
+        .metric("authgate_requests_total{route=\"/\",status=\"101\"} 1")
+        .await;
+    // Two requests and the upgrade.
+    gateway
+        .metric("authgate_upstream_latency_seconds_count{route=\"/\"} 3")
+        .await;
+    gateway.metric("authgate_websockets_active 1").await;
+    let text = gateway
+        .metric("authgate_tls_handshake_failures_total 1")
+        .await;
+    let expiry: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("authgate_certificate_expiry_timestamp_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        expiry > now,
+        "certificate expiry {expiry} is not in the future"
+    );
+
+    // Not on the public port: there /metrics is the console's path.
+    let response = send(gateway.addr, get("/metrics").body(empty()).unwrap()).await;
+    assert_eq!(upstream_saw(response).await.upstream, "console");
+}

@@ -921,3 +921,51 @@ async fn authgate_check_reports_each_problem_with_its_fix() {
         .unwrap()
         .contains("`listen`"));
 }
+
+/// The sum of a counter family's samples in an exposition.
+fn total(metrics: &str, family: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn signed_in_traffic_sends_nothing_to_the_provider_in_steady_state() {
+    let stack = Stack::start("").await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "pat" }, { "cookies": true }]),
+    )
+    .await;
+    let cookie = session_cookie(&results[2]);
+    let before = stack
+        .gateway
+        .metric("authgate_sign_ins_total{outcome=\"success\"} 1")
+        .await;
+    assert!(before.contains("authgate_token_validations_total{outcome=\"id_token_valid\"} 1"));
+    let provider_before = total(&before, "authgate_provider_requests_total");
+    assert!(
+        provider_before > 0,
+        "discovery, keys and the code exchange were counted"
+    );
+
+    for i in 0..20 {
+        let response = send(
+            stack.gateway.addr,
+            get(&format!("/steady/{i}"))
+                .header("cookie", &cookie)
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let after = stack.gateway.scrape().await;
+    assert_eq!(
+        total(&after, "authgate_provider_requests_total"),
+        provider_before,
+        "{after}"
+    );
+}

@@ -40,6 +40,7 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub redirect_addr: Option<SocketAddr>,
+    pub admin_addr: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
@@ -58,6 +59,8 @@ impl Gateway {
             .arg(&path)
             .current_dir(dir.path())
             .env("AUTHGATE_LOG_FORMAT", "json")
+            // Tests run side by side: no fixed metrics port.
+            .env("AUTHGATE_ADMIN_LISTEN", "127.0.0.1:0")
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -80,6 +83,7 @@ impl Gateway {
         });
         let started = Instant::now();
         let mut redirect_addr = None;
+        let mut admin_addr = None;
         loop {
             let remaining = DEADLINE.saturating_sub(started.elapsed());
             let line = match rx.recv_timeout(remaining) {
@@ -99,6 +103,9 @@ impl Gateway {
             if fields["message"] == "redirecting plain HTTP" {
                 redirect_addr = fields["addr"].as_str().map(|a| a.parse().unwrap());
             }
+            if fields["message"] == "serving metrics at /metrics" {
+                admin_addr = fields["addr"].as_str().map(|a| a.parse().unwrap());
+            }
             if fields["message"] == "listening" {
                 let addr = fields["addr"].as_str().unwrap().parse().unwrap();
                 return Gateway {
@@ -106,6 +113,7 @@ impl Gateway {
                     dir,
                     addr,
                     redirect_addr,
+                    admin_addr,
                     logs,
                 };
             }
@@ -156,6 +164,42 @@ impl Gateway {
             }
             assert!(started.elapsed() < DEADLINE, "authgate did not exit");
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The Prometheus exposition from the admin listener.
+    pub async fn scrape(&self) -> String {
+        let tcp = TcpStream::connect(self.admin_addr.expect("admin listener"))
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let response = send
+            .send_request(
+                Request::get("/metrics")
+                    .header("host", "admin")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        body_string(response).await
+    }
+
+    /// Scrapes until `line` (a whole sample line) appears.
+    pub async fn metric(&self, line: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let text = self.scrape().await;
+            if text.lines().any(|l| l == line) {
+                return text;
+            }
+            assert!(started.elapsed() < DEADLINE, "no `{line}` in\n{text}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -1,0 +1,160 @@
+//! Prometheus metrics (the `prometheus-client` crate, OpenMetrics text),
+//! served on the admin listener, away from the public port.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Kind {
+    pub kind: &'static str,
+}
+
+type Latency = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// Every metric, cheap to clone into the parts that record them.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_latency: Latency,
+    pub sign_ins: Family<Outcome, Counter>,
+    pub token_validations: Family<Outcome, Counter>,
+    pub jwks_fetches: Family<Outcome, Counter>,
+    /// Requests to the identity provider, by kind; flat in steady state.
+    pub provider_requests: Family<Kind, Counter>,
+    pub websockets_active: Gauge,
+    pub tls_handshake_failures: Counter,
+    pub certificate_expiry: Gauge<i64, AtomicI64>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms … ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("authgate");
+        let metrics = Metrics {
+            registry: Arc::new(Registry::default()),
+            requests: Family::default(),
+            upstream_latency: Family::new_with_constructor(latency_histogram),
+            sign_ins: Family::default(),
+            token_validations: Family::default(),
+            jwks_fetches: Family::default(),
+            provider_requests: Family::default(),
+            websockets_active: Gauge::default(),
+            tls_handshake_failures: Counter::default(),
+            certificate_expiry: Gauge::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by route and status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from request to response headers, by route",
+            metrics.upstream_latency.clone(),
+        );
+        registry.register(
+            "sign_ins",
+            "Finished sign-ins by outcome",
+            metrics.sign_ins.clone(),
+        );
+        registry.register(
+            "token_validations",
+            "ID and bearer token validations by outcome",
+            metrics.token_validations.clone(),
+        );
+        registry.register(
+            "jwks_fetches",
+            "Signing key set fetches by outcome",
+            metrics.jwks_fetches.clone(),
+        );
+        registry.register(
+            "provider_requests",
+            "Requests sent to the identity provider, by kind",
+            metrics.provider_requests.clone(),
+        );
+        registry.register(
+            "websockets_active",
+            "Upgraded connections open",
+            metrics.websockets_active.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed or timed out",
+            metrics.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the served certificate expires (Unix time)",
+            metrics.certificate_expiry.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn outcome(family: &Family<Outcome, Counter>, outcome: &'static str) {
+        family.get_or_create(&Outcome { outcome }).inc();
+    }
+
+    pub fn provider_request(&self, kind: &'static str) {
+        self.provider_requests.get_or_create(&Kind { kind }).inc();
+    }
+}
+
+/// The admin listener's answer: `GET /metrics`, nothing else.
+pub fn answer(
+    metrics: &Metrics,
+    req: &http::Request<hyper::body::Incoming>,
+) -> http::Response<crate::Body> {
+    use http::header::{HeaderValue, CONTENT_TYPE};
+    if req.uri().path() != "/metrics" || req.method() != http::Method::GET {
+        let mut response = http::Response::new(crate::pages::full("only GET /metrics here\n"));
+        *response.status_mut() = http::StatusCode::NOT_FOUND;
+        return response;
+    }
+    let mut response = http::Response::new(crate::pages::full(metrics.render()));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
