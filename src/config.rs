@@ -217,6 +217,9 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// A file for the audit lines (sign-ins, sign-outs, refusals), as
+    /// JSON, apart from the request log; unset: they go to stdout too.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for LogConfig {
@@ -224,6 +227,7 @@ impl Default for LogConfig {
         LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
+            audit_log: None,
         }
     }
 }

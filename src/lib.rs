@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod jwks;
+pub mod logging;
 pub mod metrics;
 pub mod oidc;
 pub mod outbound;

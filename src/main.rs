@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use base64::Engine;
 use clap::{Parser, Subcommand};
 
-use authgate::config::{Config, LogFormat};
+use authgate::config::Config;
 
 const DEFAULT_CONFIG: &str = "config/authgate.toml";
 
@@ -99,7 +99,10 @@ fn main() -> ExitCode {
                 Ok(config) => config,
                 Err(code) => return code,
             };
-            init_logging(&config);
+            if let Err(e) = authgate::logging::init(&config.log) {
+                eprintln!("authgate: {e}");
+                return ExitCode::from(2);
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(e) => {
@@ -130,19 +133,6 @@ fn load_quietly(path: Option<PathBuf>) -> Result<Config, authgate::config::Confi
     let required = path.is_some();
     let path = path.unwrap_or_else(|| DEFAULT_CONFIG.into());
     Config::load(&path, required, std::env::vars())
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stdout)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 /// Prints what the gateway would do; false when the certificate is unusable.

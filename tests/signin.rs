@@ -969,3 +969,50 @@ async fn signed_in_traffic_sends_nothing_to_the_provider_in_steady_state() {
         "{after}"
     );
 }
+
+#[tokio::test]
+async fn audit_lines_can_go_to_a_file_of_their_own() {
+    let stack = Stack::with(Options {
+        tables: "[log]\naudit_log = \"audit.log\"",
+        ..Options::default()
+    })
+    .await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "quinn" }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("quinn@contoso.example")
+    );
+    let path = stack.gateway.dir.path().join("audit.log");
+    let started = Instant::now();
+    let audit = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.contains("signed in") {
+            break text;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no sign-in in the audit log: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let line: Value =
+        serde_json::from_str(audit.lines().find(|l| l.contains("signed in")).unwrap()).unwrap();
+    assert_eq!(line["fields"]["user"], "quinn@contoso.example");
+    assert_eq!(line["fields"]["tenant"], TENANT);
+    assert!(
+        !audit.contains("authgate::access"),
+        "request lines in the audit log"
+    );
+    assert!(
+        !stack
+            .gateway
+            .logs()
+            .iter()
+            .any(|l| l["target"] == "authgate::audit"),
+        "audit lines still on stdout"
+    );
+}

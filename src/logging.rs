@@ -1,0 +1,70 @@
+//! Logs: one line per request (target `authgate::access`) and everything
+//! else on stdout, as text or JSON; audit lines (target `authgate::audit`:
+//! sign-ins, sign-outs, refusals) there too, or, with `log.audit_log`, in a
+//! file of their own as JSON.
+
+use std::fs::OpenOptions;
+use std::sync::Mutex;
+
+use tracing::Level;
+use tracing_subscriber::filter::{filter_fn, Targets};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{fmt, EnvFilter, Layer, Registry};
+
+use crate::config::{LogConfig, LogFormat};
+
+/// The target of audit lines.
+pub const AUDIT: &str = "authgate::audit";
+
+#[derive(Debug, thiserror::Error)]
+#[error("config key `log.audit_log`: cannot open `{path}`: {source}")]
+pub struct LoggingError {
+    path: String,
+    source: std::io::Error,
+}
+
+pub fn init(config: &LogConfig) -> Result<(), LoggingError> {
+    let audit_file = config
+        .audit_log
+        .as_ref()
+        .map(|path| {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| LoggingError {
+                    path: path.display().to_string(),
+                    source,
+                })
+        })
+        .transpose()?;
+    let separate_audit = audit_file.is_some();
+
+    // RUST_LOG, when set, wins over log.level.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let stdout: Box<dyn Layer<Registry> + Send + Sync> = match config.format {
+        LogFormat::Json => fmt::layer().json().with_writer(std::io::stdout).boxed(),
+        LogFormat::Text => fmt::layer()
+            .with_writer(std::io::stdout)
+            .with_ansi(ansi)
+            .boxed(),
+    };
+    let stdout = stdout
+        .with_filter(filter)
+        .with_filter(filter_fn(move |meta| {
+            !(separate_audit && meta.target() == AUDIT)
+        }));
+    let audit = audit_file.map(|file| {
+        fmt::layer()
+            .json()
+            .with_writer(Mutex::new(file))
+            .with_filter(Targets::new().with_target(AUDIT, Level::INFO))
+    });
+    tracing_subscriber::registry()
+        .with(stdout)
+        .with(audit)
+        .init();
+    Ok(())
+}
