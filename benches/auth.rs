@@ -1,0 +1,207 @@
+//! The per-request authentication work, measured: opening and checking a
+//! session cookie, bearer JWT validation (cold: a signature check; cached:
+//! the verified-token cache), and identity header injection.
+//!
+//!   cargo bench --bench auth
+//!
+//! The bearer benchmarks go through the real `Oidc` against a small local
+//! provider (discovery document and keys over HTTP), so the code measured
+//! is the code that runs.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use authgate::config::{
+    ClientAuth, IdentityHeaderNames, OidcConfig, ResponseMode, SessionConfig, Timeouts,
+};
+use authgate::identity::{Identity, IdentityHeaders};
+use authgate::metrics::Metrics;
+use authgate::oidc::Oidc;
+use authgate::session::{Session, Sessions};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::HeaderMap;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn identity() -> Identity {
+    Identity {
+        subject: "s".into(),
+        user_id: "7f3c1b2a-5d4e-4f60-9a8b-0c1d2e3f4a5b".into(),
+        username: "alice@contoso.example".into(),
+        email: Some("alice@contoso.example".into()),
+        name: Some("Alice Example".into()),
+        tenant: Some("7f3c1b2a-5d4e-4f60-9a8b-0c1d2e3f4a5b".into()),
+        groups: vec![
+            "0a1b2c3d-0000-0000-0000-000000000001".into(),
+            "0a1b2c3d-0000-0000-0000-000000000002".into(),
+        ],
+        roles: vec!["Console.User".into()],
+        groups_overage: false,
+    }
+}
+
+fn session_cookie(c: &mut Criterion) {
+    let sessions = Sessions::new(&SessionConfig {
+        secrets: vec![vec![7; 32]],
+        refresh_before: Duration::from_secs(300),
+        cookie_name: "__Host-authgate".into(),
+        idle_timeout: Duration::from_secs(3600),
+        lifetime: Duration::from_secs(8 * 3600),
+    });
+    let session = Session {
+        identity: identity(),
+        // A realistic Entra ID token is ~1.5 KB.
+        id_token: "x".repeat(1500),
+        refresh_token: Some("r".repeat(900)),
+        expires_at: now() + 3600,
+        signed_in_at: now(),
+        last_seen: now(),
+    };
+    let pairs: Vec<String> = sessions
+        .write(&session, &HeaderMap::new())
+        .iter()
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
+        .collect();
+    let mut request = HeaderMap::new();
+    request.insert(http::header::COOKIE, pairs.join("; ").parse().unwrap());
+    c.bench_function("session cookie: decrypt and validate", |b| {
+        b.iter(|| std::hint::black_box(sessions.read(&request)))
+    });
+}
+
+fn identity_headers(c: &mut Criterion) {
+    let headers = IdentityHeaders::new(&IdentityHeaderNames::default());
+    let who = identity();
+    let mut request = HeaderMap::new();
+    request.insert("x-forwarded-user", "spoofed".parse().unwrap());
+    c.bench_function("identity headers: strip and inject", |b| {
+        b.iter_batched_ref(
+            || request.clone(),
+            |h| {
+                headers.strip(h);
+                headers.inject(h, &who);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+/// A provider on loopback serving a discovery document and one RSA key.
+async fn local_provider(public_jwk: serde_json::Value) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let issuer = format!("{base}/tenant/v2.0");
+    let discovery = serde_json::json!({
+        "issuer": issuer,
+        "authorization_endpoint": format!("{base}/tenant/oauth2/v2.0/authorize"),
+        "token_endpoint": format!("{base}/tenant/oauth2/v2.0/token"),
+        "jwks_uri": format!("{base}/tenant/discovery/v2.0/keys"),
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+    })
+    .to_string();
+    let keys = serde_json::json!({ "keys": [public_jwk] }).to_string();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (discovery, keys) = (discovery.clone(), keys.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let body = if req.uri().path().ends_with("keys") {
+                        keys.clone()
+                    } else {
+                        discovery.clone()
+                    };
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            bytes::Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    issuer
+}
+
+fn bearer_tokens(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap();
+    let signing = jsonwebtoken::EncodingKey::from_rsa_pem(pair.serialize_pem().as_bytes()).unwrap();
+    // The public key as a JWK, as a provider publishes it.
+    use x509_parser::prelude::FromDer;
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&pair);
+    let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki).unwrap();
+    let jwk = match info.parsed().unwrap() {
+        x509_parser::public_key::PublicKey::RSA(rsa) => {
+            use base64::Engine;
+            let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+            let n = rsa.modulus.strip_prefix(&[0]).unwrap_or(rsa.modulus);
+            serde_json::json!({ "kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig", "n": b64(n), "e": b64(rsa.exponent) })
+        }
+        _ => unreachable!("an RSA key"),
+    };
+    let issuer = runtime.block_on(local_provider(jwk));
+    let config = OidcConfig {
+        issuer: issuer.clone(),
+        multi_tenant: false,
+        client_id: "client".into(),
+        client_auth: ClientAuth::ClientSecretBasic,
+        client_secret: Some("secret".into()),
+        client_certificate: None,
+        federated_token_path: None,
+        scopes: vec!["openid".into()],
+        callback_path: "/api/oidc/callback".into(),
+        redirect_uri: "https://localhost/api/oidc/callback".into(),
+        response_mode: ResponseMode::Query,
+        pass_unknown_callbacks: false,
+        allowed_tenants: vec![],
+        algorithms: vec![jsonwebtoken::Algorithm::RS256],
+        clock_skew: Duration::from_secs(60),
+        ca: None,
+        jwks_refresh: Duration::from_secs(3600),
+        bearer_audiences: vec!["client".into()],
+    };
+    let http = authgate::outbound::client(None, &Timeouts::default()).unwrap();
+    let oidc: Arc<Oidc> = Oidc::new(config, http, Metrics::default()).unwrap();
+    runtime.block_on(oidc.discover_once()).unwrap();
+    let mut serial = 0u64;
+    let mut token = || {
+        serial += 1;
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some("k1".into());
+        let claims = serde_json::json!({ "iss": issuer, "aud": "client", "sub": "api-client", "iat": now(),
+                                         "exp": now() + 3600, "jti": serial });
+        jsonwebtoken::encode(&header, &claims, &signing).unwrap()
+    };
+    c.bench_function("bearer JWT: cold (RS256 signature and claims)", |b| {
+        b.to_async(&runtime).iter_batched(
+            &mut token,
+            |t| {
+                let oidc = oidc.clone();
+                async move { oidc.verify_bearer(&t).await.unwrap() }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    let cached = token();
+    runtime.block_on(oidc.verify_bearer(&cached)).unwrap();
+    c.bench_function("bearer JWT: cached", |b| {
+        b.to_async(&runtime).iter(|| oidc.verify_bearer(&cached))
+    });
+}
+
+criterion_group!(benches, session_cookie, identity_headers, bearer_tokens);
+criterion_main!(benches);
