@@ -544,3 +544,32 @@ async fn metrics_are_served_on_the_admin_listener_only() {
     let response = send(gateway.addr, get("/metrics").body(empty()).unwrap()).await;
     assert_eq!(upstream_saw(response).await.upstream, "console");
 }
+
+#[tokio::test]
+async fn silent_clients_are_closed_after_the_header_read_timeout_on_http2_too() {
+    use tokio::io::AsyncReadExt;
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[timeouts]\nheader_read = \"300ms\"",
+    ));
+    for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let (mut tls, _) = tls_connect(gateway.addr, &[alpn]).await;
+        // Send nothing: the gateway must hang up, not wait for ever.
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => continue, // e.g. HTTP/2 settings, or a 408
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{} connection left open",
+            String::from_utf8_lossy(alpn)
+        );
+    }
+}
