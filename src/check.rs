@@ -153,7 +153,7 @@ fn verify_chain(
     host: &str,
 ) -> Result<(), rustls::Error> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    roots.add_parsable_certificates(outbound::system_roots().iter().cloned());
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         tls::provider(),

@@ -76,17 +76,15 @@ impl Gateway {
         let started = Instant::now();
         let mut req = req.map(|b| b.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed());
         let request_id = proxy::request_id(req.headers());
-        let id = request_id.to_str().unwrap_or_default().to_owned();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
         let html = pages::wants_html(req.headers());
         let seen = Seen {
-            method: method.clone(),
-            path: path.clone(),
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
             started,
-            id: id.clone(),
+            id: request_id.to_str().unwrap_or_default().to_owned(),
             peer,
         };
+        let (method, path, id) = (&seen.method, seen.path.as_str(), seen.id.as_str());
         let log = |route: &str, status| self.done(&seen, route, status);
 
         // 1. No client speaks for the user: identity headers are ours alone.
@@ -94,14 +92,14 @@ impl Gateway {
 
         // 2. The gateway's own endpoints.
         if let Some(endpoint) = path.strip_prefix(&self.own_prefix) {
-            let response = self.own_endpoint(endpoint, &req, html, &id);
+            let response = self.own_endpoint(endpoint, &req, html, id);
             log("gateway", response.status());
             return Ok(response);
         }
 
         // 3. The sign-in callback, unless it belongs to the console.
-        if let Some(signin) = self.signin.as_ref().filter(|s| s.is_callback(&path)) {
-            match signin.callback(req, html, &id).await {
+        if let Some(signin) = self.signin.as_ref().filter(|s| s.is_callback(path)) {
+            match signin.callback(req, html, id).await {
                 Callback::Answered(response) => {
                     log("sign-in", response.status());
                     return Ok(response);
@@ -109,9 +107,9 @@ impl Gateway {
                 // The console's own sign-in (RustDesk Pro's OIDC login):
                 // its browser has no gateway session, and needs none.
                 Callback::NotOurs(passed) => {
-                    let route = self.routes.find(&path);
+                    let route = self.routes.find(path);
                     let response = self
-                        .forward(passed, route, peer, &request_id, html, &id)
+                        .forward(passed, route, peer, &request_id, html, id)
                         .await;
                     log(&route.prefix, response.status());
                     return Ok(response);
@@ -120,7 +118,7 @@ impl Gateway {
         }
 
         // 4. Route; 5. authenticate where the route needs it.
-        let route = self.routes.find(&path);
+        let route = self.routes.find(path);
         let mut cookies = Vec::new();
         let needs_sign_in = match route.access {
             Access::Public => false,
@@ -135,7 +133,7 @@ impl Gateway {
         let redirects = html && route.access == Access::Protected;
         if needs_sign_in {
             let Some(signin) = &self.signin else {
-                let response = pages::problem(pages::UNAUTHENTICATED, false, &id);
+                let response = pages::problem(pages::UNAUTHENTICATED, false, id);
                 log(&route.prefix, response.status());
                 return Ok(response);
             };
@@ -143,10 +141,10 @@ impl Gateway {
                 Ok(authenticated) => authenticated,
                 Err(rejected) => {
                     let response = match rejected {
-                        Some(error) => signin.invalid_bearer(&error, &id),
+                        Some(error) => signin.invalid_bearer(&error, id),
                         None => {
                             signin
-                                .challenge(&method, req.uri(), req.headers(), redirects, &id)
+                                .challenge(method, req.uri(), req.headers(), redirects, id)
                                 .await
                         }
                     };
@@ -157,7 +155,7 @@ impl Gateway {
             let identity = authenticated.identity();
             // 6. Authorize.
             if let Err(denial) = route.policy.check(&identity) {
-                let response = signin.forbidden(&identity, &route.prefix, &denial, html, &id);
+                let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
                 log(&route.prefix, response.status());
                 return Ok(response);
             }
@@ -174,7 +172,7 @@ impl Gateway {
         }
 
         // 8. Forward.
-        let mut response = self.forward(req, route, peer, &request_id, html, &id).await;
+        let mut response = self.forward(req, route, peer, &request_id, html, id).await;
         append_cookies(&mut response, cookies);
         log(&route.prefix, response.status());
         Ok(response)
@@ -262,19 +260,19 @@ impl Gateway {
             peer = %seen.peer.ip(),
             "request"
         );
-        let route = route.to_owned();
-        self.metrics
-            .upstream_latency
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
-            .observe(latency.as_secs_f64());
+        let route = RouteLabels {
+            route: route.to_owned(),
+        };
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
-                route,
+                route: route.route.clone(),
                 status: status.as_u16(),
             })
             .inc();
+        self.metrics
+            .upstream_latency
+            .get_or_create(&route)
+            .observe(latency.as_secs_f64());
     }
 }

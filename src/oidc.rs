@@ -292,15 +292,12 @@ impl Oidc {
     pub async fn probe_credential(&self) -> Result<(), SignInError> {
         let provider = self.provider.get().ok_or(SignInError::NotReady)?;
         let client = self.client(provider);
-        let assertion = self.assertion(provider).map_err(SignInError::Exchange)?;
         let mut request = client
             .exchange_client_credentials()
             .map_err(|e| SignInError::Exchange(e.to_string()))?
             .add_scope(Scope::new(format!("{}/.default", self.config.client_id)));
-        if let Some(assertion) = assertion {
-            request = request
-                .add_extra_param("client_assertion_type", ASSERTION_TYPE)
-                .add_extra_param("client_assertion", assertion);
+        for (name, value) in self.assertion(provider).map_err(SignInError::Exchange)? {
+            request = request.add_extra_param(name, value);
         }
         let result: Result<CoreTokenResponse, _> =
             request.request_async(&Idp(&self.http, &self.metrics)).await;
@@ -379,31 +376,34 @@ impl Oidc {
         })
     }
 
-    /// The `client_assertion` for a token request (RFC 7523), when the
-    /// app proves itself with a certificate or a federated token.
-    fn assertion(&self, provider: &Provider) -> Result<Option<String>, String> {
-        match &self.credential {
-            Credential::Secret => Ok(None),
+    /// The extra token-request parameters that carry a client assertion
+    /// (RFC 7523 §2.2), when the app proves itself with a certificate or a
+    /// federated token; none for a secret, which openidconnect sends.
+    fn assertion(&self, provider: &Provider) -> Result<Vec<(&'static str, String)>, String> {
+        let assertion = match &self.credential {
+            Credential::Secret => return Ok(Vec::new()),
             Credential::Certificate(certificate) => {
                 let audience = provider
                     .metadata
                     .token_endpoint()
                     .map(|u| u.url().as_str())
                     .ok_or("the provider publishes no token endpoint")?;
-                certificate
-                    .assertion(&self.config.client_id, audience)
-                    .map(Some)
+                certificate.assertion(&self.config.client_id, audience)?
             }
             // Read each time: the platform rotates the file's token.
             Credential::Federated(path) => std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_owned()))
+                .map(|t| t.trim().to_owned())
                 .map_err(|e| {
                     format!(
                         "cannot read the federated token file {}: {e}",
                         path.display()
                     )
-                }),
-        }
+                })?,
+        };
+        Ok(vec![
+            ("client_assertion_type", ASSERTION_TYPE.to_owned()),
+            ("client_assertion", assertion),
+        ])
     }
 
     /// The provider's authorization URL for a new sign-in, and what the
@@ -452,15 +452,12 @@ impl Oidc {
     pub async fn finish(&self, login: &LoginState, code: &str) -> Result<SignedIn, SignInError> {
         let provider = self.provider.get().ok_or(SignInError::NotReady)?;
         let client = self.client(provider);
-        let assertion = self.assertion(provider).map_err(SignInError::Exchange)?;
         let mut request = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| SignInError::Exchange(e.to_string()))?
             .set_pkce_verifier(PkceCodeVerifier::new(login.pkce_verifier.clone()));
-        if let Some(assertion) = assertion {
-            request = request
-                .add_extra_param("client_assertion_type", ASSERTION_TYPE)
-                .add_extra_param("client_assertion", assertion);
+        for (name, value) in self.assertion(provider).map_err(SignInError::Exchange)? {
+            request = request.add_extra_param(name, value);
         }
         let response: CoreTokenResponse = request
             .request_async(&Idp(&self.http, &self.metrics))
@@ -515,15 +512,12 @@ impl Oidc {
             .get()
             .ok_or_else(|| unavailable(&"the provider has not been reached"))?;
         let client = self.client(provider);
-        let assertion = self.assertion(provider).map_err(|e| unavailable(&e))?;
         let token = RefreshToken::new(refresh_token.to_owned());
         let mut request = client
             .exchange_refresh_token(&token)
             .map_err(|e| unavailable(&e))?;
-        if let Some(assertion) = assertion {
-            request = request
-                .add_extra_param("client_assertion_type", ASSERTION_TYPE)
-                .add_extra_param("client_assertion", assertion);
+        for (name, value) in self.assertion(provider).map_err(|e| unavailable(&e))? {
+            request = request.add_extra_param(name, value);
         }
         let response: CoreTokenResponse = request
             .request_async(&Idp(&self.http, &self.metrics))

@@ -29,11 +29,18 @@ pub enum ClientError {
     Tls(#[from] rustls::Error),
 }
 
+/// The system's root certificates, read from disk once however many
+/// clients (upstreams, provider, `authgate check`) are built.
+pub fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
 /// Builds a client trusting the system's roots and, when given, the CA
 /// certificates in `ca` (PEM).
 pub fn client(ca: Option<&Path>, timeouts: &Timeouts) -> Result<HttpClient, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    roots.add_parsable_certificates(system_roots().iter().cloned());
     if let Some(path) = ca {
         let shown = path.display().to_string();
         let certs = CertificateDer::pem_file_iter(path)

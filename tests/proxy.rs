@@ -13,6 +13,18 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+/// A WebSocket handshake request (RFC 6455 §1.3's sample key).
+fn websocket_upgrade(path: &str) -> Request<TestBody> {
+    get(path)
+        .header("host", "localhost")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(empty())
+        .unwrap()
+}
+
 fn config(upstream: &str, extra: &str) -> String {
     format!("listen = \"127.0.0.1:0\"\naccess = \"public\"\nupstream = \"{upstream}\"\n{extra}\n")
 }
@@ -252,15 +264,7 @@ async fn websocket_echo_through_wss_on_ws_routes() {
     ));
     let (mut send, _) = http1(gateway.addr).await;
     let response = send
-        .send_request(
-            get("/ws/id")
-                .header("connection", "Upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .body(empty())
-                .unwrap(),
-        )
+        .send_request(websocket_upgrade("/ws/id"))
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
@@ -485,16 +489,7 @@ async fn metrics_are_served_on_the_admin_listener_only() {
     // An open WebSocket, and a client that speaks no TLS.
     let (mut ws_send, _) = http1(gateway.addr).await;
     let upgraded = ws_send
-        .send_request(
-            get("/ws")
-                .header("host", "localhost")
-                .header("connection", "upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .body(empty())
-                .unwrap(),
-        )
+        .send_request(websocket_upgrade("/ws"))
         .await
         .unwrap();
     let _open = hyper::upgrade::on(upgraded).await.unwrap();
