@@ -194,6 +194,19 @@ impl Default for Timeouts {
 pub struct Limits {
     pub max_header_bytes: usize,
     pub max_connections: usize,
+    /// Threads serving client connections; 0 means one per CPU core.
+    pub workers: usize,
+}
+
+impl Limits {
+    /// The number of worker threads: as configured, or one per CPU core
+    /// the process may use (cgroup quotas included).
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            n => n,
+        }
+    }
 }
 
 impl Default for Limits {
@@ -201,6 +214,7 @@ impl Default for Limits {
         Limits {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            workers: 0,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::session::Sessions;
 use crate::signin::{append_cookies, Authenticated, Callback, SignIn};
 use crate::Body;
 
+#[derive(Clone)]
 pub struct Gateway {
     metrics: Metrics,
     routes: Routes,
@@ -35,7 +36,7 @@ pub struct Gateway {
     own_prefix: String,
     /// Set when shutdown begins, so readiness fails and load balancers stop
     /// sending new requests while in-flight ones drain.
-    draining: AtomicBool,
+    draining: Arc<AtomicBool>,
 }
 
 impl Gateway {
@@ -60,7 +61,20 @@ impl Gateway {
             identity_headers: IdentityHeaders::new(&config.headers),
             signin,
             own_prefix: config.gateway_prefix.clone(),
-            draining: AtomicBool::new(false),
+            draining: Arc::default(),
+        }))
+    }
+
+    /// A copy for one worker thread: the same routes, sessions, sign-in
+    /// and metrics, but a connection pool to the upstreams of its own, so
+    /// that a request and its upstream connection live on one thread.
+    pub fn for_worker(
+        &self,
+        config: &Config,
+    ) -> Result<Arc<Gateway>, crate::outbound::ClientError> {
+        Ok(Arc::new(Gateway {
+            proxy: Proxy::new(config, self.metrics.websockets_active.clone())?,
+            ..self.clone()
         }))
     }
 

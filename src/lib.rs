@@ -60,6 +60,8 @@ pub enum StartError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error("cannot start the worker threads: {0}")]
+    Workers(#[source] std::io::Error),
 }
 
 /// Serves until SIGTERM or SIGINT, then drains in-flight requests.
@@ -106,7 +108,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tokio::spawn(oidc.discover_until_ready());
     }
 
-    let listener = bind("listen", config.listen).await?;
+    let workers = config.limits.worker_threads();
+    let listeners =
+        server::bind_workers(config.listen, workers).map_err(|source| StartError::Bind {
+            key: "listen",
+            addr: config.listen,
+            source,
+        })?;
     let redirect = match config.http_redirect_listen {
         Some(addr) => Some(bind("http_redirect_listen", addr).await?),
         None => None,
@@ -125,24 +133,23 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::info!(%addr, "serving metrics at /metrics");
     }
     tracing::info!(
-        addr = %listener.local_addr().unwrap_or(config.listen),
+        addr = %listeners[0].local_addr().unwrap_or(config.listen),
         public_url = %config.public_url,
+        workers,
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
 
     let (stop, shutdown) = watch::channel(false);
-    let connections = Connections::default();
     let plain_connections = Connections::default();
-    let tls_listener = TlsListener {
-        listener,
+    let tls_workers = TlsListener {
         acceptor,
         gateway: gateway.clone(),
         handshake_failures: metrics.tls_handshake_failures.clone(),
-    };
+    }
+    .start(listeners, &config, shutdown.clone())?;
     let origin = config.public_url.clone();
     tokio::join!(
-        tls_listener.run(&config, shutdown.clone(), &connections),
         async {
             if let Some(listener) = redirect {
                 let answer = move |req: &_| server::redirect(&origin, req);
@@ -179,8 +186,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         },
     );
     // The listeners are closed now; finish what is in flight.
-    let grace = config.timeouts.shutdown_grace;
-    tokio::join!(connections.drain(grace), plain_connections.drain(grace));
+    tokio::join!(
+        tls_workers.finished(),
+        plain_connections.drain(config.timeouts.shutdown_grace)
+    );
     Ok(())
 }
 

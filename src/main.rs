@@ -103,7 +103,13 @@ fn main() -> ExitCode {
                 eprintln!("authgate: {e}");
                 return ExitCode::from(2);
             }
-            let runtime = match tokio::runtime::Runtime::new() {
+            // This thread runs the background work (keys, certificates,
+            // signals, the admin listener); worker threads of their own
+            // serve HTTPS.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(runtime) => runtime,
                 Err(e) => {
                     eprintln!("authgate: cannot start the async runtime: {e}");

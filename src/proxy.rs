@@ -59,6 +59,7 @@ pub enum ProxyError {
     Timeout { upstream: String, after: Duration },
 }
 
+#[derive(Clone)]
 pub struct Proxy {
     websockets: Gauge,
     client: HttpClient,

@@ -13,7 +13,7 @@ pub struct Route {
     pub policy: Policy,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Routes {
     /// Longest prefix first; the last one is always `/`.
     by_length: Vec<Route>,

@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::counter::Counter;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -39,6 +40,8 @@ const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the
 /// loop does not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Connections the kernel queues per worker before they are accepted.
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// A listener's connections, drained together on shutdown.
 pub struct Connections {
@@ -65,10 +68,10 @@ impl Connections {
 }
 
 /// Accepts until `shutdown` flips, handing each connection to `serve`
-/// with a permit that bounds how many are open at once.
+/// with one of `permits`, which bound how many are open at once.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
-    max_connections: usize,
+    permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
     connections: &Connections,
     serve: F,
@@ -76,7 +79,6 @@ async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let permits = Arc::new(Semaphore::new(max_connections));
     loop {
         let permit = tokio::select! {
             _ = shutdown.changed() => break,
@@ -102,72 +104,163 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-/// The HTTPS listener in front of the gateway.
+/// Binds `count` sockets to `addr` with `SO_REUSEPORT`, one per worker
+/// thread: the kernel spreads new connections across them, as with
+/// nginx's `reuseport` workers.
+pub fn bind_workers(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    // A plain bind first, so that a second gateway on the same port fails
+    // with "address in use" instead of silently joining this one's group.
+    // It also resolves port 0 to the one port every worker then shares.
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
+    (0..count)
+        .map(|_| {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(LISTEN_BACKLOG)?;
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+/// The HTTPS side of the gateway, before it runs.
 pub struct TlsListener {
-    pub listener: TcpListener,
     pub acceptor: TlsAcceptor,
     pub gateway: Arc<Gateway>,
     pub handshake_failures: Counter,
 }
 
+/// The worker threads serving HTTPS.
+pub struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
 impl TlsListener {
-    pub async fn run(
+    /// Starts one worker thread per listener. Each runs a single-threaded
+    /// runtime that serves its connections from handshake to upstream
+    /// response with its own upstream connections, so a request never
+    /// crosses threads: on the multi-threaded scheduler the hand-offs
+    /// between threads cost more than the proxying (issue 5's profile).
+    /// The workers accept until `shutdown` flips, then drain.
+    pub fn start(
         self,
+        listeners: Vec<std::net::TcpListener>,
         config: &Config,
         shutdown: watch::Receiver<bool>,
-        connections: &Connections,
-    ) {
+    ) -> Result<Workers, crate::StartError> {
         let http1 = Arc::new(http_builder(config).http1_only());
         let http2 = Arc::new(http_builder(config).http2_only());
-        let handshake_timeout = config.timeouts.tls_handshake;
-        let header_read = config.timeouts.header_read;
-        let TlsListener {
-            listener,
-            acceptor,
-            gateway,
-            handshake_failures,
-        } = self;
+        let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let mut threads = Vec::with_capacity(listeners.len());
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(crate::StartError::Workers)?;
+            let listener = {
+                let _entered = runtime.enter();
+                TcpListener::from_std(listener).map_err(crate::StartError::Workers)?
+            };
+            let worker = Worker {
+                acceptor: self.acceptor.clone(),
+                gateway: self.gateway.for_worker(config)?,
+                handshake_failures: self.handshake_failures.clone(),
+                http1: http1.clone(),
+                http2: http2.clone(),
+                handshake_timeout: config.timeouts.tls_handshake,
+                header_read: config.timeouts.header_read,
+                grace: config.timeouts.shutdown_grace,
+            };
+            let shutdown = shutdown.clone();
+            let permits = permits.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("authgate-worker-{index}"))
+                .spawn(move || runtime.block_on(worker.run(listener, permits, shutdown)))
+                .map_err(crate::StartError::Workers)?;
+            threads.push(thread);
+        }
+        Ok(Workers { threads })
+    }
+}
+
+impl Workers {
+    /// Waits until every worker has drained its connections.
+    pub async fn finished(self) {
+        let joined = tokio::task::spawn_blocking(move || {
+            self.threads
+                .into_iter()
+                .map(|t| t.join())
+                .filter(Result::is_err)
+                .count()
+        })
+        .await;
+        if !matches!(joined, Ok(0)) {
+            tracing::error!("a worker thread panicked");
+        }
+    }
+}
+
+/// One worker thread's share of the HTTPS listener.
+struct Worker {
+    acceptor: TlsAcceptor,
+    gateway: Arc<Gateway>,
+    handshake_failures: Counter,
+    http1: Arc<auto::Builder<TokioExecutor>>,
+    http2: Arc<auto::Builder<TokioExecutor>>,
+    handshake_timeout: Duration,
+    header_read: Duration,
+    grace: Duration,
+}
+
+impl Worker {
+    async fn run(
+        self,
+        listener: TcpListener,
+        permits: Arc<Semaphore>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let connections = Connections::default();
+        let grace = self.grace;
+        let worker = Arc::new(self);
         accept_loop(
             listener,
-            config.limits.max_connections,
+            permits,
             shutdown,
-            connections,
-            |tcp, peer, watcher| {
-                let acceptor = acceptor.clone();
-                let gateway = gateway.clone();
-                let (http1, http2) = (http1.clone(), http2.clone());
-                let handshake_failures = handshake_failures.clone();
-                async move {
-                    let tls =
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
-                                handshake_failures.inc();
-                                return tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            }
-                            Err(_) => {
-                                handshake_failures.inc();
-                                return tracing::debug!(%peer, "TLS handshake timed out");
-                            }
-                        };
-                    // ALPN already chose the protocol, so no detection read
-                    // (which has no deadline, hyper issue 3962) is needed.
-                    let builder = match tls.get_ref().1.alpn_protocol() {
-                        Some(b"h2") => http2,
-                        _ => http1,
-                    };
-                    let service = service_fn(move |req| gateway.clone().handle(req, peer));
-                    let io = FirstReadDeadline::new(tls, header_read);
-                    let connection = builder
-                        .serve_connection_with_upgrades(TokioIo::new(io), service)
-                        .into_owned();
-                    if let Err(e) = watcher.watch(connection).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-            },
+            &connections,
+            |tcp, peer, watcher| worker.clone().serve(tcp, peer, watcher),
         )
         .await;
+        connections.drain(grace).await;
+    }
+
+    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+        let tls =
+            match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    self.handshake_failures.inc();
+                    return tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    self.handshake_failures.inc();
+                    return tracing::debug!(%peer, "TLS handshake timed out");
+                }
+            };
+        // ALPN already chose the protocol, so no detection read (which has
+        // no deadline, hyper issue 3962) is needed.
+        let builder = match tls.get_ref().1.alpn_protocol() {
+            Some(b"h2") => &self.http2,
+            _ => &self.http1,
+        };
+        let gateway = self.gateway.clone();
+        let service = service_fn(move |req| gateway.clone().handle(req, peer));
+        let io = FirstReadDeadline::new(tls, self.header_read);
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        if let Err(e) = watcher.watch(connection.into_owned()).await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
     }
 }
 
@@ -283,7 +376,7 @@ pub async fn run_plain<F>(
     let header_read = config.timeouts.header_read;
     accept_loop(
         listener,
-        config.limits.max_connections,
+        Arc::new(Semaphore::new(config.limits.max_connections)),
         shutdown,
         connections,
         |tcp, peer, watcher| {

@@ -135,6 +135,29 @@ async fn sigterm_lets_an_in_flight_slow_response_finish() {
     assert!(gateway.wait_exit().success());
 }
 
+/// The worker threads share the port among themselves, but a second
+/// gateway started on a port already in use is refused, not let in to
+/// split the traffic.
+#[test]
+fn a_second_gateway_on_a_port_in_use_is_refused() {
+    let first = Gateway::start("listen = \"127.0.0.1:0\"\naccess = \"public\"\n");
+    let listen = first.addr.to_string();
+    let (status, stdout, stderr) = run_authgate(
+        first.dir.path(),
+        &["--config", "authgate.toml", "serve"],
+        &[
+            ("AUTHGATE_LISTEN", &listen),
+            ("AUTHGATE_ADMIN_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("`listen`") && stderr.contains("in use"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("listening"), "{stdout}");
+}
+
 #[test]
 fn self_signed_certificate_is_generated_when_none_is_configured() {
     let dir = tempfile::tempdir().unwrap();
