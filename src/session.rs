@@ -7,6 +7,7 @@
 //! accepted for opening, so the secret can be rotated without signing
 //! everyone out.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cookie::{Cookie, CookieJar, Key, SameSite};
@@ -27,6 +28,12 @@ const MAX_CHUNKS: usize = 10;
 pub const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// Re-issue the cookie (to slide the idle timeout) at most this often.
 const TOUCH_INTERVAL: u64 = 60;
+/// Bytes of opened sessions kept (sealed value and tokens): thousands of
+/// signed-in browsers.
+const OPENED_BYTES: u64 = 16 * 1024 * 1024;
+/// A sealed value is replaced after `TOUCH_INTERVAL` of use, so one not
+/// seen for this long is unlikely to come back.
+const OPENED_IDLE: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Session {
@@ -37,6 +44,26 @@ pub struct Session {
     pub expires_at: u64,
     pub signed_in_at: u64,
     pub last_seen: u64,
+}
+
+impl Session {
+    /// Roughly the bytes it holds, for the opened-session cache's bound.
+    fn size(&self) -> usize {
+        let identity = &self.identity;
+        std::mem::size_of::<Session>()
+            + self.id_token.len()
+            + self.refresh_token.as_ref().map_or(0, String::len)
+            + identity.subject.len()
+            + identity.user_id.len()
+            + identity.username.len()
+            + identity
+                .groups
+                .iter()
+                .chain(&identity.roles)
+                .map(|g| g.len() + 24)
+                .sum::<usize>()
+            + 256
+    }
 }
 
 /// What the callback needs to finish a sign-in this browser started.
@@ -50,9 +77,16 @@ pub struct LoginState {
     pub started_at: u64,
 }
 
+#[derive(Clone)]
 pub struct Sessions {
     /// The first key seals; all open.
     keys: Vec<Key>,
+    /// Sessions already opened, by sealed value. A browser sends the same
+    /// cookie with every request, and opening it (base64, AES-GCM, JSON)
+    /// was most of the per-request auth work (issue 5). Only values that
+    /// opened are kept and the lifetimes are checked at every use, so a
+    /// hit answers exactly what opening again would.
+    opened: moka::sync::Cache<String, Arc<Session>, foldhash::fast::RandomState>,
     name: String,
     idle: Duration,
     lifetime: Duration,
@@ -62,7 +96,7 @@ pub struct Sessions {
 /// What reading the session cookie found.
 pub enum Found {
     None,
-    Valid(Box<Session>),
+    Valid(Arc<Session>),
     /// Present but expired, tampered with, or sealed with an unknown key.
     Unusable,
 }
@@ -71,6 +105,13 @@ impl Sessions {
     pub fn new(config: &SessionConfig) -> Sessions {
         Sessions {
             keys: config.secrets.iter().map(|s| Key::derive_from(s)).collect(),
+            opened: moka::sync::Cache::builder()
+                .max_capacity(OPENED_BYTES)
+                .weigher(|sealed: &String, session: &Arc<Session>| {
+                    u32::try_from(sealed.len() + session.size()).unwrap_or(u32::MAX)
+                })
+                .time_to_idle(OPENED_IDLE)
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             name: config.cookie_name.clone(),
             idle: config.idle_timeout,
             lifetime: config.lifetime,
@@ -98,23 +139,35 @@ impl Sessions {
 
     pub fn read(&self, headers: &HeaderMap) -> Found {
         let cookies = request_cookies(headers);
-        let Some(first) = cookies.iter().find(|(n, _)| *n == self.name) else {
+        let Some(&(_, first)) = cookies.iter().find(|(n, _)| *n == self.name) else {
             return Found::None;
         };
-        let mut sealed = first.1.clone();
+        let mut sealed = first.to_owned();
         for i in 1..MAX_CHUNKS {
-            let chunk_name = format!("{}.{i}", self.name);
+            let chunk_name = self.chunk_name(i);
             match cookies.iter().find(|(n, _)| *n == chunk_name) {
                 Some((_, value)) => sealed.push_str(value),
                 None => break,
             }
         }
-        let session = self
-            .open(&self.name, &sealed)
-            .and_then(|json| serde_json::from_str::<Session>(&json).ok());
-        match session {
-            Some(s) if self.is_live(&s) => Found::Valid(Box::new(s)),
-            _ => Found::Unusable,
+        let session = match self.opened.get(&sealed) {
+            Some(session) => session,
+            None => {
+                let Some(session) = self
+                    .open(&self.name, &sealed)
+                    .and_then(|json| serde_json::from_str::<Session>(&json).ok())
+                else {
+                    return Found::Unusable;
+                };
+                let session = Arc::new(session);
+                self.opened.insert(sealed, session.clone());
+                session
+            }
+        };
+        if self.is_live(&session) {
+            Found::Valid(session)
+        } else {
+            Found::Unusable
         }
     }
 
@@ -157,7 +210,7 @@ impl Sessions {
         let present = request_cookies(request);
         for i in chunks.len()..MAX_CHUNKS {
             let name = self.chunk_name(i);
-            if present.iter().any(|(n, _)| *n == name) {
+            if present.iter().any(|(n, _)| *n == name.as_str()) {
                 out.push(removal(name));
             }
         }
@@ -169,7 +222,7 @@ impl Sessions {
         let present = request_cookies(request);
         (0..MAX_CHUNKS)
             .map(|i| self.chunk_name(i))
-            .filter(|name| present.iter().any(|(n, _)| n == name))
+            .filter(|name| present.iter().any(|(n, _)| *n == name.as_str()))
             .map(removal)
             .collect()
     }
@@ -231,8 +284,8 @@ impl Sessions {
         let name = self.login_name(state);
         let (_, sealed) = request_cookies(headers)
             .into_iter()
-            .find(|(n, _)| *n == name)?;
-        let login: LoginState = serde_json::from_str(&self.open(&name, &sealed)?).ok()?;
+            .find(|(n, _)| *n == name.as_str())?;
+        let login: LoginState = serde_json::from_str(&self.open(&name, sealed)?).ok()?;
         (login.state == state && now() < login.started_at + LOGIN_TTL.as_secs()).then_some(login)
     }
 
@@ -271,14 +324,15 @@ fn header(cookie: &Cookie<'_>) -> HeaderValue {
         .expect("cookie names and sealed values are header-safe")
 }
 
-fn request_cookies(headers: &HeaderMap) -> Vec<(String, String)> {
+/// The request's cookies as (name, value), borrowed from its headers.
+fn request_cookies(headers: &HeaderMap) -> Vec<(&str, &str)> {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(Cookie::split_parse)
         .filter_map(Result::ok)
-        .map(|c| (c.name().to_owned(), c.value().to_owned()))
+        .filter_map(|c| Some((c.name_raw()?, c.value_raw()?)))
         .collect()
 }
 
@@ -386,6 +440,27 @@ mod tests {
             rotated.read(&browser_request(&old)),
             Found::Valid(_)
         ));
+    }
+
+    #[test]
+    fn an_opened_session_still_ends_on_time() {
+        let jar = sessions(&[KEY_A]);
+        let mut ending = session(0);
+        // Live for one more second.
+        ending.last_seen = now() - 3599;
+        let request = browser_request(&jar.write(&ending, &HeaderMap::new()));
+        let Found::Valid(first) = jar.read(&request) else {
+            panic!("the session is live");
+        };
+        let Found::Valid(again) = jar.read(&request) else {
+            panic!("the session is live");
+        };
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "the second read was opened again"
+        );
+        std::thread::sleep(Duration::from_millis(2100));
+        assert!(matches!(jar.read(&request), Found::Unusable));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! callback at `/api/oidc/callback` (ours, or the console's own when the
 //! state is not ours), the session it leaves behind, and sign-out.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ use crate::Body;
 /// Largest form_post callback body read (a code, a state and an id).
 const MAX_CALLBACK_BODY: usize = 64 * 1024;
 
+#[derive(Clone)]
 pub struct SignIn {
     oidc: Arc<Oidc>,
     sessions: Sessions,
@@ -35,17 +37,17 @@ pub struct SignIn {
 /// How a request proved who it is.
 pub enum Authenticated {
     Session {
-        session: Box<Session>,
+        session: Arc<Session>,
         renewed: bool,
     },
     Bearer(Arc<Claims>),
 }
 
 impl Authenticated {
-    pub fn identity(&self) -> Identity {
+    pub fn identity(&self) -> Cow<'_, Identity> {
         match self {
-            Authenticated::Session { session, .. } => session.identity.clone(),
-            Authenticated::Bearer(claims) => claims.identity(),
+            Authenticated::Session { session, .. } => Cow::Borrowed(&session.identity),
+            Authenticated::Bearer(claims) => Cow::Owned(claims.identity()),
         }
     }
 }
@@ -127,7 +129,7 @@ impl SignIn {
     /// `None` when the provider refused (revoked, user disabled): the
     /// user must sign in again. A provider that cannot be asked does not
     /// end the session; the next request tries again.
-    async fn renew_if_due(&self, session: Box<Session>) -> Option<Authenticated> {
+    async fn renew_if_due(&self, session: Arc<Session>) -> Option<Authenticated> {
         let refresh_token = match &session.refresh_token {
             Some(token) if self.sessions.due_for_refresh(&session) => token.clone(),
             _ => {
@@ -153,7 +155,7 @@ impl SignIn {
                     last_seen: now(),
                 };
                 Some(Authenticated::Session {
-                    session: Box::new(renewed),
+                    session: Arc::new(renewed),
                     renewed: true,
                 })
             }
