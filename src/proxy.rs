@@ -219,13 +219,18 @@ impl Proxy {
             .filter(|_| trusted)
             .unwrap_or(peer_ip);
 
+        let peer_text = peer_ip.to_string();
         let mut xff = chain.join(", ");
         if !xff.is_empty() {
             xff.push_str(", ");
         }
-        xff.push_str(&peer_ip.to_string());
+        xff.push_str(&peer_text);
         set(headers, &X_FORWARDED_FOR, &xff);
-        set(headers, &X_REAL_IP, &client_ip.to_string());
+        if client_ip == peer_ip {
+            set(headers, &X_REAL_IP, &peer_text);
+        } else {
+            set(headers, &X_REAL_IP, &client_ip.to_string());
+        }
 
         if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
             headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
@@ -237,11 +242,10 @@ impl Proxy {
             };
         }
         // RFC 7239: IPv6 nodes are quoted and bracketed, hosts quoted.
-        let node = match peer_ip {
-            IpAddr::V4(ip) => ip.to_string(),
-            IpAddr::V6(ip) => format!("\"[{ip}]\""),
+        let mut element = match peer_ip {
+            IpAddr::V4(_) => format!("for={peer_text};proto=https"),
+            IpAddr::V6(_) => format!("for=\"[{peer_text}]\";proto=https"),
         };
-        let mut element = format!("for={node};proto=https");
         if let Some(host) = host.and_then(|h| h.to_str().ok()) {
             element.push_str(&format!(";host=\"{host}\""));
         }

@@ -7,6 +7,7 @@
 //! accepted for opening, so the secret can be rotated without signing
 //! everyone out.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,15 +143,15 @@ impl Sessions {
         let Some(&(_, first)) = cookies.iter().find(|(n, _)| *n == self.name) else {
             return Found::None;
         };
-        let mut sealed = first.to_owned();
+        // Most sessions fit one cookie: then no copy is needed.
+        let mut sealed = Cow::Borrowed(first);
         for i in 1..MAX_CHUNKS {
-            let chunk_name = self.chunk_name(i);
-            match cookies.iter().find(|(n, _)| *n == chunk_name) {
-                Some((_, value)) => sealed.push_str(value),
+            match cookies.iter().find(|(n, _)| self.is_chunk(n, i)) {
+                Some((_, value)) => sealed.to_mut().push_str(value),
                 None => break,
             }
         }
-        let session = match self.opened.get(&sealed) {
+        let session = match self.opened.get(sealed.as_ref()) {
             Some(session) => session,
             None => {
                 let Some(session) = self
@@ -160,7 +161,7 @@ impl Sessions {
                     return Found::Unusable;
                 };
                 let session = Arc::new(session);
-                self.opened.insert(sealed, session.clone());
+                self.opened.insert(sealed.into_owned(), session.clone());
                 session
             }
         };
@@ -246,6 +247,13 @@ impl Sessions {
                 headers.insert(COOKIE, value);
             }
         }
+    }
+
+    /// Whether `name` is `<name>.<i>`.
+    fn is_chunk(&self, name: &str, i: usize) -> bool {
+        name.strip_prefix(self.name.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|n| n.parse() == Ok(i))
     }
 
     fn chunk_name(&self, i: usize) -> String {
