@@ -29,9 +29,9 @@ const MAX_CHUNKS: usize = 10;
 pub const LOGIN_TTL: Duration = Duration::from_secs(600);
 /// Re-issue the cookie (to slide the idle timeout) at most this often.
 const TOUCH_INTERVAL: u64 = 60;
-/// Bytes of opened sessions kept (sealed value and tokens): thousands of
+/// Bytes each session cache (opened, re-issued) keeps: thousands of
 /// signed-in browsers.
-const OPENED_BYTES: u64 = 16 * 1024 * 1024;
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 /// A sealed value is replaced after `TOUCH_INTERVAL` of use, so one not
 /// seen for this long is unlikely to come back.
 const OPENED_IDLE: Duration = Duration::from_secs(5 * 60);
@@ -88,6 +88,8 @@ pub struct Sessions {
     /// opened are kept and the lifetimes are checked at every use, so a
     /// hit answers exactly what opening again would.
     opened: moka::sync::Cache<String, Arc<Session>, foldhash::fast::RandomState>,
+    /// Re-issued cookies by (ID token, last seen) of the session touched.
+    reissued: moka::sync::Cache<(String, u64), Arc<Vec<HeaderValue>>, foldhash::fast::RandomState>,
     name: String,
     idle: Duration,
     lifetime: Duration,
@@ -107,11 +109,21 @@ impl Sessions {
         Sessions {
             keys: config.secrets.iter().map(|s| Key::derive_from(s)).collect(),
             opened: moka::sync::Cache::builder()
-                .max_capacity(OPENED_BYTES)
+                .max_capacity(CACHE_BYTES)
                 .weigher(|sealed: &String, session: &Arc<Session>| {
                     u32::try_from(sealed.len() + session.size()).unwrap_or(u32::MAX)
                 })
                 .time_to_idle(OPENED_IDLE)
+                .build_with_hasher(foldhash::fast::RandomState::default()),
+            reissued: moka::sync::Cache::builder()
+                .max_capacity(CACHE_BYTES)
+                .weigher(
+                    |(id_token, _): &(String, u64), cookies: &Arc<Vec<HeaderValue>>| {
+                        let cookies: usize = cookies.iter().map(HeaderValue::len).sum();
+                        u32::try_from(id_token.len() + cookies).unwrap_or(u32::MAX)
+                    },
+                )
+                .time_to_live(Duration::from_secs(TOUCH_INTERVAL))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             name: config.cookie_name.clone(),
             idle: config.idle_timeout,
@@ -185,9 +197,23 @@ impl Sessions {
             && now() + self.refresh_before.as_secs() >= session.expires_at
     }
 
-    /// Whether the cookie should be re-issued to slide the idle timeout.
-    pub fn needs_touch(&self, session: &Session) -> bool {
-        now() >= session.last_seen + TOUCH_INTERVAL
+    /// `Set-Cookie` values re-issuing `session` to slide its idle timer,
+    /// once it is `TOUCH_INTERVAL` old. The re-issued cookie is sealed once
+    /// and handed out again for that interval: a client that keeps sending
+    /// the old cookie (a script, a load test) would otherwise have it
+    /// sealed anew on every request.
+    pub fn touch(&self, session: &Session, request: &HeaderMap) -> Vec<HeaderValue> {
+        if now() < session.last_seen + TOUCH_INTERVAL {
+            return Vec::new();
+        }
+        // The ID token tells sign-ins (and renewals) apart.
+        let key = (session.id_token.clone(), session.last_seen);
+        let reissued = self.reissued.get_with(key, || {
+            let mut touched = session.clone();
+            touched.last_seen = now();
+            Arc::new(self.write(&touched, request))
+        });
+        reissued.to_vec()
     }
 
     /// `Set-Cookie` values for `session`, also clearing chunks of a larger
@@ -469,6 +495,26 @@ mod tests {
         );
         std::thread::sleep(Duration::from_millis(2100));
         assert!(matches!(jar.read(&request), Found::Unusable));
+    }
+
+    #[test]
+    fn a_cookie_due_for_touching_is_resealed_once() {
+        let jar = sessions(&[KEY_A]);
+        let mut idle = session(0);
+        idle.last_seen = now() - TOUCH_INTERVAL - 5;
+        let request = browser_request(&jar.write(&idle, &HeaderMap::new()));
+        let Found::Valid(read) = jar.read(&request) else {
+            panic!("the session is live");
+        };
+        let first = jar.touch(&read, &request);
+        assert!(!first.is_empty(), "a touch was due");
+        // The same old cookie again: the same re-issued one, not a new seal.
+        assert_eq!(jar.touch(&read, &request), first);
+        let Found::Valid(touched) = jar.read(&browser_request(&first)) else {
+            panic!("the re-issued cookie opens");
+        };
+        assert!(touched.last_seen >= now() - 1);
+        assert!(jar.touch(&touched, &browser_request(&first)).is_empty());
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl SignIn {
         if renewed {
             self.sessions.write(session, request)
         } else {
-            self.touch(session, request)
+            self.sessions.touch(session, request)
         }
     }
 
@@ -213,17 +213,6 @@ impl SignIn {
 
     pub fn strip_own_cookies(&self, headers: &mut HeaderMap) {
         self.sessions.strip_own(headers);
-    }
-
-    /// `Set-Cookie` values to re-issue a session whose idle timer should
-    /// slide, if it is time to.
-    fn touch(&self, session: &Session, request: &HeaderMap) -> Vec<HeaderValue> {
-        if !self.sessions.needs_touch(session) {
-            return Vec::new();
-        }
-        let mut touched = session.clone();
-        touched.last_seen = now();
-        self.sessions.write(&touched, request)
     }
 
     /// No usable session: browsers go to the provider, API clients get a
