@@ -196,8 +196,8 @@ async fn two_tabs_signing_in_at_once_both_succeed() {
     let (a, b) = (stack.url("/tab/one"), stack.url("/tab/two"));
     let results = browser(&stack.origin, json!([{ "tabs": [a, b], "user": "dave" }])).await;
     let tabs = results[0].as_array().unwrap();
-    assert_eq!(tabs[0]["url"], a.as_str());
-    assert_eq!(tabs[1]["url"], b.as_str());
+    assert_eq!(tabs[0]["url"], a.as_str(), "{}", tabs[0]["text"]);
+    assert_eq!(tabs[1]["url"], b.as_str(), "{}", tabs[1]["text"]);
     assert_eq!(echo_of(&tabs[0]).path, "/tab/one");
     assert_eq!(echo_of(&tabs[1]).path, "/tab/two");
     assert_eq!(
