@@ -13,6 +13,7 @@ pub mod health;
 pub mod identity;
 pub mod jwks;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod oidc;
 pub mod outbound;
@@ -126,6 +127,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     tokio::spawn(watcher.run(cert));
+    tokio::spawn(memory::trim_periodically());
     if let Some(addr) = redirect.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, to = %config.public_url, "redirecting plain HTTP");
     }

@@ -158,6 +158,43 @@ fn a_second_gateway_on_a_port_in_use_is_refused() {
     assert!(!stdout.contains("listening"), "{stdout}");
 }
 
+/// Memory freed when a burst of connections has closed goes back to the
+/// system; glibc would otherwise keep it in its arenas.
+#[tokio::test]
+async fn memory_freed_after_a_burst_goes_back_to_the_system() {
+    const MIB: u64 = 1024 * 1024;
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&format!(
+        "listen = \"127.0.0.1:0\"\naccess = \"public\"\nupstream = \"{}\"\n",
+        upstream.url()
+    ));
+    let mut burst = Vec::new();
+    for _ in 0..400 {
+        let (mut connection, _) = http1(gateway.addr).await;
+        let request = get("/").header("host", "localhost").body(empty()).unwrap();
+        let response = connection.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        body_string(response).await;
+        burst.push(connection);
+    }
+    let busy = gateway.rss();
+    drop(burst);
+    let started = Instant::now();
+    loop {
+        let now = gateway.rss();
+        if now + 4 * MIB < busy {
+            break;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "RSS {} MiB after the burst, {} MiB during it",
+            now / MIB,
+            busy / MIB
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[test]
 fn self_signed_certificate_is_generated_when_none_is_configured() {
     let dir = tempfile::tempdir().unwrap();
