@@ -68,14 +68,11 @@ impl Gateway {
     /// A copy for one worker thread: the same routes, sessions, sign-in
     /// and metrics, but a connection pool to the upstreams of its own, so
     /// that a request and its upstream connection live on one thread.
-    pub fn for_worker(
-        &self,
-        config: &Config,
-    ) -> Result<Arc<Gateway>, crate::outbound::ClientError> {
-        Ok(Arc::new(Gateway {
-            proxy: Proxy::new(config, self.metrics.websockets_active.clone())?,
+    pub fn for_worker(&self) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            proxy: self.proxy.with_own_pool(),
             ..self.clone()
-        }))
+        })
     }
 
     pub fn start_draining(&self) {

@@ -14,7 +14,8 @@ use rustls_pki_types::CertificateDer;
 use crate::config::Timeouts;
 use crate::Body;
 
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+pub type Connector = HttpsConnector<HttpConnector>;
+pub type HttpClient = Client<Connector, Body>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -39,6 +40,20 @@ pub fn system_roots() -> &'static [CertificateDer<'static>] {
 /// Builds a client trusting the system's roots and, when given, the CA
 /// certificates in `ca` (PEM).
 pub fn client(ca: Option<&Path>, timeouts: &Timeouts) -> Result<HttpClient, ClientError> {
+    Ok(pooled(connector(ca, timeouts)?, timeouts))
+}
+
+/// A client with a connection pool of its own over `connector`.
+pub fn pooled(connector: Connector, timeouts: &Timeouts) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(timeouts.idle)
+        .build(connector)
+}
+
+/// The TLS-capable connector behind [`client`]; the CA file is read here.
+pub fn connector(ca: Option<&Path>, timeouts: &Timeouts) -> Result<Connector, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(system_roots().iter().cloned());
     if let Some(path) = ca {
@@ -65,16 +80,11 @@ pub fn client(ca: Option<&Path>, timeouts: &Timeouts) -> Result<HttpClient, Clie
     http.enforce_http(false);
     http.set_connect_timeout(Some(timeouts.connect));
     http.set_nodelay(true);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(timeouts.idle)
-        .build(connector))
+        .wrap_connector(http))
 }
 
 /// Largest body accepted from the identity provider (discovery, keys,

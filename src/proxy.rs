@@ -14,8 +14,8 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::config::{Config, UpstreamUrl};
-use crate::outbound::{self, ClientError, HttpClient};
+use crate::config::{Config, Timeouts, UpstreamUrl};
+use crate::outbound::{self, ClientError, Connector, HttpClient};
 use crate::Body;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -62,23 +62,35 @@ pub enum ProxyError {
 #[derive(Clone)]
 pub struct Proxy {
     websockets: Gauge,
+    /// Kept to give each worker a pool of its own without reading the CA
+    /// file again.
+    connector: Connector,
     client: HttpClient,
     trusted_proxies: Vec<IpNet>,
     preserve_host: bool,
-    response_timeout: Duration,
+    timeouts: Timeouts,
 }
 
 impl Proxy {
     /// `websockets` counts the upgraded connections open.
     pub fn new(config: &Config, websockets: Gauge) -> Result<Proxy, ClientError> {
-        let client = outbound::client(config.proxy.ca.as_deref(), &config.timeouts)?;
+        let connector = outbound::connector(config.proxy.ca.as_deref(), &config.timeouts)?;
         Ok(Proxy {
-            client,
+            client: outbound::pooled(connector.clone(), &config.timeouts),
+            connector,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             preserve_host: config.proxy.preserve_host,
-            response_timeout: config.timeouts.upstream_response,
+            timeouts: config.timeouts,
             websockets,
         })
+    }
+
+    /// The same proxy with a connection pool of its own.
+    pub fn with_own_pool(&self) -> Proxy {
+        Proxy {
+            client: outbound::pooled(self.connector.clone(), &self.timeouts),
+            ..self.clone()
+        }
     }
 
     /// Sends `req` to `upstream` and returns its response, with an upgraded
@@ -147,11 +159,13 @@ impl Proxy {
 
         let shown = || upstream.to_string();
         let mut response =
-            match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            match tokio::time::timeout(self.timeouts.upstream_response, self.client.request(req))
+                .await
+            {
                 Err(_) => {
                     return Err(ProxyError::Timeout {
                         upstream: shown(),
-                        after: self.response_timeout,
+                        after: self.timeouts.upstream_response,
                     })
                 }
                 Ok(Err(source)) if source.is_connect() => {

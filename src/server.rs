@@ -165,7 +165,7 @@ impl TlsListener {
             };
             let worker = Worker {
                 acceptor: self.acceptor.clone(),
-                gateway: self.gateway.for_worker(config)?,
+                gateway: self.gateway.for_worker(),
                 handshake_failures: self.handshake_failures.clone(),
                 http1: http1.clone(),
                 http2: http2.clone(),

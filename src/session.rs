@@ -47,26 +47,6 @@ pub struct Session {
     pub last_seen: u64,
 }
 
-impl Session {
-    /// Roughly the bytes it holds, for the opened-session cache's bound.
-    fn size(&self) -> usize {
-        let identity = &self.identity;
-        std::mem::size_of::<Session>()
-            + self.id_token.len()
-            + self.refresh_token.as_ref().map_or(0, String::len)
-            + identity.subject.len()
-            + identity.user_id.len()
-            + identity.username.len()
-            + identity
-                .groups
-                .iter()
-                .chain(&identity.roles)
-                .map(|g| g.len() + 24)
-                .sum::<usize>()
-            + 256
-    }
-}
-
 /// What the callback needs to finish a sign-in this browser started.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoginState {
@@ -110,8 +90,10 @@ impl Sessions {
             keys: config.secrets.iter().map(|s| Key::derive_from(s)).collect(),
             opened: moka::sync::Cache::builder()
                 .max_capacity(CACHE_BYTES)
-                .weigher(|sealed: &String, session: &Arc<Session>| {
-                    u32::try_from(sealed.len() + session.size()).unwrap_or(u32::MAX)
+                // The opened session holds about what its sealed value
+                // (base64 of the same JSON) does: count both.
+                .weigher(|sealed: &String, _: &Arc<Session>| {
+                    u32::try_from(2 * sealed.len()).unwrap_or(u32::MAX)
                 })
                 .time_to_idle(OPENED_IDLE)
                 .build_with_hasher(foldhash::fast::RandomState::default()),
