@@ -8,7 +8,7 @@
 //! everyone out.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cookie::{Cookie, CookieJar, Key, SameSite};
@@ -17,7 +17,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::SessionConfig;
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityValues};
 use crate::token::now;
 
 /// Bytes of sealed value per cookie: browsers keep at least 4096 bytes
@@ -45,6 +45,10 @@ pub struct Session {
     pub expires_at: u64,
     pub signed_in_at: u64,
     pub last_seen: u64,
+    /// Built at the first request that needs them; opened sessions are
+    /// cached, so later requests of this session copy them.
+    #[serde(skip)]
+    pub identity_headers: OnceLock<IdentityValues>,
 }
 
 /// What the callback needs to finish a sign-in this browser started.
@@ -386,6 +390,7 @@ mod tests {
             expires_at: now() + 3600,
             signed_in_at: now(),
             last_seen: now(),
+            identity_headers: Default::default(),
         }
     }
 

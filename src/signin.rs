@@ -153,6 +153,7 @@ impl SignIn {
                     expires_at: signed_in.claims.exp,
                     signed_in_at: session.signed_in_at,
                     last_seen: now(),
+                    identity_headers: Default::default(),
                 };
                 Some(Authenticated::Session {
                     session: Arc::new(renewed),
@@ -318,6 +319,7 @@ impl SignIn {
                         expires_at: signed_in.claims.exp,
                         signed_in_at: now(),
                         last_seen: now(),
+                        identity_headers: Default::default(),
                     };
                     let location = format!("{}{}", self.public_url, login.return_to);
                     let mut response = redirect(StatusCode::SEE_OTHER, &location);
