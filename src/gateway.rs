@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::AUTHORIZATION;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -18,7 +18,7 @@ use crate::identity::IdentityHeaders;
 use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 use crate::oidc::Oidc;
 use crate::pages;
-use crate::proxy::{self, Proxy, ProxyError};
+use crate::proxy::{self, Peer, Proxy, ProxyError};
 use crate::routes::{Route, Routes};
 use crate::session::Sessions;
 use crate::signin::{append_cookies, Authenticated, Callback, SignIn};
@@ -82,7 +82,7 @@ impl Gateway {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: Peer,
     ) -> Result<Response<Body>, Infallible> {
         let started = Instant::now();
         let mut req = req.map(|b| b.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed());
@@ -90,12 +90,12 @@ impl Gateway {
         let html = pages::wants_html(req.headers());
         let seen = Seen {
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            uri: req.uri().clone(),
             started,
-            id: request_id.to_str().unwrap_or_default().to_owned(),
-            peer,
+            id: request_id.to_str().unwrap_or_default(),
+            peer: peer.addr,
         };
-        let (method, path, id) = (&seen.method, seen.path.as_str(), seen.id.as_str());
+        let (method, path, id) = (&seen.method, seen.uri.path(), seen.id);
         let log = |route: &str, status| self.done(&seen, route, status);
 
         // 1. No client speaks for the user: identity headers are ours alone.
@@ -120,7 +120,7 @@ impl Gateway {
                 Callback::NotOurs(passed) => {
                     let route = self.routes.find(path);
                     let response = self
-                        .forward(passed, route, peer, &request_id, html, id)
+                        .forward(passed, route, &peer, &request_id, html, id)
                         .await;
                     log(&route.prefix, response.status());
                     return Ok(response);
@@ -174,16 +174,26 @@ impl Gateway {
                 // Before the gateway's cookies leave the request: a shrunk
                 // session must clear the chunks the browser still holds.
                 cookies = signin.session_cookies(session, *renewed, req.headers());
-                self.identity_headers
-                    .inject_id_token(req.headers_mut(), &session.id_token);
             }
             signin.strip_own_cookies(req.headers_mut());
             // 7. Tell the upstream who it is.
-            self.identity_headers.inject(req.headers_mut(), &identity);
+            match &authenticated {
+                Authenticated::Session { session, .. } => {
+                    self.identity_headers
+                        .inject_id_token(req.headers_mut(), &session.id_token);
+                    session
+                        .identity_headers
+                        .get_or_init(|| self.identity_headers.values(&identity))
+                        .apply(req.headers_mut());
+                }
+                Authenticated::Bearer(_) => {
+                    self.identity_headers.inject(req.headers_mut(), &identity)
+                }
+            }
         }
 
         // 8. Forward.
-        let mut response = self.forward(req, route, peer, &request_id, html, id).await;
+        let mut response = self.forward(req, route, &peer, &request_id, html, id).await;
         append_cookies(&mut response, cookies);
         log(&route.prefix, response.status());
         Ok(response)
@@ -193,7 +203,7 @@ impl Gateway {
         &self,
         req: Request<Body>,
         route: &Route,
-        peer: SocketAddr,
+        peer: &Peer,
         request_id: &http::HeaderValue,
         html: bool,
         id: &str,
@@ -246,12 +256,12 @@ impl Gateway {
 }
 
 /// What the per-request log line and metrics need of a request.
-struct Seen {
+struct Seen<'a> {
     method: Method,
-    /// Only the path: queries can carry codes and tokens.
-    path: String,
+    /// Only its path is logged: queries can carry codes and tokens.
+    uri: Uri,
     started: Instant,
-    id: String,
+    id: &'a str,
     peer: SocketAddr,
 }
 
@@ -263,7 +273,7 @@ impl Gateway {
         tracing::info!(
             target: "authgate::access",
             method = %seen.method,
-            path = seen.path,
+            path = seen.uri.path(),
             route,
             status = status.as_u16(),
             latency_ms = latency.as_secs_f64() * 1000.0,

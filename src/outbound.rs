@@ -171,7 +171,7 @@ pub async fn get_json(
 
 /// "connect error: tcp connect error: Connection refused" rather than
 /// the outermost "client error (Connect)".
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(inner) = source {

@@ -8,14 +8,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::{Config, Timeouts, UpstreamUrl};
-use crate::outbound::{self, ClientError, Connector, HttpClient};
+use crate::outbound::{self, ClientError, Connector};
+use crate::upstream;
 use crate::Body;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -45,15 +46,12 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
-    #[error("cannot connect to upstream {upstream}: {source}")]
-    Connect {
-        upstream: String,
-        source: hyper_util::client::legacy::Error,
-    },
+    #[error("cannot connect to upstream {upstream}: {message}")]
+    Connect { upstream: String, message: String },
     #[error("upstream {upstream} failed: {source}")]
     Failed {
         upstream: String,
-        source: hyper_util::client::legacy::Error,
+        source: hyper::Error,
     },
     #[error("upstream {upstream} sent no response headers within {after:?}")]
     Timeout { upstream: String, after: Duration },
@@ -65,7 +63,7 @@ pub struct Proxy {
     /// Kept to give each worker a pool of its own without reading the CA
     /// file again.
     connector: Connector,
-    client: HttpClient,
+    pool: upstream::Pool,
     trusted_proxies: Vec<IpNet>,
     preserve_host: bool,
     timeouts: Timeouts,
@@ -76,7 +74,7 @@ impl Proxy {
     pub fn new(config: &Config, websockets: Gauge) -> Result<Proxy, ClientError> {
         let connector = outbound::connector(config.proxy.ca.as_deref(), &config.timeouts)?;
         Ok(Proxy {
-            client: outbound::pooled(connector.clone(), &config.timeouts),
+            pool: upstream::Pool::new(connector.clone(), config.timeouts.idle),
             connector,
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             preserve_host: config.proxy.preserve_host,
@@ -88,7 +86,7 @@ impl Proxy {
     /// The same proxy with a connection pool of its own.
     pub fn with_own_pool(&self) -> Proxy {
         Proxy {
-            client: outbound::pooled(self.connector.clone(), &self.timeouts),
+            pool: upstream::Pool::new(self.connector.clone(), self.timeouts.idle),
             ..self.clone()
         }
     }
@@ -99,7 +97,7 @@ impl Proxy {
         &self,
         mut req: Request<Body>,
         upstream: &UpstreamUrl,
-        peer: SocketAddr,
+        peer: &Peer,
         request_id: &HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
         let upgrade = upgrade_protocol(&req);
@@ -137,51 +135,38 @@ impl Proxy {
                 parts.headers.insert(header::HOST, host.clone());
             }
             _ => {
-                // The client sets `Host` from the URI when none is present.
+                // The pool sets the upstream's when none is present.
                 parts.headers.remove(header::HOST);
             }
         }
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = Uri::builder()
-            .scheme(upstream.scheme.clone())
-            .authority(upstream.authority.clone())
-            .path_and_query(path)
-            .build()
-            .expect("scheme, authority and path were each valid already");
         // HTTP/2 clients are served over HTTP/1.1 to the upstream, the
         // protocol consoles and WebSocket upgrades speak.
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
 
         let shown = || upstream.to_string();
-        let mut response =
-            match tokio::time::timeout(self.timeouts.upstream_response, self.client.request(req))
-                .await
-            {
-                Err(_) => {
-                    return Err(ProxyError::Timeout {
-                        upstream: shown(),
-                        after: self.timeouts.upstream_response,
-                    })
-                }
-                Ok(Err(source)) if source.is_connect() => {
-                    return Err(ProxyError::Connect {
-                        upstream: shown(),
-                        source,
-                    })
-                }
-                Ok(Err(source)) => {
-                    return Err(ProxyError::Failed {
-                        upstream: shown(),
-                        source,
-                    })
-                }
-                Ok(Ok(response)) => response,
-            };
+        let sent = self.pool.send(upstream, req, upgrade.is_some());
+        let mut response = match tokio::time::timeout(self.timeouts.upstream_response, sent).await {
+            Err(_) => {
+                return Err(ProxyError::Timeout {
+                    upstream: shown(),
+                    after: self.timeouts.upstream_response,
+                })
+            }
+            Ok(Err(upstream::Error::Connect(message))) => {
+                return Err(ProxyError::Connect {
+                    upstream: shown(),
+                    message,
+                })
+            }
+            Ok(Err(upstream::Error::Failed(source))) => {
+                return Err(ProxyError::Failed {
+                    upstream: shown(),
+                    source,
+                })
+            }
+            Ok(Ok(response)) => response,
+        };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgraded) = client_upgraded {
@@ -207,75 +192,62 @@ impl Proxy {
     fn set_forwarding_headers(
         &self,
         headers: &mut HeaderMap,
-        peer: SocketAddr,
+        peer: &Peer,
         host: Option<&HeaderValue>,
     ) {
-        let peer_ip = peer.ip().to_canonical();
-        let trusted = self.is_trusted(peer_ip);
-        let chain: Vec<String> = if trusted {
-            headers
-                .get_all(&X_FORWARDED_FOR)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        // The client is the nearest address that is not a trusted proxy.
+        if self.is_trusted(peer.ip) {
+            return self.extend_forwarding_headers(headers, peer, host);
+        }
+        // Values made once per connection: this is every request's path.
+        headers.insert(&X_FORWARDED_FOR, peer.ip_text.clone());
+        headers.insert(&X_REAL_IP, peer.ip_text.clone());
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        set_forwarded_host(headers, host);
+        set_owned(headers, &header::FORWARDED, peer.forwarded_element(host));
+    }
+
+    /// From a trusted proxy: its chain goes on, and the client is the
+    /// nearest address in it that is not a trusted proxy.
+    fn extend_forwarding_headers(
+        &self,
+        headers: &mut HeaderMap,
+        peer: &Peer,
+        host: Option<&HeaderValue>,
+    ) {
+        let chain: Vec<String> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
         let client_ip = chain
             .iter()
             .rev()
             .filter_map(|s| s.parse::<IpAddr>().ok())
             .find(|ip| !self.is_trusted(*ip))
-            .filter(|_| trusted)
-            .unwrap_or(peer_ip);
+            .unwrap_or(peer.ip);
 
-        let peer_text = peer_ip.to_string();
         let mut xff = chain.join(", ");
         if !xff.is_empty() {
             xff.push_str(", ");
         }
-        xff.push_str(&peer_text);
-        set(headers, &X_FORWARDED_FOR, &xff);
-        if client_ip == peer_ip {
-            set(headers, &X_REAL_IP, &peer_text);
-        } else {
-            set(headers, &X_REAL_IP, &client_ip.to_string());
-        }
-
-        if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        xff.push_str(peer.ip_text.to_str().expect("an address is text"));
+        set_owned(headers, &X_FORWARDED_FOR, xff);
+        set_owned(headers, &X_REAL_IP, client_ip.to_string());
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
         }
-        if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-            match host {
-                Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
-                None => headers.remove(&X_FORWARDED_HOST),
-            };
+        if !headers.contains_key(&X_FORWARDED_HOST) {
+            set_forwarded_host(headers, host);
         }
-        // RFC 7239: IPv6 nodes are quoted and bracketed, hosts quoted.
-        let mut element = match peer_ip {
-            IpAddr::V4(_) => format!("for={peer_text};proto=https"),
-            IpAddr::V6(_) => format!("for=\"[{peer_text}]\";proto=https"),
-        };
-        if let Some(host) = host.and_then(|h| h.to_str().ok()) {
-            element.push_str(&format!(";host=\"{host}\""));
-        }
-        let earlier = trusted
-            .then(|| {
-                headers
-                    .get(header::FORWARDED)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .flatten();
-        let forwarded = match earlier {
+        let element = peer.forwarded_element(host);
+        let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
             Some(earlier) => format!("{earlier}, {element}"),
             None => element,
         };
-        set(headers, &header::FORWARDED, &forwarded);
+        set_owned(headers, &header::FORWARDED, forwarded);
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -283,11 +255,62 @@ impl Proxy {
     }
 }
 
-fn set(headers: &mut HeaderMap, name: &HeaderName, value: &str) {
-    match HeaderValue::from_str(value) {
+fn set_forwarded_host(headers: &mut HeaderMap, host: Option<&HeaderValue>) {
+    match host {
+        Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+/// Sets `name`, or removes it when `value` cannot be a header value.
+fn set_owned(headers: &mut HeaderMap, name: &HeaderName, value: String) {
+    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         Ok(value) => headers.insert(name, value),
         Err(_) => headers.remove(name),
     };
+}
+
+/// The client end of an accepted connection, with what every request on
+/// it tells the upstream about it made once.
+#[derive(Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    ip: IpAddr,
+    ip_text: HeaderValue,
+    /// `for=…;proto=https` of RFC 7239's `Forwarded`.
+    forwarded_for: String,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Peer {
+        let ip = addr.ip().to_canonical();
+        let text = ip.to_string();
+        // RFC 7239: IPv6 nodes are quoted and bracketed.
+        let forwarded_for = match ip {
+            IpAddr::V4(_) => format!("for={text};proto=https"),
+            IpAddr::V6(_) => format!("for=\"[{text}]\";proto=https"),
+        };
+        Peer {
+            addr,
+            ip,
+            ip_text: HeaderValue::from_str(&text).expect("an address is a header value"),
+            forwarded_for,
+        }
+    }
+
+    /// This hop's `Forwarded` element; hosts are quoted (RFC 7239).
+    fn forwarded_element(&self, host: Option<&HeaderValue>) -> String {
+        let host = host.and_then(|h| h.to_str().ok());
+        let mut element =
+            String::with_capacity(self.forwarded_for.len() + host.map_or(0, |h| h.len() + 8));
+        element.push_str(&self.forwarded_for);
+        if let Some(host) = host {
+            element.push_str(";host=\"");
+            element.push_str(host);
+            element.push('"');
+        }
+        element
+    }
 }
 
 /// `Some(protocol)` when an HTTP/1.1 request asks to switch protocols
@@ -312,10 +335,17 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// Removes the fixed hop-by-hop headers and every header that
 /// `Connection` names (RFC 9110 §7.6.1).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none, or only `Connection: keep-alive`: looking
+    // first saves a removal per name.
+    let fixed = hop_by_hop();
+    if !headers.keys().any(|k| fixed.contains(&k)) {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|t| !fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t)))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(hop_by_hop()) {
+    for name in named.iter().chain(fixed) {
         headers.remove(name);
     }
 }
@@ -355,8 +385,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .expect("a UUID is a valid header value")
+            let mut text = uuid::Uuid::encode_buffer();
+            let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+            HeaderValue::from_str(text).expect("a UUID is a valid header value")
         })
 }
 

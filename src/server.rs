@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{Config, PublicUrl};
 use crate::gateway::Gateway;
 use crate::pages;
+use crate::proxy::Peer;
 
 /// HTTP/2 streams a client may reset before we stop accepting new ones
 /// (rapid reset, RUSTSEC-2024-0003), and resets we may send on errors.
@@ -255,7 +256,8 @@ impl Worker {
             _ => &self.http1,
         };
         let gateway = self.gateway.clone();
-        let service = service_fn(move |req| gateway.clone().handle(req, peer));
+        let client = Peer::new(peer);
+        let service = service_fn(move |req| gateway.clone().handle(req, client.clone()));
         let io = FirstReadDeadline::new(tls, self.header_read);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(connection.into_owned()).await {

@@ -363,6 +363,87 @@ async fn upstream_down_gives_502_page_for_browsers_and_json_for_clients() {
 }
 
 #[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+    // One client connection: one worker, whose pool is the one reused.
+    let (mut client, _) = http1(gateway.addr).await;
+    let mut seen = Vec::new();
+    for method in ["GET", "HEAD", "POST", "GET"] {
+        let response = client
+            .send_request(
+                Request::builder()
+                    .method(method)
+                    .uri("/echo")
+                    .header("host", "localhost")
+                    .body(full("x"))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{method}");
+        if method == "HEAD" {
+            // No body, yet the exchange is over and the connection free.
+            assert!(body_string(response).await.is_empty());
+        } else {
+            seen.push(upstream_saw(response).await.connection);
+        }
+    }
+    assert!(
+        seen.iter().all(|c| *c == seen[0]),
+        "each request should reuse the first upstream connection: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_upstream_closed_is_not_used_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers one request per connection and closes it
+    // when told, without having said so (no `Connection: close`), as one
+    // does whose keep-alive timeout is shorter than the gateway's.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (close_tx, mut close) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for n in 1.. {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8];
+                if tcp.read(&mut byte).await.unwrap() == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let body = format!("connection {n}");
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(answer.as_bytes()).await.unwrap();
+            close.recv().await.unwrap();
+            drop(tcp);
+            closed_tx.send(n).unwrap();
+        }
+    });
+    let gateway = Gateway::start(&config(&format!("http://{addr}"), ""));
+    let (mut client, _) = http1(gateway.addr).await;
+    for n in 1..=3 {
+        let response = client
+            .send_request(get("/").header("host", "localhost").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {n}");
+        assert_eq!(body_string(response).await, format!("connection {n}"));
+        // Idle in the gateway's pool now. On loopback the close has reached
+        // the gateway's socket once the upstream's close has returned.
+        close_tx.send(()).unwrap();
+        assert_eq!(closed.recv().await, Some(n));
+    }
+}
+
+#[tokio::test]
 async fn slow_upstream_gives_504() {
     let upstream = Upstream::start("console").await;
     let gateway = Gateway::start(&config(

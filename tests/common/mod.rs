@@ -263,6 +263,8 @@ pub struct Upstream {
 #[derive(Debug, serde::Deserialize)]
 pub struct Echo {
     pub upstream: String,
+    /// The gateway's end of the connection the request came on.
+    pub connection: String,
     pub method: String,
     pub path: String,
     pub version: String,
@@ -308,12 +310,12 @@ impl Upstream {
         let scheme = if tls.is_some() { "https" } else { "http" };
         tokio::spawn(async move {
             loop {
-                let (tcp, _) = listener.accept().await.unwrap();
+                let (tcp, peer) = listener.accept().await.unwrap();
                 let (name, held, release) = state.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
-                        upstream_handle(name.clone(), held.clone(), release.clone(), req)
+                        upstream_handle(name.clone(), peer, held.clone(), release.clone(), req)
                     });
                     let builder = hyper::server::conn::http1::Builder::new();
                     let _ = match tls {
@@ -362,6 +364,7 @@ impl Upstream {
 
 async fn upstream_handle(
     name: Arc<String>,
+    peer: SocketAddr,
     held: Arc<Notify>,
     release: Arc<Notify>,
     mut req: Request<Incoming>,
@@ -452,6 +455,7 @@ async fn upstream_handle(
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let echo = serde_json::json!({
         "upstream": *name,
+        "connection": peer.to_string(),
         "method": method,
         "path": path_and_query,
         "version": version,

@@ -1,0 +1,303 @@
+//! Connections to the upstreams: HTTP/1.1 with keep-alive, one pool per
+//! worker thread, each connection driven by the request using it.
+//!
+//! A hyper client connection does nothing unless its `Connection` future
+//! is polled. A general-purpose client (hyper-util's) gives every
+//! connection a task of its own and passes each request and response
+//! between that task and the request's through channels. Here the
+//! request's own task polls the connection, first while waiting for the
+//! response head and then from the response body, so a request costs no
+//! hand-offs; that hand-off and the pool bookkeeping around it were the
+//! largest user-space cost of a proxied request (issue 5). Upgraded
+//! connections (WebSocket) outlive the request, and get a task after all.
+
+use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use http::header::{HeaderValue, HOST};
+use http::uri::PathAndQuery;
+use http::{Request, Response, Uri};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+use crate::config::UpstreamUrl;
+use crate::outbound::{error_chain, Connector};
+use crate::{Body, BoxError};
+
+type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Connect(String),
+    #[error("{0}")]
+    Failed(#[from] hyper::Error),
+}
+
+/// Idle connections of one worker, by upstream.
+#[derive(Clone)]
+pub struct Pool {
+    idle: Arc<Mutex<Idle>>,
+    connector: Connector,
+    idle_timeout: Duration,
+}
+
+#[derive(Default)]
+struct Idle {
+    /// Most recently used last; the oldest leave from the front.
+    by_upstream: Vec<(UpstreamUrl, VecDeque<(Conn, Instant)>)>,
+    sweeping: bool,
+}
+
+/// One connection: the handle requests go in through, and the state
+/// machine that must be polled for anything to move.
+struct Conn {
+    sender: http1::SendRequest<Body>,
+    driver: http1::Connection<Io, Body>,
+    /// The driver has finished: closed, or failed.
+    ended: bool,
+}
+
+impl Conn {
+    /// Lets the connection do what it can now; false once it has ended.
+    fn poll_driver(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.ended {
+            if let Poll::Ready(result) = Pin::new(&mut self.driver).poll(cx) {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream connection failed");
+                }
+                self.ended = true;
+            }
+        }
+        !self.ended
+    }
+
+    /// Whether a request can go out on it now: not closed by the upstream
+    /// while idle, and done with the previous exchange.
+    fn is_usable(&mut self) -> bool {
+        self.poll_driver(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
+    }
+
+    /// Awaits `work` while driving the connection.
+    async fn drive<F: Future>(&mut self, work: F) -> F::Output {
+        let mut work = pin!(work);
+        poll_fn(|cx| {
+            self.poll_driver(cx);
+            work.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+impl Pool {
+    pub fn new(connector: Connector, idle_timeout: Duration) -> Pool {
+        Pool {
+            idle: Arc::default(),
+            connector,
+            idle_timeout,
+        }
+    }
+
+    /// Sends `req` to `upstream` in origin form, with `Host` set to the
+    /// upstream unless the request has one. An `upgrade` request's
+    /// connection is handed to a task of its own and not reused.
+    pub async fn send(
+        &self,
+        upstream: &UpstreamUrl,
+        mut req: Request<Body>,
+        upgrade: bool,
+    ) -> Result<Response<ResponseBody>, Error> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        if !req.headers().contains_key(HOST) {
+            let host = HeaderValue::from_str(upstream.authority.as_str())
+                .expect("an authority is a header value");
+            req.headers_mut().insert(HOST, host);
+        }
+        loop {
+            let (mut conn, reused) = match self.checkout(upstream) {
+                Some(conn) => (conn, true),
+                None => (self.connect(upstream).await?, false),
+            };
+            let sent = if upgrade {
+                let Conn {
+                    mut sender, driver, ..
+                } = conn;
+                tokio::spawn(async move {
+                    if let Err(e) = driver.with_upgrades().await {
+                        tracing::debug!(error = %e, "upgraded upstream connection failed");
+                    }
+                });
+                sender
+                    .try_send_request(req)
+                    .await
+                    .map(|r| r.map(ResponseBody::detached))
+            } else {
+                let sending = conn.sender.try_send_request(req);
+                match conn.drive(sending).await {
+                    Ok(response) => {
+                        let owner = Some((conn, self.clone(), upstream.clone()));
+                        return Ok(response.map(|body| ResponseBody {
+                            body,
+                            finished: false,
+                            owner,
+                        }));
+                    }
+                    Err(e) => Err(e),
+                }
+            };
+            match sent {
+                Ok(response) => return Ok(response),
+                // An idle connection the upstream closed just before it
+                // was taken: the request never left, so another may carry it.
+                Err(mut e) if reused && e.message().is_some() => {
+                    req = e.take_message().expect("checked above");
+                }
+                Err(e) => return Err(e.into_error().into()),
+            }
+        }
+    }
+
+    fn checkout(&self, upstream: &UpstreamUrl) -> Option<Conn> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let (_, conns) = idle.by_upstream.iter_mut().find(|(u, _)| u == upstream)?;
+        while let Some((mut conn, since)) = conns.pop_back() {
+            if since.elapsed() < self.idle_timeout && conn.is_usable() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self, upstream: &UpstreamUrl) -> Result<Conn, Error> {
+        let uri = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query("/")
+            .build()
+            .expect("scheme and authority were valid already");
+        let io = self
+            .connector
+            .clone()
+            .call(uri)
+            .await
+            .map_err(|e| Error::Connect(error_chain(&*e)))?;
+        let (sender, driver) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| Error::Connect(error_chain(&e)))?;
+        Ok(Conn {
+            sender,
+            driver,
+            ended: false,
+        })
+    }
+
+    fn put(&self, upstream: UpstreamUrl, conn: Conn) {
+        // Outside a runtime (a body dropped at shutdown) there is nobody
+        // to sweep the pool, and no request to come.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut idle = self.idle.lock().expect("pool lock");
+        let now = Instant::now();
+        match idle.by_upstream.iter_mut().find(|(u, _)| *u == upstream) {
+            Some((_, conns)) => conns.push_back((conn, now)),
+            None => idle
+                .by_upstream
+                .push((upstream, VecDeque::from([(conn, now)]))),
+        }
+        if !idle.sweeping {
+            idle.sweeping = true;
+            runtime.spawn(sweep(Arc::downgrade(&self.idle), self.idle_timeout));
+        }
+    }
+}
+
+/// Closes connections idle for `timeout`, until the pool is gone.
+async fn sweep(pool: Weak<Mutex<Idle>>, timeout: Duration) {
+    let mut ticks = tokio::time::interval((timeout / 4).max(Duration::from_secs(1)));
+    loop {
+        ticks.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.lock().expect("pool lock");
+        for (_, conns) in &mut idle.by_upstream {
+            while conns
+                .front()
+                .is_some_and(|(_, since)| since.elapsed() >= timeout)
+            {
+                conns.pop_front();
+            }
+        }
+    }
+}
+
+/// An upstream response body that drives its connection while it is read,
+/// and gives the connection back to the pool once it has been read whole.
+pub struct ResponseBody {
+    body: Incoming,
+    /// Read to its end.
+    finished: bool,
+    /// The connection it came on, when this body drives it.
+    owner: Option<(Conn, Pool, UpstreamUrl)>,
+}
+
+impl ResponseBody {
+    /// A body whose connection a task of its own drives.
+    fn detached(body: Incoming) -> ResponseBody {
+        ResponseBody {
+            body,
+            finished: false,
+            owner: None,
+        }
+    }
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if let Some((conn, _, _)) = &mut self.owner {
+            conn.poll_driver(cx);
+        }
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        self.finished |= frame.is_none();
+        Poll::Ready(frame.map(|f| f.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A connection with part of a response still unread cannot carry
+        // the next one.
+        if let Some((conn, pool, upstream)) = self.owner.take() {
+            if (self.finished || self.body.is_end_stream()) && !conn.ended {
+                pool.put(upstream, conn);
+            }
+        }
+    }
+}
