@@ -110,7 +110,8 @@ impl Gateway {
 
         // 3. The sign-in callback, unless it belongs to the console.
         if let Some(signin) = self.signin.as_ref().filter(|s| s.is_callback(path)) {
-            match signin.callback(req, html, id).await {
+            // Boxed, as the provider calls below are (see `SignIn::renew_if_due`).
+            match Box::pin(signin.callback(req, html, id)).await {
                 Callback::Answered(response) => {
                     log("sign-in", response.status());
                     return Ok(response);
@@ -154,9 +155,14 @@ impl Gateway {
                     let response = match rejected {
                         Some(error) => signin.invalid_bearer(&error, id),
                         None => {
-                            signin
-                                .challenge(method, req.uri(), req.headers(), redirects, id)
-                                .await
+                            Box::pin(signin.challenge(
+                                method,
+                                req.uri(),
+                                req.headers(),
+                                redirects,
+                                id,
+                            ))
+                            .await
                         }
                     };
                     log(&route.prefix, response.status());

@@ -145,7 +145,10 @@ impl Proxy {
         let req = Request::from_parts(parts, body);
 
         let shown = || upstream.to_string();
-        let sent = self.pool.send(upstream, req, upgrade.is_some());
+        // Boxed: inline, this future (a connection and its buffers'
+        // state) made every request's future, which each client
+        // connection keeps an allocation of, several KiB larger.
+        let sent = Box::pin(self.pool.send(upstream, req, upgrade.is_some()));
         let mut response = match tokio::time::timeout(self.timeouts.upstream_response, sent).await {
             Err(_) => {
                 return Err(ProxyError::Timeout {

@@ -115,9 +115,7 @@ impl SignIn {
             })
             .map(str::trim);
         match token {
-            Some(token) => self
-                .oidc
-                .verify_bearer(token)
+            Some(token) => Box::pin(self.oidc.verify_bearer(token))
                 .await
                 .map(Authenticated::Bearer)
                 .map_err(Some),
@@ -139,10 +137,10 @@ impl SignIn {
                 })
             }
         };
-        let outcome = self
-            .oidc
-            .refresh(&refresh_token, &session.identity.subject)
-            .await;
+        // Boxed, as every call to the provider is: inline, its future would
+        // grow every request's, which each client connection keeps an
+        // allocation of.
+        let outcome = Box::pin(self.oidc.refresh(&refresh_token, &session.identity.subject)).await;
         match &*outcome {
             Ok(signed_in) => {
                 tracing::debug!(user = %session.identity.username, "session renewed");
