@@ -53,12 +53,13 @@ pub struct Pool {
 #[derive(Default)]
 struct Idle {
     /// Most recently used last; the oldest leave from the front.
-    by_upstream: Vec<(UpstreamUrl, VecDeque<(Conn, Instant)>)>,
+    by_upstream: Vec<(UpstreamUrl, VecDeque<(Box<Conn>, Instant)>)>,
     sweeping: bool,
 }
 
 /// One connection: the handle requests go in through, and the state
-/// machine that must be polled for anything to move.
+/// machine that must be polled for anything to move. Several KiB, so it is
+/// kept boxed and moved as a pointer between pool, request and body.
 struct Conn {
     sender: http1::SendRequest<Body>,
     driver: http1::Connection<Io, Body>,
@@ -134,7 +135,7 @@ impl Pool {
             let sent = if upgrade {
                 let Conn {
                     mut sender, driver, ..
-                } = conn;
+                } = *conn;
                 tokio::spawn(async move {
                     if let Err(e) = driver.with_upgrades().await {
                         tracing::debug!(error = %e, "upgraded upstream connection failed");
@@ -170,7 +171,7 @@ impl Pool {
         }
     }
 
-    fn checkout(&self, upstream: &UpstreamUrl) -> Option<Conn> {
+    fn checkout(&self, upstream: &UpstreamUrl) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().expect("pool lock");
         let (_, conns) = idle.by_upstream.iter_mut().find(|(u, _)| u == upstream)?;
         while let Some((mut conn, since)) = conns.pop_back() {
@@ -181,7 +182,7 @@ impl Pool {
         None
     }
 
-    async fn connect(&self, upstream: &UpstreamUrl) -> Result<Conn, Error> {
+    async fn connect(&self, upstream: &UpstreamUrl) -> Result<Box<Conn>, Error> {
         let uri = Uri::builder()
             .scheme(upstream.scheme.clone())
             .authority(upstream.authority.clone())
@@ -198,14 +199,14 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(|e| Error::Connect(error_chain(&e)))?;
-        Ok(Conn {
+        Ok(Box::new(Conn {
             sender,
             driver,
             ended: false,
-        })
+        }))
     }
 
-    fn put(&self, upstream: UpstreamUrl, conn: Conn) {
+    fn put(&self, upstream: UpstreamUrl, conn: Box<Conn>) {
         // Outside a runtime (a body dropped at shutdown) there is nobody
         // to sweep the pool, and no request to come.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -251,7 +252,7 @@ pub struct ResponseBody {
     /// Read to its end.
     finished: bool,
     /// The connection it came on, when this body drives it.
-    owner: Option<(Conn, Pool, UpstreamUrl)>,
+    owner: Option<(Box<Conn>, Pool, UpstreamUrl)>,
 }
 
 impl ResponseBody {
