@@ -183,9 +183,12 @@ impl Proxy {
         } else {
             remove_hop_by_hop(response.headers_mut());
         }
-        response
-            .headers_mut()
-            .insert(&X_REQUEST_ID, request_id.clone());
+        // Never indexed by HPACK (RFC 7541 §6.2.3): a value that differs in
+        // every response would only churn an HTTP/2 connection's header
+        // table, and encoding it cost more than any other header.
+        let mut id = request_id.clone();
+        id.set_sensitive(true);
+        response.headers_mut().insert(&X_REQUEST_ID, id);
         Ok(response.map(|b| b.map_err(Into::into).boxed()))
     }
 
