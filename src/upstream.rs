@@ -50,10 +50,13 @@ pub struct Pool {
     idle_timeout: Duration,
 }
 
+/// One upstream's idle connections with the time each went idle: most
+/// recently used last, the oldest leave from the front.
+type IdleConns = VecDeque<(Box<Conn>, Instant)>;
+
 #[derive(Default)]
 struct Idle {
-    /// Most recently used last; the oldest leave from the front.
-    by_upstream: Vec<(UpstreamUrl, VecDeque<(Box<Conn>, Instant)>)>,
+    by_upstream: Vec<(UpstreamUrl, IdleConns)>,
     sweeping: bool,
 }
 
