@@ -104,7 +104,11 @@ impl IdentityHeaders {
 
     /// Sets the headers for `identity`.
     pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
-        self.values(identity).apply(headers);
+        let IdentityValues(values) = self.values(identity);
+        headers.reserve(values.len());
+        for (name, value) in values {
+            headers.insert(name, value);
+        }
     }
 
     /// The headers for `identity`. Values are UTF-8 as the provider sent
