@@ -1,7 +1,7 @@
 //! Forwarding one request to its upstream: hop-by-hop headers removed
 //! (RFC 9110 §7.6.1), `X-Forwarded-*`/`Forwarded`/`X-Real-IP` set from the
-//! peer we accepted, bodies streamed both ways through a pooled keep-alive
-//! client, and protocol upgrades (WebSocket) tunnelled with hyper's own
+//! peer we accepted, bodies streamed both ways over a pooled keep-alive
+//! connection ([`crate::upstream`]), and protocol upgrades (WebSocket) tunnelled with hyper's own
 //! upgrade mechanism.
 
 use std::net::{IpAddr, SocketAddr};
