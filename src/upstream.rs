@@ -19,7 +19,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use http::header::{HeaderValue, HOST};
-use http::uri::PathAndQuery;
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
@@ -126,9 +126,7 @@ impl Pool {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
         if !req.headers().contains_key(HOST) {
-            let host = HeaderValue::from_str(upstream.authority.as_str())
-                .expect("an authority is a header value");
-            req.headers_mut().insert(HOST, host);
+            req.headers_mut().insert(HOST, host_header(upstream));
         }
         loop {
             let (mut conn, reused) = match self.checkout(upstream) {
@@ -230,6 +228,22 @@ impl Pool {
     }
 }
 
+/// `Host` for `upstream`: its authority, without the scheme's default port
+/// (RFC 9110 §7.2 lets a client leave it out; some apps compare `Host`
+/// against their own name, which has none).
+fn host_header(upstream: &UpstreamUrl) -> HeaderValue {
+    let default_port = if upstream.scheme == Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    let host = match upstream.authority.port_u16() {
+        Some(port) if port == default_port => upstream.authority.host(),
+        _ => upstream.authority.as_str(),
+    };
+    HeaderValue::from_str(host).expect("an authority is a header value")
+}
+
 /// Closes connections idle for `timeout`, until the pool is gone.
 async fn sweep(pool: Weak<Mutex<Idle>>, timeout: Duration) {
     let mut ticks = tokio::time::interval((timeout / 4).max(Duration::from_secs(1)));
@@ -303,5 +317,32 @@ impl Drop for ResponseBody {
                 pool.put(upstream, conn);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn upstream(url: &str) -> UpstreamUrl {
+        let uri = Uri::from_str(url).unwrap();
+        UpstreamUrl {
+            scheme: uri.scheme().unwrap().clone(),
+            authority: uri.authority().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn host_leaves_out_only_the_default_port() {
+        assert_eq!(host_header(&upstream("http://console:80")), "console");
+        assert_eq!(host_header(&upstream("https://console:443")), "console");
+        assert_eq!(
+            host_header(&upstream("http://console:21114")),
+            "console:21114"
+        );
+        assert_eq!(host_header(&upstream("https://console:80")), "console:80");
+        assert_eq!(host_header(&upstream("http://[::1]:80")), "[::1]");
+        assert_eq!(host_header(&upstream("http://console")), "console");
     }
 }

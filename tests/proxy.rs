@@ -363,6 +363,20 @@ async fn upstream_down_gives_502_page_for_browsers_and_json_for_clients() {
 }
 
 #[tokio::test]
+async fn without_preserve_host_the_upstream_is_sent_its_own_name() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), "[proxy]\npreserve_host = false"));
+    let request = get("/x")
+        .header("host", "console.example.com")
+        .body(empty())
+        .unwrap();
+    let echo = upstream_saw(send(gateway.addr, request).await).await;
+    let own = format!("localhost:{}", upstream.addr.port());
+    assert_eq!(echo.header("host"), Some(own.as_str()));
+    assert_eq!(echo.header("x-forwarded-host"), Some("console.example.com"));
+}
+
+#[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let upstream = Upstream::start("console").await;
     let gateway = Gateway::start(&config(&upstream.url(), ""));
