@@ -176,15 +176,13 @@ impl Gateway {
                 log(&route.prefix, response.status());
                 return Ok(response);
             }
-            if let Authenticated::Session { session, renewed } = &authenticated {
-                // Before the gateway's cookies leave the request: a shrunk
-                // session must clear the chunks the browser still holds.
-                cookies = signin.session_cookies(session, *renewed, req.headers());
-            }
-            signin.strip_own_cookies(req.headers_mut());
             // 7. Tell the upstream who it is.
             match &authenticated {
-                Authenticated::Session { session, .. } => {
+                Authenticated::Session { session, renewed } => {
+                    // Before the gateway's cookies leave the request: a
+                    // shrunk session must clear the chunks the browser
+                    // still holds.
+                    cookies = signin.session_cookies(session, *renewed, req.headers());
                     self.identity_headers
                         .inject_id_token(req.headers_mut(), &session.id_token);
                     session
@@ -196,6 +194,7 @@ impl Gateway {
                     self.identity_headers.inject(req.headers_mut(), &identity)
                 }
             }
+            signin.strip_own_cookies(req.headers_mut());
         }
 
         // 8. Forward.

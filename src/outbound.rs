@@ -40,16 +40,11 @@ pub fn system_roots() -> &'static [CertificateDer<'static>] {
 /// Builds a client trusting the system's roots and, when given, the CA
 /// certificates in `ca` (PEM).
 pub fn client(ca: Option<&Path>, timeouts: &Timeouts) -> Result<HttpClient, ClientError> {
-    Ok(pooled(connector(ca, timeouts)?, timeouts))
-}
-
-/// A client with a connection pool of its own over `connector`.
-pub fn pooled(connector: Connector, timeouts: &Timeouts) -> HttpClient {
-    Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(timeouts.idle)
-        .build(connector)
+        .build(connector(ca, timeouts)?))
 }
 
 /// The TLS-capable connector behind [`client`]; the CA file is read here.

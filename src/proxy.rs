@@ -1,8 +1,8 @@
 //! Forwarding one request to its upstream: hop-by-hop headers removed
 //! (RFC 9110 §7.6.1), `X-Forwarded-*`/`Forwarded`/`X-Real-IP` set from the
 //! peer we accepted, bodies streamed both ways over a pooled keep-alive
-//! connection ([`crate::upstream`]), and protocol upgrades (WebSocket) tunnelled with hyper's own
-//! upgrade mechanism.
+//! connection ([`crate::upstream`]), and protocol upgrades (WebSocket)
+//! tunnelled with hyper's own upgrade mechanism.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -14,8 +14,8 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::config::{Config, Timeouts, UpstreamUrl};
-use crate::outbound::{self, ClientError, Connector};
+use crate::config::{Config, UpstreamUrl};
+use crate::outbound::{self, ClientError};
 use crate::upstream;
 use crate::Body;
 
@@ -60,13 +60,10 @@ pub enum ProxyError {
 #[derive(Clone)]
 pub struct Proxy {
     websockets: Gauge,
-    /// Kept to give each worker a pool of its own without reading the CA
-    /// file again.
-    connector: Connector,
     pool: upstream::Pool,
     trusted_proxies: Vec<IpNet>,
     preserve_host: bool,
-    timeouts: Timeouts,
+    response_timeout: Duration,
 }
 
 impl Proxy {
@@ -74,11 +71,10 @@ impl Proxy {
     pub fn new(config: &Config, websockets: Gauge) -> Result<Proxy, ClientError> {
         let connector = outbound::connector(config.proxy.ca.as_deref(), &config.timeouts)?;
         Ok(Proxy {
-            pool: upstream::Pool::new(connector.clone(), config.timeouts.idle),
-            connector,
+            pool: upstream::Pool::new(connector, config.timeouts.idle),
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             preserve_host: config.proxy.preserve_host,
-            timeouts: config.timeouts,
+            response_timeout: config.timeouts.upstream_response,
             websockets,
         })
     }
@@ -86,7 +82,7 @@ impl Proxy {
     /// The same proxy with a connection pool of its own.
     pub fn with_own_pool(&self) -> Proxy {
         Proxy {
-            pool: upstream::Pool::new(self.connector.clone(), self.timeouts.idle),
+            pool: self.pool.empty_copy(),
             ..self.clone()
         }
     }
@@ -149,11 +145,11 @@ impl Proxy {
         // state) made every request's future, which each client
         // connection keeps an allocation of, several KiB larger.
         let sent = Box::pin(self.pool.send(upstream, req, upgrade.is_some()));
-        let mut response = match tokio::time::timeout(self.timeouts.upstream_response, sent).await {
+        let mut response = match tokio::time::timeout(self.response_timeout, sent).await {
             Err(_) => {
                 return Err(ProxyError::Timeout {
                     upstream: shown(),
-                    after: self.timeouts.upstream_response,
+                    after: self.response_timeout,
                 })
             }
             Ok(Err(upstream::Error::Connect(message))) => {

@@ -110,6 +110,12 @@ impl Pool {
         }
     }
 
+    /// The same connector and idle timeout, with no connections yet: a
+    /// worker's own pool.
+    pub fn empty_copy(&self) -> Pool {
+        Pool::new(self.connector.clone(), self.idle_timeout)
+    }
+
     /// Sends `req` to `upstream` in origin form, with `Host` set to the
     /// upstream unless the request has one. An `upgrade` request's
     /// connection is handed to a task of its own and not reused.
