@@ -17,7 +17,7 @@ use authgate::config::{
 use authgate::identity::{Identity, IdentityHeaders};
 use authgate::metrics::Metrics;
 use authgate::oidc::Oidc;
-use authgate::session::{Session, Sessions};
+use authgate::session::{LastCookie, Session, Sessions};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::HeaderMap;
 use http_body_util::Full;
@@ -93,6 +93,11 @@ fn session_cookie(c: &mut Criterion) {
     let request = browser_request();
     c.bench_function("session cookie: next requests (validate)", |b| {
         b.iter(|| std::hint::black_box(sessions.read(&request)))
+    });
+    // What the gateway calls: the same header again on one connection.
+    let last = LastCookie::default();
+    c.bench_function("session cookie: next requests on a connection", |b| {
+        b.iter(|| std::hint::black_box(sessions.read_remembering(&request, &last)))
     });
 }
 

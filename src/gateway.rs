@@ -20,9 +20,24 @@ use crate::oidc::Oidc;
 use crate::pages;
 use crate::proxy::{self, Peer, Proxy, ProxyError};
 use crate::routes::{Route, Routes};
-use crate::session::Sessions;
+use crate::session::{LastCookie, Sessions};
 use crate::signin::{append_cookies, Authenticated, Callback, SignIn};
 use crate::Body;
+
+/// One accepted connection, shared by the requests it carries.
+pub struct Connection {
+    pub peer: Peer,
+    pub last_cookie: LastCookie,
+}
+
+impl Connection {
+    pub fn new(addr: SocketAddr) -> Arc<Connection> {
+        Arc::new(Connection {
+            peer: Peer::new(addr),
+            last_cookie: LastCookie::default(),
+        })
+    }
+}
 
 #[derive(Clone)]
 pub struct Gateway {
@@ -82,8 +97,9 @@ impl Gateway {
     pub async fn handle(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: Peer,
+        connection: Arc<Connection>,
     ) -> Result<Response<Body>, Infallible> {
+        let peer = &connection.peer;
         let started = Instant::now();
         let mut req = req.map(|b| b.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed());
         let request_id = proxy::request_id(req.headers());
@@ -121,7 +137,7 @@ impl Gateway {
                 Callback::NotOurs(passed) => {
                     let route = self.routes.find(path);
                     let response = self
-                        .forward(passed, route, &peer, &request_id, html, id)
+                        .forward(passed, route, peer, &request_id, html, id)
                         .await;
                     log(&route.prefix, response.status());
                     return Ok(response);
@@ -149,7 +165,10 @@ impl Gateway {
                 log(&route.prefix, response.status());
                 return Ok(response);
             };
-            let authenticated = match signin.authenticate(req.headers()).await {
+            let authenticated = match signin
+                .authenticate(req.headers(), &connection.last_cookie)
+                .await
+            {
                 Ok(authenticated) => authenticated,
                 Err(rejected) => {
                     let response = match rejected {
@@ -194,11 +213,11 @@ impl Gateway {
                     self.identity_headers.inject(req.headers_mut(), &identity)
                 }
             }
-            signin.strip_own_cookies(req.headers_mut());
+            signin.strip_own_cookies(req.headers_mut(), &connection.last_cookie);
         }
 
         // 8. Forward.
-        let mut response = self.forward(req, route, &peer, &request_id, html, id).await;
+        let mut response = self.forward(req, route, peer, &request_id, html, id).await;
         append_cookies(&mut response, cookies);
         log(&route.prefix, response.status());
         Ok(response)

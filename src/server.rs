@@ -30,9 +30,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, PublicUrl};
-use crate::gateway::Gateway;
+use crate::gateway::{Connection, Gateway};
 use crate::pages;
-use crate::proxy::Peer;
 
 /// HTTP/2 streams a client may reset before we stop accepting new ones
 /// (rapid reset, RUSTSEC-2024-0003), and resets we may send on errors.
@@ -256,8 +255,8 @@ impl Worker {
             _ => &self.http1,
         };
         let gateway = self.gateway.clone();
-        let client = Peer::new(peer);
-        let service = service_fn(move |req| gateway.clone().handle(req, client.clone()));
+        let connection = Connection::new(peer);
+        let service = service_fn(move |req| gateway.clone().handle(req, connection.clone()));
         let io = FirstReadDeadline::new(tls, self.header_read);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(connection.into_owned()).await {

@@ -8,7 +8,7 @@
 //! everyone out.
 
 use std::borrow::Cow;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cookie::{Cookie, CookieJar, Key, SameSite};
@@ -80,6 +80,34 @@ pub struct Sessions {
     refresh_before: Duration,
 }
 
+/// The session cookie one connection sent last, opened, and its `Cookie`
+/// header without the gateway's cookies. A browser sends the same header
+/// with every request on a connection, so the next one costs a comparison
+/// instead of parsing, a cache lookup and a rebuilt header (issue 5).
+/// Sessions live in their cookies alone, so a remembered one answers what
+/// opening the cookie again would; its lifetimes are checked at every use.
+#[derive(Default)]
+pub struct LastCookie(Mutex<Option<Remembered>>);
+
+struct Remembered {
+    /// A copy: a slice of the request would keep hyper's read buffer.
+    header: HeaderValue,
+    session: Arc<Session>,
+    /// `None` when only the gateway's cookies were in it.
+    others: Option<HeaderValue>,
+}
+
+impl LastCookie {
+    fn get<T>(&self, header: &HeaderValue, f: impl FnOnce(&Remembered) -> T) -> Option<T> {
+        let last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        last.as_ref().filter(|r| r.header == header).map(f)
+    }
+
+    fn set(&self, remembered: Remembered) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(remembered);
+    }
+}
+
 /// What reading the session cookie found.
 pub enum Found {
     None,
@@ -136,6 +164,26 @@ impl Sessions {
         })
     }
 
+    /// `read`, answered from the connection's last request when the
+    /// `Cookie` header is the same.
+    pub fn read_remembering(&self, headers: &HeaderMap, last: &LastCookie) -> Found {
+        let Some(header) = only_cookie_header(headers) else {
+            return self.read(headers);
+        };
+        if let Some(session) = last.get(header, |r| r.session.clone()) {
+            return self.check_live(session);
+        }
+        let found = self.read(headers);
+        if let Found::Valid(session) = &found {
+            last.set(Remembered {
+                header: HeaderValue::from_bytes(header.as_bytes()).expect("was a header value"),
+                session: session.clone(),
+                others: self.others(std::iter::once(header)),
+            });
+        }
+        found
+    }
+
     pub fn read(&self, headers: &HeaderMap) -> Found {
         let cookies = request_cookies(headers);
         let Some(&(_, first)) = cookies.iter().find(|(n, _)| *n == self.name) else {
@@ -163,6 +211,10 @@ impl Sessions {
                 session
             }
         };
+        self.check_live(session)
+    }
+
+    fn check_live(&self, session: Arc<Session>) -> Found {
         if self.is_live(&session) {
             Found::Valid(session)
         } else {
@@ -243,22 +295,33 @@ impl Sessions {
     /// Removes the gateway's own cookies from a request before it goes
     /// upstream: the console has no use for them, and a split session can
     /// be large enough to hit its header limits.
-    pub fn strip_own(&self, headers: &mut HeaderMap) {
-        let kept: Vec<String> = headers
-            .get_all(COOKIE)
-            .iter()
+    /// `last` is the connection's, filled by `read_remembering`.
+    pub fn strip_own(&self, headers: &mut HeaderMap, last: &LastCookie) {
+        let others = only_cookie_header(headers)
+            .and_then(|header| last.get(header, |r| r.others.clone()))
+            .unwrap_or_else(|| self.others(headers.get_all(COOKIE).iter()));
+        headers.remove(COOKIE);
+        if let Some(others) = others {
+            headers.insert(COOKIE, others);
+        }
+    }
+
+    /// The cookies in `values` that are not the gateway's, as one header.
+    fn others<'a>(&self, values: impl Iterator<Item = &'a HeaderValue>) -> Option<HeaderValue> {
+        let mut kept = String::new();
+        let pairs = values
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(';'))
-            .map(str::trim)
-            .filter(|pair| !pair.is_empty() && !pair.starts_with(self.name.as_str()))
-            .map(str::to_owned)
-            .collect();
-        headers.remove(COOKIE);
-        if let Ok(value) = HeaderValue::from_str(&kept.join("; ")) {
+            .map(str::trim);
+        for pair in pairs.filter(|p| !p.is_empty() && !p.starts_with(self.name.as_str())) {
             if !kept.is_empty() {
-                headers.insert(COOKIE, value);
+                kept.push_str("; ");
             }
+            kept.push_str(pair);
         }
+        (!kept.is_empty())
+            .then(|| HeaderValue::try_from(kept).ok())
+            .flatten()
     }
 
     /// Whether `name` is `<name>.<i>`.
@@ -345,6 +408,12 @@ fn header(cookie: &Cookie<'_>) -> HeaderValue {
 }
 
 /// The request's cookies as (name, value), borrowed from its headers.
+fn only_cookie_header(headers: &HeaderMap) -> Option<&HeaderValue> {
+    let mut values = headers.get_all(COOKIE).iter();
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
+}
+
 fn request_cookies(headers: &HeaderMap) -> Vec<(&str, &str)> {
     headers
         .get_all(COOKIE)
@@ -480,8 +549,59 @@ mod tests {
             Arc::ptr_eq(&first, &again),
             "the second read was opened again"
         );
+        let last = LastCookie::default();
+        for _ in 0..2 {
+            let Found::Valid(remembered) = jar.read_remembering(&request, &last) else {
+                panic!("the session is live");
+            };
+            assert!(Arc::ptr_eq(&first, &remembered));
+        }
         std::thread::sleep(Duration::from_millis(2100));
         assert!(matches!(jar.read(&request), Found::Unusable));
+        assert!(matches!(
+            jar.read_remembering(&request, &last),
+            Found::Unusable
+        ));
+    }
+
+    #[test]
+    fn a_connection_remembers_only_the_very_same_cookie_header() {
+        let jar = sessions(&[KEY_A]);
+        let last = LastCookie::default();
+        let own = browser_request(&jar.write(&session(0), &HeaderMap::new()))[COOKIE].clone();
+        let mut request = HeaderMap::new();
+        let with_others = format!("theme=dark; {}; lang=en", own.to_str().unwrap());
+        request.insert(COOKIE, with_others.parse().unwrap());
+        // The first request fills the connection's memory, the second is
+        // answered from it.
+        for _ in 0..2 {
+            assert!(matches!(
+                jar.read_remembering(&request, &last),
+                Found::Valid(_)
+            ));
+            let mut upstream = request.clone();
+            jar.strip_own(&mut upstream, &last);
+            assert_eq!(upstream[COOKIE], "theme=dark; lang=en");
+        }
+        // One character of the sealed value changed: opened, and refused.
+        let mut forged = own.as_bytes().to_vec();
+        let i = forged.len() - 5;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let mut request = HeaderMap::new();
+        request.insert(COOKIE, HeaderValue::from_bytes(&forged).unwrap());
+        assert!(matches!(
+            jar.read_remembering(&request, &last),
+            Found::Unusable
+        ));
+        // Only the gateway's cookie: none goes upstream.
+        let mut request = HeaderMap::new();
+        request.insert(COOKIE, own);
+        assert!(matches!(
+            jar.read_remembering(&request, &last),
+            Found::Valid(_)
+        ));
+        jar.strip_own(&mut request, &last);
+        assert_eq!(request.get(COOKIE), None);
     }
 
     #[test]

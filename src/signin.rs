@@ -19,7 +19,7 @@ use crate::identity::Identity;
 use crate::oidc::{Oidc, RefreshError};
 use crate::pages::Page;
 use crate::policy::Denial;
-use crate::session::{Found, Session, Sessions};
+use crate::session::{Found, LastCookie, Session, Sessions};
 use crate::token::{now, Claims, TokenError};
 use crate::Body;
 
@@ -99,11 +99,13 @@ impl SignIn {
     /// A session cookie, else an `Authorization: Bearer` token. `Err(None)`:
     /// neither was presented (or the session is no longer usable);
     /// `Err(Some(_))`: a bearer token was presented and rejected.
+    /// `last` is the connection's (see [`LastCookie`]).
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
+        last: &LastCookie,
     ) -> Result<Authenticated, Option<TokenError>> {
-        if let Found::Valid(session) = self.sessions.read(headers) {
+        if let Found::Valid(session) = self.sessions.read_remembering(headers, last) {
             return self.renew_if_due(session).await.ok_or(None);
         }
         let token = headers
@@ -210,8 +212,8 @@ impl SignIn {
         response
     }
 
-    pub fn strip_own_cookies(&self, headers: &mut HeaderMap) {
-        self.sessions.strip_own(headers);
+    pub fn strip_own_cookies(&self, headers: &mut HeaderMap, last: &LastCookie) {
+        self.sessions.strip_own(headers, last);
     }
 
     /// No usable session: browsers go to the provider, API clients get a
