@@ -83,24 +83,28 @@ pub struct Sessions {
 /// The session cookie one connection sent last, opened, and its `Cookie`
 /// header without the gateway's cookies. A browser sends the same header
 /// with every request on a connection, so the next one costs a comparison
-/// instead of parsing, a cache lookup and a rebuilt header (issue 5).
+/// instead of parsing, a cache lookup and a rebuilt header (issue 5). Over
+/// HTTP/2 a browser may send it as several fields (RFC 9113 §8.2.3):
+/// compared field by field.
 /// Sessions live in their cookies alone, so a remembered one answers what
 /// opening the cookie again would; its lifetimes are checked at every use.
 #[derive(Default)]
 pub struct LastCookie(Mutex<Option<Remembered>>);
 
 struct Remembered {
-    /// A copy: a slice of the request would keep hyper's read buffer.
-    header: HeaderValue,
+    /// Copies: slices of the request would keep hyper's read buffer.
+    fields: Vec<HeaderValue>,
     session: Arc<Session>,
     /// `None` when only the gateway's cookies were in it.
     others: Option<HeaderValue>,
 }
 
 impl LastCookie {
-    fn get<T>(&self, header: &HeaderValue, f: impl FnOnce(&Remembered) -> T) -> Option<T> {
+    fn get<T>(&self, headers: &HeaderMap, f: impl FnOnce(&Remembered) -> T) -> Option<T> {
         let last = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        last.as_ref().filter(|r| r.header == header).map(f)
+        last.as_ref()
+            .filter(|r| headers.get_all(COOKIE).iter().eq(&r.fields))
+            .map(f)
     }
 
     fn set(&self, remembered: Remembered) {
@@ -167,18 +171,19 @@ impl Sessions {
     /// `read`, answered from the connection's last request when the
     /// `Cookie` header is the same.
     pub fn read_remembering(&self, headers: &HeaderMap, last: &LastCookie) -> Found {
-        let Some(header) = only_cookie_header(headers) else {
-            return self.read(headers);
-        };
-        if let Some(session) = last.get(header, |r| r.session.clone()) {
+        if let Some(session) = last.get(headers, |r| r.session.clone()) {
             return self.check_live(session);
         }
         let found = self.read(headers);
         if let Found::Valid(session) = &found {
+            let fields = headers.get_all(COOKIE);
             last.set(Remembered {
-                header: HeaderValue::from_bytes(header.as_bytes()).expect("was a header value"),
+                fields: fields
+                    .iter()
+                    .map(|v| HeaderValue::from_bytes(v.as_bytes()).expect("was a header value"))
+                    .collect(),
                 session: session.clone(),
-                others: self.others(std::iter::once(header)),
+                others: self.others(fields.iter()),
             });
         }
         found
@@ -297,8 +302,8 @@ impl Sessions {
     /// be large enough to hit its header limits.
     /// `last` is the connection's, filled by `read_remembering`.
     pub fn strip_own(&self, headers: &mut HeaderMap, last: &LastCookie) {
-        let others = only_cookie_header(headers)
-            .and_then(|header| last.get(header, |r| r.others.clone()))
+        let others = last
+            .get(headers, |r| r.others.clone())
             .unwrap_or_else(|| self.others(headers.get_all(COOKIE).iter()));
         headers.remove(COOKIE);
         if let Some(others) = others {
@@ -408,12 +413,6 @@ fn header(cookie: &Cookie<'_>) -> HeaderValue {
 }
 
 /// The request's cookies as (name, value), borrowed from its headers.
-fn only_cookie_header(headers: &HeaderMap) -> Option<&HeaderValue> {
-    let mut values = headers.get_all(COOKIE).iter();
-    let first = values.next()?;
-    values.next().is_none().then_some(first)
-}
-
 fn request_cookies(headers: &HeaderMap) -> Vec<(&str, &str)> {
     headers
         .get_all(COOKIE)
@@ -583,12 +582,27 @@ mod tests {
             jar.strip_own(&mut upstream, &last);
             assert_eq!(upstream[COOKIE], "theme=dark; lang=en");
         }
+        // Over HTTP/2 the cookies may come as several fields.
+        let split = |session: HeaderValue| {
+            let mut request = HeaderMap::new();
+            request.append(COOKIE, "theme=dark".parse().unwrap());
+            request.append(COOKIE, session);
+            request
+        };
+        for _ in 0..2 {
+            assert!(matches!(
+                jar.read_remembering(&split(own.clone()), &last),
+                Found::Valid(_)
+            ));
+            let mut upstream = split(own.clone());
+            jar.strip_own(&mut upstream, &last);
+            assert_eq!(upstream[COOKIE], "theme=dark");
+        }
         // One character of the sealed value changed: opened, and refused.
         let mut forged = own.as_bytes().to_vec();
         let i = forged.len() - 5;
         forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
-        let mut request = HeaderMap::new();
-        request.insert(COOKIE, HeaderValue::from_bytes(&forged).unwrap());
+        let request = split(HeaderValue::from_bytes(&forged).unwrap());
         assert!(matches!(
             jar.read_remembering(&request, &last),
             Found::Unusable
