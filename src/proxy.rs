@@ -179,12 +179,17 @@ impl Proxy {
         } else {
             remove_hop_by_hop(response.headers_mut());
         }
-        // Never indexed by HPACK (RFC 7541 §6.2.3): a value that differs in
-        // every response would only churn an HTTP/2 connection's header
-        // table, and encoding it cost more than any other header.
+        // Never indexed by HPACK (RFC 7541 §6.2.3): values that change
+        // with every response (the request id) or every second (`Date`)
+        // would only fill an HTTP/2 connection's header table, and h2's
+        // encoder compares each response's value with every entry of that
+        // name there.
         let mut id = request_id.clone();
         id.set_sensitive(true);
         response.headers_mut().insert(&X_REQUEST_ID, id);
+        if let Some(date) = response.headers_mut().get_mut(header::DATE) {
+            date.set_sensitive(true);
+        }
         Ok(response.map(|b| b.map_err(Into::into).boxed()))
     }
 
