@@ -255,8 +255,8 @@ impl Worker {
             _ => &self.http1,
         };
         let gateway = self.gateway.clone();
-        let connection = Connection::new(peer);
-        let service = service_fn(move |req| gateway.clone().handle(req, connection.clone()));
+        let client = Connection::new(peer);
+        let service = service_fn(move |req| gateway.clone().handle(req, client.clone()));
         let io = FirstReadDeadline::new(tls, self.header_read);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
         if let Err(e) = watcher.watch(connection.into_owned()).await {
