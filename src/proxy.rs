@@ -126,15 +126,11 @@ impl Proxy {
         }
         self.set_forwarding_headers(&mut parts.headers, peer, host.as_ref());
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
-        match (&host, self.preserve_host) {
-            (Some(host), true) => {
-                parts.headers.insert(header::HOST, host.clone());
-            }
-            _ => {
-                // The pool sets the upstream's when none is present.
-                parts.headers.remove(header::HOST);
-            }
-        }
+        let sent_host = match (&host, self.preserve_host) {
+            (Some(host), true) => host.clone(),
+            _ => upstream::host_header(upstream),
+        };
+        parts.headers.insert(header::HOST, sent_host);
         // HTTP/2 clients are served over HTTP/1.1 to the upstream, the
         // protocol consoles and WebSocket upgrades speak.
         parts.version = Version::HTTP_11;

@@ -86,6 +86,7 @@ pub struct Sessions {
 /// instead of parsing, a cache lookup and a rebuilt header (issue 5). Over
 /// HTTP/2 a browser may send it as several fields (RFC 9113 §8.2.3):
 /// compared field by field.
+///
 /// Sessions live in their cookies alone, so a remembered one answers what
 /// opening the cookie again would; its lifetimes are checked at every use.
 #[derive(Default)]

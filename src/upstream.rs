@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use http::header::{HeaderValue, HOST};
+use http::header::HeaderValue;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
@@ -116,8 +116,7 @@ impl Pool {
         Pool::new(self.connector.clone(), self.idle_timeout)
     }
 
-    /// Sends `req` to `upstream` in origin form, with `Host` set to the
-    /// upstream unless the request has one. An `upgrade` request's
+    /// Sends `req` to `upstream` in origin form. An `upgrade` request's
     /// connection is handed to a task of its own and not reused.
     pub async fn send(
         &self,
@@ -131,9 +130,6 @@ impl Pool {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
-        if !req.headers().contains_key(HOST) {
-            req.headers_mut().insert(HOST, host_header(upstream));
-        }
         loop {
             let (mut conn, reused) = match self.checkout(upstream) {
                 Some(conn) => (conn, true),
@@ -154,17 +150,15 @@ impl Pool {
                     .map(|r| r.map(ResponseBody::detached))
             } else {
                 let sending = conn.sender.try_send_request(req);
-                match conn.drive(sending).await {
-                    Ok(response) => {
-                        let owner = Some((conn, self.clone(), upstream.clone()));
-                        return Ok(response.map(|body| ResponseBody {
-                            body,
-                            finished: false,
-                            owner,
-                        }));
-                    }
-                    Err(e) => Err(e),
-                }
+                let sent = conn.drive(sending).await;
+                let owner = Some((conn, self.clone(), upstream.clone()));
+                sent.map(|r| {
+                    r.map(|body| ResponseBody {
+                        body,
+                        finished: false,
+                        owner,
+                    })
+                })
             };
             match sent {
                 Ok(response) => return Ok(response),
@@ -234,10 +228,10 @@ impl Pool {
     }
 }
 
-/// `Host` for `upstream`: its authority, without the scheme's default port
+/// `Host` for `upstream` when the client's is not passed on: its authority, without the scheme's default port
 /// (RFC 9110 §7.2 lets a client leave it out; some apps compare `Host`
 /// against their own name, which has none).
-fn host_header(upstream: &UpstreamUrl) -> HeaderValue {
+pub fn host_header(upstream: &UpstreamUrl) -> HeaderValue {
     let default_port = if upstream.scheme == Scheme::HTTPS {
         443
     } else {
