@@ -128,7 +128,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     tokio::spawn(watcher.run(cert));
-    tokio::spawn(memory::trim_periodically());
+    tokio::spawn(memory::collect_periodically());
     if let Some(addr) = redirect.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, to = %config.public_url, "redirecting plain HTTP");
     }

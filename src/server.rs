@@ -159,6 +159,7 @@ impl TlsListener {
                 .enable_all()
                 .build()
                 .map_err(crate::StartError::Workers)?;
+            runtime.spawn(crate::memory::collect_periodically());
             let listener = {
                 let _entered = runtime.enter();
                 TcpListener::from_std(listener).map_err(crate::StartError::Workers)?

@@ -159,7 +159,7 @@ fn a_second_gateway_on_a_port_in_use_is_refused() {
 }
 
 /// Memory freed when a burst of connections has closed goes back to the
-/// system; glibc would otherwise keep it in its arenas.
+/// system instead of staying with the allocator.
 #[tokio::test]
 async fn memory_freed_after_a_burst_goes_back_to_the_system() {
     const MIB: u64 = 1024 * 1024;
