@@ -95,7 +95,7 @@ fn session_cookie(c: &mut Criterion) {
         b.iter(|| std::hint::black_box(sessions.read(&request)))
     });
     // What the gateway calls: the same header again on one connection.
-    let last = LastCookie::default();
+    let last = LastCookie::new(false);
     c.bench_function("session cookie: next requests on a connection", |b| {
         b.iter(|| std::hint::black_box(sessions.read_remembering(&request, &last)))
     });

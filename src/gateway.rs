@@ -31,10 +31,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(addr: SocketAddr) -> Arc<Connection> {
+    /// `http2`: whether the connection speaks HTTP/2 (else HTTP/1.1).
+    pub fn new(addr: SocketAddr, http2: bool) -> Arc<Connection> {
         Arc::new(Connection {
             peer: Peer::new(addr),
-            last_cookie: LastCookie::default(),
+            last_cookie: LastCookie::new(http2),
         })
     }
 }

@@ -251,12 +251,10 @@ impl Worker {
             };
         // ALPN already chose the protocol, so no detection read (which has
         // no deadline, hyper issue 3962) is needed.
-        let builder = match tls.get_ref().1.alpn_protocol() {
-            Some(b"h2") => &self.http2,
-            _ => &self.http1,
-        };
+        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let builder = if http2 { &self.http2 } else { &self.http1 };
         let gateway = self.gateway.clone();
-        let client = Connection::new(peer);
+        let client = Connection::new(peer, http2);
         let service = service_fn(move |req| gateway.clone().handle(req, client.clone()));
         let io = FirstReadDeadline::new(tls, self.header_read);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);

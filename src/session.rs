@@ -89,11 +89,17 @@ pub struct Sessions {
 ///
 /// Sessions live in their cookies alone, so a remembered one answers what
 /// opening the cookie again would; its lifetimes are checked at every use.
-#[derive(Default)]
-pub struct LastCookie(Mutex<Option<Remembered>>);
+pub struct LastCookie {
+    last: Mutex<Option<Remembered>>,
+    keep_fields: bool,
+}
 
 struct Remembered {
-    /// Copies: slices of the request would keep hyper's read buffer.
+    /// Over HTTP/1.1, copies: slices of the request would keep hyper's
+    /// read buffer. Over HTTP/2, the fields themselves: HPACK's table hands
+    /// out the same bytes each time a field is repeated, so the next
+    /// comparison finds the very same bytes and skips comparing ~2 KB
+    /// (twice a request; 0.9% of the HTTP/2 profile).
     fields: Vec<HeaderValue>,
     session: Arc<Session>,
     /// `None` when only the gateway's cookies were in it.
@@ -101,16 +107,43 @@ struct Remembered {
 }
 
 impl LastCookie {
+    /// For a connection that speaks HTTP/2 when `http2`, else HTTP/1.1.
+    pub fn new(http2: bool) -> LastCookie {
+        LastCookie {
+            last: Mutex::default(),
+            keep_fields: http2,
+        }
+    }
+
     fn get<T>(&self, headers: &HeaderMap, f: impl FnOnce(&Remembered) -> T) -> Option<T> {
-        let last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         last.as_ref()
-            .filter(|r| headers.get_all(COOKIE).iter().eq(&r.fields))
+            .filter(|r| same_fields(headers, &r.fields))
             .map(f)
     }
 
     fn set(&self, remembered: Remembered) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(remembered);
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(remembered);
     }
+
+    fn remember(&self, field: &HeaderValue) -> HeaderValue {
+        if self.keep_fields {
+            field.clone()
+        } else {
+            HeaderValue::from_bytes(field.as_bytes()).expect("was a header value")
+        }
+    }
+}
+
+/// Whether `headers` has the `Cookie` fields `kept`, in order. The same
+/// bytes are not compared with themselves: a kept field holds its bytes,
+/// so no other value can be at their address.
+fn same_fields(headers: &HeaderMap, kept: &[HeaderValue]) -> bool {
+    let mut sent = headers.get_all(COOKIE).iter().map(HeaderValue::as_bytes);
+    kept.iter().map(HeaderValue::as_bytes).all(|kept| {
+        sent.next()
+            .is_some_and(|s| std::ptr::eq(s, kept) || s == kept)
+    }) && sent.next().is_none()
 }
 
 /// What reading the session cookie found.
@@ -179,10 +212,7 @@ impl Sessions {
         if let Found::Valid(session) = &found {
             let fields = headers.get_all(COOKIE);
             last.set(Remembered {
-                fields: fields
-                    .iter()
-                    .map(|v| HeaderValue::from_bytes(v.as_bytes()).expect("was a header value"))
-                    .collect(),
+                fields: fields.iter().map(|v| last.remember(v)).collect(),
                 session: session.clone(),
                 others: self.others(fields.iter()),
             });
@@ -549,7 +579,7 @@ mod tests {
             Arc::ptr_eq(&first, &again),
             "the second read was opened again"
         );
-        let last = LastCookie::default();
+        let last = LastCookie::new(false);
         for _ in 0..2 {
             let Found::Valid(remembered) = jar.read_remembering(&request, &last) else {
                 panic!("the session is live");
@@ -566,8 +596,19 @@ mod tests {
 
     #[test]
     fn a_connection_remembers_only_the_very_same_cookie_header() {
+        remembers_only_the_very_same_cookie_header(false);
+    }
+
+    /// HTTP/2 keeps the fields themselves: the repeated ones are the same
+    /// bytes, as HPACK's table hands them out (the clones below).
+    #[test]
+    fn an_http2_connection_remembers_only_the_very_same_cookie_header() {
+        remembers_only_the_very_same_cookie_header(true);
+    }
+
+    fn remembers_only_the_very_same_cookie_header(http2: bool) {
         let jar = sessions(&[KEY_A]);
-        let last = LastCookie::default();
+        let last = LastCookie::new(http2);
         let own = browser_request(&jar.write(&session(0), &HeaderMap::new()))[COOKIE].clone();
         let mut request = HeaderMap::new();
         let with_others = format!("theme=dark; {}; lang=en", own.to_str().unwrap());
