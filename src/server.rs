@@ -252,13 +252,25 @@ impl Worker {
         // ALPN already chose the protocol, so no detection read (which has
         // no deadline, hyper issue 3962) is needed.
         let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let builder = if http2 { &self.http2 } else { &self.http1 };
         let gateway = self.gateway.clone();
         let client = Connection::new(peer, http2);
-        let service = service_fn(move |req| gateway.clone().handle(req, client.clone()));
-        let io = FirstReadDeadline::new(tls, self.header_read);
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        if let Err(e) = watcher.watch(connection.into_owned()).await {
+        let io = TokioIo::new(FirstReadDeadline::new(tls, self.header_read));
+        let ended = if http2 {
+            // hyper spawns a task per HTTP/2 request and moves the request's
+            // future (~2.4 KB) on the way in; boxed, only a pointer moves
+            // (issue 5: 18.7 -> 18.2 µs a request at 64 connections).
+            // HTTP/1.1 keeps a request's future in place: a box would only
+            // add an allocation.
+            let service =
+                service_fn(move |req| Box::pin(gateway.clone().handle(req, client.clone())));
+            let connection = self.http2.serve_connection_with_upgrades(io, service);
+            watcher.watch(connection.into_owned()).await
+        } else {
+            let service = service_fn(move |req| gateway.clone().handle(req, client.clone()));
+            let connection = self.http1.serve_connection_with_upgrades(io, service);
+            watcher.watch(connection.into_owned()).await
+        };
+        if let Err(e) = ended {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
