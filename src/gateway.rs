@@ -233,11 +233,7 @@ impl Gateway {
         html: bool,
         id: &str,
     ) -> Response<Body> {
-        match self
-            .proxy
-            .forward(req, &route.upstream, peer, request_id)
-            .await
-        {
+        match self.proxy.forward(req, route, peer, request_id).await {
             Ok(response) => response,
             Err(e) => {
                 tracing::warn!(request_id = %id, error = %e, "upstream request failed");

@@ -14,8 +14,9 @@ use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::config::{Config, UpstreamUrl};
+use crate::config::Config;
 use crate::outbound::{self, ClientError};
+use crate::routes::Route;
 use crate::upstream;
 use crate::Body;
 
@@ -87,12 +88,12 @@ impl Proxy {
         }
     }
 
-    /// Sends `req` to `upstream` and returns its response, with an upgraded
-    /// connection (WebSocket) tunnelled in the background.
+    /// Sends `req` to the route's upstream and returns its response, with
+    /// an upgraded connection (WebSocket) tunnelled in the background.
     pub async fn forward(
         &self,
         mut req: Request<Body>,
-        upstream: &UpstreamUrl,
+        route: &Route,
         peer: &Peer,
         request_id: &HeaderValue,
     ) -> Result<Response<Body>, ProxyError> {
@@ -128,7 +129,7 @@ impl Proxy {
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
         let sent_host = match (&host, self.preserve_host) {
             (Some(host), true) => host.clone(),
-            _ => upstream::host_header(upstream),
+            _ => route.upstream_host.clone(),
         };
         parts.headers.insert(header::HOST, sent_host);
         // HTTP/2 clients are served over HTTP/1.1 to the upstream, the
@@ -136,6 +137,7 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let req = Request::from_parts(parts, body);
 
+        let upstream = &route.upstream;
         let shown = || upstream.to_string();
         // Boxed: inline, this future (a connection and its buffers'
         // state) made every request's future, which each client

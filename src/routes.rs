@@ -2,13 +2,19 @@
 //! prefixes match whole path segments, so `/ws/id` serves `/ws/id` and
 //! `/ws/id/…` but not `/ws/idle`.
 
+use http::HeaderValue;
+
 use crate::config::{Access, RouteConfig, UpstreamUrl};
 use crate::policy::Policy;
+use crate::upstream;
 
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
     pub upstream: UpstreamUrl,
+    /// The `Host` sent to `upstream` when the client's is not passed on;
+    /// made once here rather than for every request.
+    pub upstream_host: HeaderValue,
     pub access: Access,
     pub policy: Policy,
 }
@@ -27,6 +33,7 @@ impl Routes {
             .map(|c| Route {
                 prefix: c.prefix.clone(),
                 upstream: c.upstream.clone(),
+                upstream_host: upstream::host_header(&c.upstream),
                 access: c.access,
                 policy: c.policy.clone(),
             })

@@ -228,9 +228,10 @@ impl Pool {
     }
 }
 
-/// `Host` for `upstream` when the client's is not passed on: its authority, without the scheme's default port
-/// (RFC 9110 §7.2 lets a client leave it out; some apps compare `Host`
-/// against their own name, which has none).
+/// `Host` for `upstream` when the client's is not passed on: its
+/// authority, without the scheme's default port (RFC 9110 §7.2 lets a
+/// client leave it out; some apps compare `Host` against their own name,
+/// which has none).
 pub fn host_header(upstream: &UpstreamUrl) -> HeaderValue {
     let default_port = if upstream.scheme == Scheme::HTTPS {
         443
