@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 
 use crate::config::{Access, Config};
 use crate::identity::IdentityHeaders;
-use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::oidc::Oidc;
 use crate::pages;
 use crate::proxy::{self, Peer, Proxy, ProxyError};
@@ -42,8 +42,10 @@ impl Connection {
 
 #[derive(Clone)]
 pub struct Gateway {
-    metrics: Metrics,
     routes: Routes,
+    /// Requests to the gateway's own endpoints, and its sign-in callbacks.
+    own_metrics: RouteMetrics,
+    signin_metrics: RouteMetrics,
     proxy: Proxy,
     identity_headers: IdentityHeaders,
     /// `None` when every route is public.
@@ -71,9 +73,10 @@ impl Gateway {
             )
         });
         Ok(Arc::new(Gateway {
-            routes: Routes::new(&config.routes),
+            routes: Routes::new(&config.routes, &metrics),
+            own_metrics: metrics.route("gateway"),
+            signin_metrics: metrics.route("sign-in"),
             proxy: Proxy::new(config, metrics.websockets_active.clone())?,
-            metrics,
             identity_headers: IdentityHeaders::new(&config.headers),
             signin,
             own_prefix: config.gateway_prefix.clone(),
@@ -113,7 +116,7 @@ impl Gateway {
             peer: peer.addr,
         };
         let (method, path, id) = (&seen.method, seen.uri.path(), seen.id);
-        let log = |route: &str, status| self.done(&seen, route, status);
+        let log = |route: &RouteMetrics, status| done(&seen, route, status);
 
         // 1. No client speaks for the user: identity headers are ours alone.
         self.identity_headers.strip(req.headers_mut());
@@ -121,7 +124,7 @@ impl Gateway {
         // 2. The gateway's own endpoints.
         if let Some(endpoint) = path.strip_prefix(&self.own_prefix) {
             let response = self.own_endpoint(endpoint, &req, html, id);
-            log("gateway", response.status());
+            log(&self.own_metrics, response.status());
             return Ok(response);
         }
 
@@ -130,7 +133,7 @@ impl Gateway {
             // Boxed, as the provider calls below are (see `SignIn::renew_if_due`).
             match Box::pin(signin.callback(req, html, id)).await {
                 Callback::Answered(response) => {
-                    log("sign-in", response.status());
+                    log(&self.signin_metrics, response.status());
                     return Ok(response);
                 }
                 // The console's own sign-in (RustDesk Pro's OIDC login):
@@ -140,7 +143,7 @@ impl Gateway {
                     let response = self
                         .forward(passed, route, peer, &request_id, html, id)
                         .await;
-                    log(&route.prefix, response.status());
+                    log(&route.metrics, response.status());
                     return Ok(response);
                 }
             }
@@ -163,7 +166,7 @@ impl Gateway {
         if needs_sign_in {
             let Some(signin) = &self.signin else {
                 let response = pages::problem(pages::UNAUTHENTICATED, false, id);
-                log(&route.prefix, response.status());
+                log(&route.metrics, response.status());
                 return Ok(response);
             };
             let authenticated = match signin
@@ -185,7 +188,7 @@ impl Gateway {
                             .await
                         }
                     };
-                    log(&route.prefix, response.status());
+                    log(&route.metrics, response.status());
                     return Ok(response);
                 }
             };
@@ -193,7 +196,7 @@ impl Gateway {
             // 6. Authorize.
             if let Err(denial) = route.policy.check(&identity) {
                 let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
-                log(&route.prefix, response.status());
+                log(&route.metrics, response.status());
                 return Ok(response);
             }
             // 7. Tell the upstream who it is.
@@ -220,7 +223,7 @@ impl Gateway {
         // 8. Forward.
         let mut response = self.forward(req, route, peer, &request_id, html, id).await;
         append_cookies(&mut response, cookies);
-        log(&route.prefix, response.status());
+        log(&route.metrics, response.status());
         Ok(response)
     }
 
@@ -286,35 +289,20 @@ struct Seen<'a> {
     peer: SocketAddr,
 }
 
-impl Gateway {
-    /// One log line and the metrics per request; latency is the time to
-    /// response headers.
-    fn done(&self, seen: &Seen, route: &str, status: StatusCode) {
-        let latency = seen.started.elapsed();
-        tracing::info!(
-            target: "authgate::access",
-            method = %seen.method,
-            path = seen.uri.path(),
-            route,
-            status = status.as_u16(),
-            latency_ms = latency.as_secs_f64() * 1000.0,
-            request_id = seen.id,
-            peer = %seen.peer.ip(),
-            "request"
-        );
-        let route = RouteLabels {
-            route: route.to_owned(),
-        };
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                route: route.route.clone(),
-                status: status.as_u16(),
-            })
-            .inc();
-        self.metrics
-            .upstream_latency
-            .get_or_create(&route)
-            .observe(latency.as_secs_f64());
-    }
+/// One log line and the metrics per request; latency is the time to
+/// response headers.
+fn done(seen: &Seen, route: &RouteMetrics, status: StatusCode) {
+    let latency = seen.started.elapsed();
+    tracing::info!(
+        target: "authgate::access",
+        method = %seen.method,
+        path = seen.uri.path(),
+        route = route.route.as_str(),
+        status = status.as_u16(),
+        latency_ms = latency.as_secs_f64() * 1000.0,
+        request_id = seen.id,
+        peer = %seen.peer.ip(),
+        "request"
+    );
+    route.record(status.as_u16(), latency);
 }

@@ -11,15 +11,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// `route` is shared: labelling a request copies a pointer, not the name.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub route: String,
-    pub status: u16,
+struct RequestLabels {
+    route: Arc<String>,
+    status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
+struct RouteLabels {
+    route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,8 +39,8 @@ type Latency = Family<RouteLabels, Histogram, fn() -> Histogram>;
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
-    pub requests: Family<RequestLabels, Counter>,
-    pub upstream_latency: Latency,
+    requests: Family<RequestLabels, Counter>,
+    upstream_latency: Latency,
     pub sign_ins: Family<Outcome, Counter>,
     pub token_validations: Family<Outcome, Counter>,
     pub jwks_fetches: Family<Outcome, Counter>,
@@ -137,6 +138,42 @@ impl Metrics {
 
     pub fn provider_request(&self, kind: &'static str) {
         self.provider_requests.get_or_create(&Kind { kind }).inc();
+    }
+
+    /// The request metrics of `route`, found once for all its requests.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            route: Arc::new(route.to_owned()),
+            requests: self.requests.clone(),
+            latency: self
+                .upstream_latency
+                .get_or_create(&RouteLabels {
+                    route: route.to_owned(),
+                })
+                .clone(),
+        }
+    }
+}
+
+/// One route's request metrics. Looking them up by name for every request
+/// (two label copies, two map lookups) was a per-request cost (issue 5);
+/// now only the status's counter is looked up.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics {
+    pub route: Arc<String>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16, latency: std::time::Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: self.route.clone(),
+                status,
+            })
+            .inc();
+        self.latency.observe(latency.as_secs_f64());
     }
 }
 

@@ -5,6 +5,7 @@
 use http::HeaderValue;
 
 use crate::config::{Access, RouteConfig, UpstreamUrl};
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::policy::Policy;
 use crate::upstream;
 
@@ -17,6 +18,7 @@ pub struct Route {
     pub upstream_host: HeaderValue,
     pub access: Access,
     pub policy: Policy,
+    pub metrics: RouteMetrics,
 }
 
 #[derive(Debug, Clone)]
@@ -27,7 +29,7 @@ pub struct Routes {
 
 impl Routes {
     /// `configs` must contain the `/` route (config validation puts it first).
-    pub fn new(configs: &[RouteConfig]) -> Routes {
+    pub fn new(configs: &[RouteConfig], metrics: &Metrics) -> Routes {
         let mut by_length: Vec<Route> = configs
             .iter()
             .map(|c| Route {
@@ -36,6 +38,7 @@ impl Routes {
                 upstream_host: upstream::host_header(&c.upstream),
                 access: c.access,
                 policy: c.policy.clone(),
+                metrics: metrics.route(&c.prefix),
             })
             .collect();
         by_length.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
@@ -80,7 +83,7 @@ mod tests {
                 policy: Policy::default(),
             })
             .collect();
-        Routes::new(&configs)
+        Routes::new(&configs, &Metrics::default())
     }
 
     #[test]
