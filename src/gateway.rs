@@ -43,8 +43,9 @@ impl Connection {
 #[derive(Clone)]
 pub struct Gateway {
     routes: Routes,
-    /// Requests to the gateway's own endpoints, and its sign-in callbacks.
+    /// Requests to the gateway's own endpoints (`route="gateway"`).
     own_metrics: RouteMetrics,
+    /// Sign-in callbacks the gateway answered (`route="sign-in"`).
     signin_metrics: RouteMetrics,
     proxy: Proxy,
     identity_headers: IdentityHeaders,
