@@ -20,7 +20,7 @@ struct RequestLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: Arc<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,15 +142,16 @@ impl Metrics {
 
     /// The request metrics of `route`, found once for all its requests.
     pub fn route(&self, route: &str) -> RouteMetrics {
+        let route = Arc::new(route.to_owned());
         RouteMetrics {
-            route: Arc::new(route.to_owned()),
-            requests: self.requests.clone(),
             latency: self
                 .upstream_latency
                 .get_or_create(&RouteLabels {
-                    route: route.to_owned(),
+                    route: route.clone(),
                 })
                 .clone(),
+            requests: self.requests.clone(),
+            route,
         }
     }
 }
