@@ -200,7 +200,10 @@ impl Gateway {
                 log(&route.metrics, response.status());
                 return Ok(response);
             }
-            // 7. Tell the upstream who it is.
+            // 7. Tell the upstream who it is. The header map grows once
+            // for these and the forwarding headers, not at each step.
+            req.headers_mut()
+                .reserve(self.identity_headers.count() + proxy::HEADERS_ADDED);
             match &authenticated {
                 Authenticated::Session { session, renewed } => {
                     // Before the gateway's cookies leave the request: a

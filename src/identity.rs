@@ -62,6 +62,11 @@ impl IdentityHeaders {
         }
     }
 
+    /// How many headers a signed-in request can be given.
+    pub fn count(&self) -> usize {
+        self.all().len() + usize::from(self.id_token.is_some())
+    }
+
     fn all(&self) -> [&HeaderName; 8] {
         [
             &self.user,
@@ -114,7 +119,6 @@ impl IdentityHeaders {
     /// Sets the headers for `identity`.
     pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
         let IdentityValues(values) = self.values(identity);
-        headers.reserve(values.len());
         for (name, value) in values {
             headers.insert(name, value);
         }
@@ -160,7 +164,6 @@ pub struct IdentityValues(Vec<(HeaderName, HeaderValue)>);
 
 impl IdentityValues {
     pub fn apply(&self, headers: &mut HeaderMap) {
-        headers.reserve(self.0.len());
         for (name, value) in &self.0 {
             headers.insert(name.clone(), value.clone());
         }
