@@ -216,6 +216,35 @@ async fn http2_clients_are_served() {
     }
 }
 
+/// Values new with every response (the request id) or every second
+/// (`Date`) are sent never-indexed (RFC 7541 §6.2.3), so they cannot push
+/// a connection's reusable entries out of its HPACK table. nghttp, a real
+/// HTTP/2 client, marks such fields "sensitive".
+#[tokio::test]
+async fn http2_responses_never_index_per_response_values() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+    let url = format!("https://127.0.0.1:{}/h2", gateway.addr.port());
+    let out = tokio::process::Command::new("nghttp")
+        .args(["-nv", &url])
+        .output()
+        .await
+        .expect("nghttp runs (Debian's nghttp2-client; scripts/peers installs it)");
+    let out = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        out.lines()
+            .find(|l| l.contains("recv (stream_id=") && l.contains(&format!(") {name}: ")))
+            .unwrap_or_else(|| panic!("no {name} in the response:\n{out}"))
+    };
+    assert!(field(":status").contains(") :status: 200"), "{out}");
+    assert!(field("x-request-id").contains("sensitive"), "{out}");
+    assert!(field("date").contains("sensitive"), "{out}");
+    assert!(
+        !field("x-upstream").contains("sensitive"),
+        "the upstream's other headers stay indexable:\n{out}"
+    );
+}
+
 #[tokio::test]
 async fn longest_prefix_chooses_the_upstream() {
     let console = Upstream::start("console").await;
