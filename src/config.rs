@@ -173,6 +173,8 @@ pub struct Timeouts {
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
     #[serde(with = "humantime_serde")]
+    pub websocket_idle: Duration,
+    #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 }
 
@@ -184,6 +186,8 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             upstream_response: Duration::from_secs(60),
             idle: Duration::from_secs(120),
+            // RustDesk's nginx guide: 120 s for /ws/id and /ws/relay.
+            websocket_idle: Duration::from_secs(120),
             shutdown_grace: Duration::from_secs(30),
         }
     }

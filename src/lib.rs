@@ -26,6 +26,7 @@ pub mod session;
 pub mod signin;
 pub mod tls;
 pub mod token;
+pub mod tunnel;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! (RFC 9110 §7.6.1), `X-Forwarded-*`/`Forwarded`/`X-Real-IP` set from the
 //! peer we accepted, bodies streamed both ways over a pooled keep-alive
 //! connection ([`crate::upstream`]), and protocol upgrades (WebSocket)
-//! tunnelled with hyper's own upgrade mechanism.
+//! tunnelled ([`crate::tunnel`]) with hyper's own upgrade mechanism.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -10,15 +10,14 @@ use std::time::Duration;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::Config;
 use crate::outbound::{self, ClientError};
 use crate::routes::Route;
-use crate::upstream;
 use crate::Body;
+use crate::{tunnel, upstream};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Headers `forward` adds to a request: the forwarding five,
@@ -68,6 +67,7 @@ pub struct Proxy {
     trusted_proxies: Vec<IpNet>,
     preserve_host: bool,
     response_timeout: Duration,
+    websocket_idle: Duration,
 }
 
 impl Proxy {
@@ -79,6 +79,7 @@ impl Proxy {
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             preserve_host: config.proxy.preserve_host,
             response_timeout: config.timeouts.upstream_response,
+            websocket_idle: config.timeouts.websocket_idle,
             websockets,
         })
     }
@@ -174,10 +175,11 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgraded) = client_upgraded {
                 let upstream_upgraded = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(
+                tokio::spawn(tunnel::run(
                     client_upgraded,
                     upstream_upgraded,
                     self.websockets.clone(),
+                    self.websocket_idle,
                 ));
             }
         } else {
@@ -359,27 +361,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(fixed) {
         headers.remove(name);
     }
-}
-
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    open: Gauge,
-) {
-    let (client, upstream) = match tokio::try_join!(client, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
-            return;
-        }
-    };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    open.inc();
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection closed with an error");
-    }
-    open.dec();
 }
 
 /// A request id the client sent is passed on when it is short and made of

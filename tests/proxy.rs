@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
@@ -23,6 +25,22 @@ fn websocket_upgrade(path: &str) -> Request<TestBody> {
         .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
         .body(empty())
         .unwrap()
+}
+
+/// A WebSocket through the gateway, its handshake answered by the upstream.
+async fn open_websocket(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+    let (mut send, _) = http1(addr).await;
+    let response = send.send_request(websocket_upgrade(path)).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        response.headers()["sec-websocket-accept"],
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    );
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
 }
 
 fn config(upstream: &str, extra: &str) -> String {
@@ -291,18 +309,7 @@ async fn websocket_echo_through_wss_on_ws_routes() {
             hbbs.url()
         ),
     ));
-    let (mut send, _) = http1(gateway.addr).await;
-    let response = send
-        .send_request(websocket_upgrade("/ws/id"))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    assert_eq!(
-        response.headers()["sec-websocket-accept"],
-        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-    );
-    let upgraded = hyper::upgrade::on(response).await.unwrap();
-    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    let mut ws = open_websocket(gateway.addr, "/ws/id").await;
     for text in ["hello", "second message"] {
         ws.send(Message::text(text)).await.unwrap();
         let reply = ws.next().await.unwrap().unwrap();
@@ -311,6 +318,45 @@ async fn websocket_echo_through_wss_on_ws_routes() {
     let binary = Bytes::from(vec![7u8; 100_000]);
     ws.send(Message::binary(binary.clone())).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(binary));
+}
+
+/// A tunnel in use stays open past `timeouts.websocket_idle`; once neither
+/// side sends anything for that long, the gateway closes it.
+#[tokio::test]
+async fn silent_websockets_are_closed_after_the_idle_timeout() {
+    let upstream = Upstream::start("hbbs").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[timeouts]\nwebsocket_idle = \"1s\"",
+    ));
+    let mut ws = open_websocket(gateway.addr, "/ws/id").await;
+
+    // A message every 300 ms for twice the idle timeout: never closed.
+    let opened = Instant::now();
+    let mut last_echo = opened;
+    while opened.elapsed() < Duration::from_secs(2) {
+        ws.send(Message::text("heartbeat")).await.unwrap();
+        let echo = ws.next().await.unwrap().unwrap();
+        last_echo = Instant::now();
+        assert_eq!(echo, Message::text("heartbeat"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    gateway.metric("authgate_websockets_active 1").await;
+
+    // Then silence: closed after the timeout, not before.
+    let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("the gateway closes a silent WebSocket");
+    assert!(
+        !matches!(next, Some(Ok(Message::Text(_) | Message::Binary(_)))),
+        "{next:?}"
+    );
+    let silent = last_echo.elapsed();
+    assert!(
+        silent >= Duration::from_secs(1),
+        "closed {silent:?} after the last message, before the 1 s idle timeout"
+    );
+    gateway.metric("authgate_websockets_active 0").await;
 }
 
 #[tokio::test]
