@@ -39,20 +39,15 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, open: Gauge, idle: Dura
     };
     let mut client = InspectReader::new(TokioIo::new(client), noted);
     let mut upstream = InspectReader::new(TokioIo::new(upstream), noted);
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
-    let copied = if idle.is_zero() {
-        copy.await
-    } else {
-        tokio::select! {
-            copied = copy => copied,
-            () = silence(idle, opened, &last_read) => {
-                tracing::debug!(idle = ?idle, "upgraded connection closed: no data either way");
-                Ok((0, 0))
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = copied {
+                tracing::debug!(error = %e, "upgraded connection closed with an error");
             }
         }
-    };
-    if let Err(e) = copied {
-        tracing::debug!(error = %e, "upgraded connection closed with an error");
+        () = silence(idle, opened, &last_read), if !idle.is_zero() => {
+            tracing::debug!(?idle, "upgraded connection closed: no data either way");
+        }
     }
     open.dec();
 }

@@ -359,6 +359,23 @@ async fn silent_websockets_are_closed_after_the_idle_timeout() {
     gateway.metric("authgate_websockets_active 0").await;
 }
 
+/// `websocket_idle = "0s"` turns the deadline off: a silent tunnel stays.
+#[tokio::test]
+async fn a_zero_websocket_idle_keeps_silent_websockets_open() {
+    let upstream = Upstream::start("hbbs").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[timeouts]\nwebsocket_idle = \"0s\"",
+    ));
+    let mut ws = open_websocket(gateway.addr, "/ws/id").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    ws.send(Message::text("still there")).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::text("still there")
+    );
+}
+
 #[tokio::test]
 async fn large_bodies_stream_both_ways_with_flat_memory() {
     const SIZE: usize = 64 * 1024 * 1024;
