@@ -118,6 +118,8 @@ impl IdentityHeaders {
 
     /// Sets the headers for `identity`.
     pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
+        // Moved, not `apply`'s clones: a fresh value's first clone
+        // allocates (criterion: strip and inject 0.66 -> 0.91 µs).
         let IdentityValues(values) = self.values(identity);
         for (name, value) in values {
             headers.insert(name, value);
