@@ -5,7 +5,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
@@ -27,11 +26,10 @@ fn websocket_upgrade(path: &str) -> Request<TestBody> {
         .unwrap()
 }
 
+type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
 /// A WebSocket through the gateway, its handshake answered by the upstream.
-async fn open_websocket(
-    addr: std::net::SocketAddr,
-    path: &str,
-) -> WebSocketStream<TokioIo<hyper::upgrade::Upgraded>> {
+async fn open_websocket(addr: std::net::SocketAddr, path: &str) -> WebSocket {
     let (mut send, _) = http1(addr).await;
     let response = send.send_request(websocket_upgrade(path)).await.unwrap();
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
@@ -41,6 +39,24 @@ async fn open_websocket(
     );
     let upgraded = hyper::upgrade::on(response).await.unwrap();
     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
+}
+
+/// A WebSocket to an echoing upstream through a gateway with
+/// `timeouts.websocket_idle = idle`; the upstream lives as long as it.
+async fn websocket_with_idle(idle: &str) -> (Upstream, Gateway, WebSocket) {
+    let upstream = Upstream::start("hbbs").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        &format!("[timeouts]\nwebsocket_idle = \"{idle}\""),
+    ));
+    let ws = open_websocket(gateway.addr, "/ws/id").await;
+    (upstream, gateway, ws)
+}
+
+/// Sends `message` and asserts the upstream's echo of it comes back.
+async fn assert_echoes(ws: &mut WebSocket, message: Message) {
+    ws.send(message.clone()).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), message);
 }
 
 fn config(upstream: &str, extra: &str) -> String {
@@ -311,34 +327,23 @@ async fn websocket_echo_through_wss_on_ws_routes() {
     ));
     let mut ws = open_websocket(gateway.addr, "/ws/id").await;
     for text in ["hello", "second message"] {
-        ws.send(Message::text(text)).await.unwrap();
-        let reply = ws.next().await.unwrap().unwrap();
-        assert_eq!(reply, Message::text(text));
+        assert_echoes(&mut ws, Message::text(text)).await;
     }
-    let binary = Bytes::from(vec![7u8; 100_000]);
-    ws.send(Message::binary(binary.clone())).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(binary));
+    assert_echoes(&mut ws, Message::binary(vec![7u8; 100_000])).await;
 }
 
 /// A tunnel in use stays open past `timeouts.websocket_idle`; once neither
 /// side sends anything for that long, the gateway closes it.
 #[tokio::test]
 async fn silent_websockets_are_closed_after_the_idle_timeout() {
-    let upstream = Upstream::start("hbbs").await;
-    let gateway = Gateway::start(&config(
-        &upstream.url(),
-        "[timeouts]\nwebsocket_idle = \"1s\"",
-    ));
-    let mut ws = open_websocket(gateway.addr, "/ws/id").await;
+    let (_upstream, gateway, mut ws) = websocket_with_idle("1s").await;
 
     // A message every 300 ms for twice the idle timeout: never closed.
     let opened = Instant::now();
     let mut last_echo = opened;
     while opened.elapsed() < Duration::from_secs(2) {
-        ws.send(Message::text("heartbeat")).await.unwrap();
-        let echo = ws.next().await.unwrap().unwrap();
+        assert_echoes(&mut ws, Message::text("heartbeat")).await;
         last_echo = Instant::now();
-        assert_eq!(echo, Message::text("heartbeat"));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     gateway.metric("authgate_websockets_active 1").await;
@@ -364,18 +369,9 @@ async fn silent_websockets_are_closed_after_the_idle_timeout() {
 /// `websocket_idle = "0s"` turns the deadline off: a silent tunnel stays.
 #[tokio::test]
 async fn a_zero_websocket_idle_keeps_silent_websockets_open() {
-    let upstream = Upstream::start("hbbs").await;
-    let gateway = Gateway::start(&config(
-        &upstream.url(),
-        "[timeouts]\nwebsocket_idle = \"0s\"",
-    ));
-    let mut ws = open_websocket(gateway.addr, "/ws/id").await;
+    let (_upstream, _gateway, mut ws) = websocket_with_idle("0s").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    ws.send(Message::text("still there")).await.unwrap();
-    assert_eq!(
-        ws.next().await.unwrap().unwrap(),
-        Message::text("still there")
-    );
+    assert_echoes(&mut ws, Message::text("still there")).await;
 }
 
 #[tokio::test]
