@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, PublicUrl};
+use crate::config::{Config, Limits, PublicUrl, Timeouts};
 use crate::gateway::{Connection, Gateway};
 use crate::pages;
 
@@ -150,8 +150,8 @@ impl TlsListener {
         config: &Config,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Workers, crate::StartError> {
-        let http1 = Arc::new(http_builder(config).http1_only());
-        let http2 = Arc::new(http_builder(config).http2_only());
+        let http1 = Arc::new(http_builder(&config.timeouts, &config.limits).http1_only());
+        let http2 = Arc::new(http_builder(&config.timeouts, &config.limits).http2_only());
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let mut threads = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -356,18 +356,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstReadDeadline<T> {
     }
 }
 
-fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+/// hyper's settings for client connections, HTTP/1.1 and HTTP/2 (public
+/// for the benchmark's `hyper-alone`, which serves with the very same).
+pub fn http_builder(timeouts: &Timeouts, limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.header_read)
-        .max_buf_size(config.limits.max_header_bytes)
+        .header_read_timeout(timeouts.header_read)
+        .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
         .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
     builder
