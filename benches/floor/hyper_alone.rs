@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use authgate::config::{Limits, Timeouts};
 use authgate::{server, tls};
@@ -53,24 +54,22 @@ fn serve(listener: std::net::TcpListener, acceptor: TlsAcceptor) -> std::io::Res
         .enable_all()
         .build()?;
     let builder = server::http_builder(&Timeouts::default(), &Limits::default());
-    // By ALPN, as authgate chooses (no protocol detection read).
-    let (http1, http2) = (builder.clone().http1_only(), builder.http2_only());
+    // One per protocol, chosen by ALPN as authgate does (no detection read).
+    let builders = Arc::new((builder.clone().http1_only(), builder.http2_only()));
     let body = Bytes::from(vec![b'x'; 1024]);
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
         loop {
             let (tcp, _) = listener.accept().await?;
             tcp.set_nodelay(true)?;
-            let (acceptor, body) = (acceptor.clone(), body.clone());
-            let builder = (http1.clone(), http2.clone());
+            let (acceptor, builders, body) = (acceptor.clone(), builders.clone(), body.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let (http1, http2) = builder;
                 let builder = match tls.get_ref().1.alpn_protocol() {
-                    Some(b"h2") => http2,
-                    _ => http1,
+                    Some(b"h2") => &builders.1,
+                    _ => &builders.0,
                 };
                 let answer = service_fn(move |_: Request<Incoming>| {
                     let mut response = Response::new(Full::new(body.clone()));
