@@ -356,8 +356,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FirstReadDeadline<T> {
     }
 }
 
-/// hyper's settings for client connections, HTTP/1.1 and HTTP/2 (public
-/// for the benchmark's `hyper-alone`, which serves with the very same).
+/// hyper's settings for the connections browsers open, HTTP/1.1 and
+/// HTTP/2 (public for the benchmark's `hyper-alone`, which serves with the
+/// very same).
 pub fn http_builder(timeouts: &Timeouts, limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

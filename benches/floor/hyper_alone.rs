@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use authgate::config::{Limits, Timeouts};
@@ -25,7 +26,17 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-fn main() -> Result<(), Box<dyn Error>> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hyper-alone: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [cert, key, addr] = args.as_slice() else {
         return Err("usage: hyper-alone <cert.pem> <key.pem> <address:port>".into());
@@ -60,8 +71,11 @@ fn serve(listener: std::net::TcpListener, acceptor: TlsAcceptor) -> std::io::Res
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
         loop {
-            let (tcp, _) = listener.accept().await?;
-            tcp.set_nodelay(true)?;
+            // A failed accept or socket option ends that connection only.
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
             let (acceptor, builders, body) = (acceptor.clone(), builders.clone(), body.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
