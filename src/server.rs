@@ -150,8 +150,9 @@ impl TlsListener {
         config: &Config,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Workers, crate::StartError> {
-        let http1 = Arc::new(http_builder(&config.timeouts, &config.limits).http1_only());
-        let http2 = Arc::new(http_builder(&config.timeouts, &config.limits).http2_only());
+        let builder = http_builder(&config.timeouts, &config.limits);
+        let http1 = Arc::new(builder.clone().http1_only());
+        let http2 = Arc::new(builder.http2_only());
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let mut threads = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
