@@ -1,0 +1,196 @@
+//! API clients, public routes, callbacks the gateway did not start, and
+//! route policies.
+
+use std::time::Instant;
+
+use crate::common::peers::{browser, Provider, CLIENT_ID, CLIENT_SECRET, TENANT};
+use crate::common::stack::*;
+use crate::common::*;
+use http::{Request, StatusCode};
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn api_clients_get_401_json_and_public_routes_need_no_session() {
+    let stack = Stack::start("").await;
+    let response = send(
+        stack.gateway.addr,
+        Request::post("/api/private").body(full("{}")).unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Bearer"));
+    let body: Value = serde_json::from_str(&body_string(response).await).unwrap();
+    assert_eq!(body["error"], "unauthenticated");
+
+    let response = send(
+        stack.gateway.addr,
+        Request::post("/api/public/heartbeat")
+            .header("x-forwarded-user", "mallory")
+            .header("authorization", "Bearer rustdesk-own-token")
+            .body(full("{\"id\":1}"))
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.body, "{\"id\":1}");
+    assert_eq!(echo.header("x-forwarded-user"), None);
+    assert_eq!(
+        echo.header("authorization"),
+        Some("Bearer rustdesk-own-token")
+    );
+}
+
+#[tokio::test]
+async fn callbacks_the_gateway_did_not_start_go_to_the_console_only_when_allowed() {
+    let refusing = Stack::start("").await;
+    let response = send(
+        refusing.gateway.addr,
+        get("/api/oidc/callback?code=abc&state=rustdesk-login-1")
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(body_string(response)
+        .await
+        .contains("not one this browser started"));
+    let response = send(
+        refusing.gateway.addr,
+        get("/api/oidc/callback?code=abc").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        response.status(),
+        StatusCode::BAD_REQUEST,
+        "a callback without state"
+    );
+
+    let passing = Stack::start("pass_unknown_callbacks = true").await;
+    let response = send(
+        passing.gateway.addr,
+        get("/api/oidc/callback?code=abc&state=rustdesk-login-1")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.upstream, "console");
+    assert_eq!(
+        echo.path,
+        "/api/oidc/callback?code=abc&state=rustdesk-login-1"
+    );
+
+    let response = send(
+        passing.gateway.addr,
+        Request::post("/api/oidc/callback")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(full("code=abc&state=rustdesk-login-2"))
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.body, "code=abc&state=rustdesk-login-2");
+    drop(passing.upstream);
+}
+
+#[tokio::test]
+async fn policies_refuse_signed_in_users_with_a_page_that_says_who_they_are() {
+    let routes = r#"
+[[routes]]
+prefix = "/admin"
+upstream = "UPSTREAM"
+[routes.policy]
+allowed_roles = ["Console.Admin"]
+[[routes]]
+prefix = "/ops"
+upstream = "UPSTREAM"
+[routes.policy]
+allowed_groups = ["group-overage1-0"]
+"#;
+    let upstream = Upstream::start("console").await;
+    let stack = Stack::with(Options {
+        tables: &routes.replace("UPSTREAM", &upstream.url()),
+        ..Options::default()
+    })
+    .await;
+
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "alice" }, { "goto": stack.url("/admin/users") }]),
+    )
+    .await;
+    assert_eq!(results[2]["status"], 403);
+    let page = results[2]["text"].as_str().unwrap();
+    assert!(
+        page.contains("signed in as alice@contoso.example"),
+        "{page}"
+    );
+    assert!(page.contains("app role"), "{page}");
+    assert!(page.contains("Sign out"), "{page}");
+    let audit = stack
+        .gateway
+        .log_line(|l| l["fields"]["message"] == "refused")
+        .await;
+    assert_eq!(audit["fields"]["route"], "/admin");
+    assert_eq!(audit["fields"]["reason"], "role_not_allowed");
+
+    let admin = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/admin/users") }, { "login": "admin" }]),
+    )
+    .await;
+    assert_eq!(echo_of(&admin[1]).upstream, "console");
+    assert_eq!(
+        echo_of(&admin[1]).header("x-forwarded-roles"),
+        Some("Console.Admin")
+    );
+
+    // More than 200 groups: Entra sends _claim_names, not groups. That is
+    // "unknown", not "none", and the page says so.
+    let overage = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/ops") }, { "login": "overage1" }]),
+    )
+    .await;
+    assert_eq!(overage[1]["status"], 403);
+    assert!(overage[1]["text"]
+        .as_str()
+        .unwrap()
+        .contains("more groups than Microsoft Entra ID puts in a sign-in token"));
+}
+
+#[tokio::test]
+async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
+    let stack = Stack::start("").await;
+    let token = stack.provider.api_token().await;
+    let response = send(
+        stack.gateway.addr,
+        get("/api/devices")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.header("x-forwarded-user"), Some(CLIENT_ID));
+
+    // Same token with its signature's last characters changed.
+    let forged = format!("{}AAAA", &token[..token.len() - 4]);
+    let response = send(
+        stack.gateway.addr,
+        get("/api/devices")
+            .header("authorization", format!("Bearer {forged}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("invalid_token"));
+}

@@ -1,0 +1,12 @@
+//! Sign-in end to end: the real binary with real TLS, a real OpenID
+//! provider process shaped like Entra (npm `oidc-provider`), a real
+//! upstream, and a real headless Chromium clicking through the login.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod api;
+mod browser;
+mod credentials;
+mod operations;
+mod sessions;
