@@ -9,27 +9,23 @@
 //! is the code that runs.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use authgate::config::{
-    ClientAuth, IdentityHeaderNames, OidcConfig, ResponseMode, SessionConfig, Timeouts,
-};
-use authgate::identity::{Identity, IdentityHeaders};
-use authgate::metrics::Metrics;
-use authgate::oidc::Oidc;
-use authgate::session::{LastCookie, Session, Sessions};
+use authgate::auth::identity::{Identity, IdentityHeaderNames, IdentityHeaders};
+use authgate::auth::session::{LastCookie, Session, Sessions};
+use authgate::clock::now;
+use authgate::config::{ClientAuth, OidcConfig, ResponseMode, SessionConfig, Timeouts};
+use authgate::idp::Oidc;
+use authgate::ops::metrics::Metrics;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::HeaderMap;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+// The allocator authgate's binary uses, so the figures are comparable.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn identity() -> Identity {
     Identity {
@@ -125,7 +121,7 @@ fn identity_headers(c: &mut Criterion) {
     }
     // As the gateway does: the map grows once, for these and the
     // forwarding headers.
-    let room = headers.count() + authgate::proxy::HEADERS_ADDED;
+    let room = headers.count() + authgate::forward::HEADERS_ADDED;
     c.bench_function("identity headers: strip and inject", |b| {
         b.iter_batched_ref(
             || request.clone(),

@@ -15,7 +15,8 @@ use http::Uri;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::policy::Policy;
+use crate::auth::identity::IdentityHeaderNames;
+use crate::auth::policy::Policy;
 
 /// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
 /// whose name starts with one of these targets a key inside it.
@@ -335,55 +336,6 @@ pub struct SessionConfig {
     pub cookie_name: String,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
-}
-
-/// Names of the headers that carry the signed-in user to the upstream.
-/// Defaults follow oauth2-proxy's `X-Forwarded-*` names.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IdentityHeaderNames {
-    pub user: String,
-    pub user_id: String,
-    pub email: String,
-    pub name: String,
-    pub tenant: String,
-    pub groups: String,
-    pub roles: String,
-    pub preferred_username: String,
-    /// Header that carries the signed-in user's raw ID token; empty: none.
-    /// `Authorization` sends it as `Bearer <token>`.
-    pub id_token: String,
-}
-
-impl Default for IdentityHeaderNames {
-    fn default() -> Self {
-        IdentityHeaderNames {
-            user: "X-Forwarded-User".into(),
-            user_id: "X-Forwarded-User-Id".into(),
-            email: "X-Forwarded-Email".into(),
-            name: "X-Forwarded-Name".into(),
-            tenant: "X-Forwarded-Tenant".into(),
-            groups: "X-Forwarded-Groups".into(),
-            roles: "X-Forwarded-Roles".into(),
-            preferred_username: "X-Forwarded-Preferred-Username".into(),
-            id_token: String::new(),
-        }
-    }
-}
-
-impl IdentityHeaderNames {
-    pub fn all(&self) -> [(&'static str, &str); 8] {
-        [
-            ("user", &self.user),
-            ("user_id", &self.user_id),
-            ("email", &self.email),
-            ("name", &self.name),
-            ("tenant", &self.tenant),
-            ("groups", &self.groups),
-            ("roles", &self.roles),
-            ("preferred_username", &self.preferred_username),
-        ]
-    }
 }
 
 /// The file's shape, before validation.

@@ -1,33 +1,35 @@
 //! authgate: a TLS-terminating sign-in gateway for self-hosted consoles.
 //!
-//! [`run`] wires the parts together: TLS ([`tls`]) in front of the accept
-//! loop ([`server`]), which hands every request to [`gateway::Gateway`],
-//! which routes ([`routes`]) and forwards ([`proxy`]).
+//! A request walks the folders in this order:
+//!
+//! | step | folder | what it owns |
+//! |---|---|---|
+//! | accept, TLS | [`net`] | listeners, worker threads, the TLS configuration and its reload, hyper's server settings, the plain-HTTP listeners |
+//! | route | [`pipeline`] | [`pipeline::Gateway::handle`], the request read top to bottom; the gateway's own endpoints; the access log |
+//! | authenticate, authorize | [`auth`] | sessions and their cookies, bearer tokens, the sign-in flow, who the caller is, route policy |
+//! | (verify) | [`idp`] | the identity provider: discovery, signing keys, token verification, the app's credential, Entra's error explanations |
+//! | forward | [`forward`] | routes, the upstream connection pool, forwarding and hop-by-hop headers, WebSocket tunnels |
+//!
+//! Beside the path: [`config`] reads, layers and validates the settings;
+//! [`outbound`] is the gateway's own HTTPS client (to the provider, and
+//! the connector upstreams use); `pages` is what the gateway answers
+//! itself; [`clock`] the one wall clock; [`ops`] metrics, logging,
+//! health, the `check` doctor and memory.
+//!
+//! [`run`] wires the parts together.
 
-pub mod check;
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod clock;
 pub mod config;
-pub mod credential;
-pub mod explain;
-pub mod gateway;
-pub mod health;
-pub mod identity;
-pub mod jwks;
-pub mod logging;
-pub mod memory;
-pub mod metrics;
-pub mod oidc;
+pub mod forward;
+pub mod idp;
+pub mod net;
+pub mod ops;
 pub mod outbound;
-pub mod pages;
-pub mod policy;
-pub mod proxy;
-pub mod routes;
-pub mod server;
-pub mod session;
-pub mod signin;
-pub mod tls;
-pub mod token;
-pub mod tunnel;
-pub mod upstream;
+pub(crate) mod pages;
+pub mod pipeline;
 
 use std::net::SocketAddr;
 
@@ -39,7 +41,8 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use config::Config;
-use server::{Connections, TlsListener};
+use net::{OpenConnections, TlsListener};
+use ops::{memory, metrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every body the gateway sends: streamed from a peer or built here.
@@ -48,13 +51,13 @@ pub type Body = BoxBody<Bytes, BoxError>;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] net::tls::TlsError),
     #[error("cannot build the TLS configuration: {0}")]
     TlsConfig(#[source] rustls::Error),
     #[error(transparent)]
     UpstreamClient(#[from] outbound::ClientError),
     #[error(transparent)]
-    Credential(#[from] credential::CredentialError),
+    Credential(#[from] idp::credential::CredentialError),
     #[error("cannot listen on `{key}` = {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -73,7 +76,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         tracing::warn!("{warning}");
     }
     if config.tls.may_self_sign
-        && tls::ensure_self_signed(&config.tls.cert, &config.tls.key, config.public_url.host())?
+        && net::tls::ensure_self_signed(
+            &config.tls.cert,
+            &config.tls.key,
+            config.public_url.host(),
+        )?
     {
         tracing::warn!(
             cert = %config.tls.cert.display(),
@@ -84,36 +91,36 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         );
     }
     let metrics = metrics::Metrics::default();
-    let watcher = tls::Watcher::new(
+    let watcher = net::tls::CertWatcher::new(
         config.tls.cert.clone(),
         config.tls.key.clone(),
         config.tls.reload_check,
         metrics.certificate_expiry.clone(),
     )
     .map_err(StartError::Signals)?;
-    let first = tls::load(&config.tls.cert, &config.tls.key)?;
-    tls::record_expiry(&first, &metrics.certificate_expiry);
-    let cert = tls::ReloadableCert::new(first);
+    let first = net::tls::load(&config.tls.cert, &config.tls.key)?;
+    net::tls::record_expiry(&first, &metrics.certificate_expiry);
+    let cert = net::tls::ReloadableCert::new(first);
     let acceptor =
-        TlsAcceptor::from(tls::server_config(cert.clone()).map_err(StartError::TlsConfig)?);
+        TlsAcceptor::from(net::tls::server_config(cert.clone()).map_err(StartError::TlsConfig)?);
     let oidc = match &config.oidc {
         Some(oidc_config) => {
             let http = outbound::client(oidc_config.ca.as_deref(), &config.timeouts)?;
-            Some(oidc::Oidc::new(oidc_config.clone(), http, metrics.clone())?)
+            Some(idp::Oidc::new(oidc_config.clone(), http, metrics.clone())?)
         }
         None => {
             tracing::warn!("sign-in is not configured: every route is public");
             None
         }
     };
-    let gateway = gateway::Gateway::new(&config, oidc.clone(), metrics.clone())?;
+    let gateway = pipeline::Gateway::new(&config, oidc.clone(), metrics.clone())?;
     if let Some(oidc) = oidc {
         tokio::spawn(oidc.discover_until_ready());
     }
 
     let workers = config.limits.worker_threads();
     let listeners =
-        server::bind_workers(config.listen, workers).map_err(|source| StartError::Bind {
+        net::bind_workers(config.listen, workers).map_err(|source| StartError::Bind {
             key: "listen",
             addr: config.listen,
             source,
@@ -145,7 +152,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     );
 
     let (stop, shutdown) = watch::channel(false);
-    let plain_connections = Connections::default();
+    let plain_connections = OpenConnections::default();
     let tls_workers = TlsListener {
         acceptor,
         gateway: gateway.clone(),
@@ -156,8 +163,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tokio::join!(
         async {
             if let Some(listener) = redirect {
-                let answer = move |req: &_| server::redirect(&origin, req);
-                server::run_plain(
+                let answer = move |req: &_| net::redirect(&origin, req);
+                net::run_plain(
                     listener,
                     &config,
                     shutdown.clone(),
@@ -170,7 +177,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         async {
             if let Some(listener) = admin {
                 let answer = move |req: &_| metrics::answer(&metrics, req);
-                server::run_plain(
+                net::run_plain(
                     listener,
                     &config,
                     shutdown.clone(),
@@ -206,7 +213,7 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 /// Random bytes from the binary's one crypto provider (aws-lc-rs).
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];
-    tls::provider()
+    net::tls::provider()
         .secure_random
         .fill(&mut bytes)
         .expect("the system random generator failed");

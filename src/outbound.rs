@@ -3,11 +3,14 @@
 //! destination kind (upstreams, the identity provider).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
@@ -47,8 +50,9 @@ pub fn client(ca: Option<&Path>, timeouts: &Timeouts) -> Result<HttpClient, Clie
         .build(connector(ca, timeouts)?))
 }
 
-/// The TLS-capable connector behind [`client`]; the CA file is read here.
-pub fn connector(ca: Option<&Path>, timeouts: &Timeouts) -> Result<Connector, ClientError> {
+/// The roots outbound connections trust: the system's and, when given,
+/// the CA certificates in `ca` (PEM).
+pub fn root_store(ca: Option<&Path>) -> Result<rustls::RootCertStore, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(system_roots().iter().cloned());
     if let Some(path) = ca {
@@ -66,10 +70,35 @@ pub fn connector(ca: Option<&Path>, timeouts: &Timeouts) -> Result<Connector, Cl
             })?;
         }
     }
-    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    Ok(roots)
+}
+
+/// A verifier of server certificates against `roots`, with the binary's
+/// one crypto provider.
+pub fn verifier(roots: rustls::RootCertStore) -> Result<Arc<WebPkiServerVerifier>, rustls::Error> {
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), crate::net::tls::provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
+}
+
+/// Every outbound TLS client configuration: the binary's crypto
+/// provider, TLS 1.2 and 1.3, no client certificate; `verifier` judges
+/// the server.
+pub fn tls_client_config(
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    Ok(
+        rustls::ClientConfig::builder_with_provider(crate::net::tls::provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth(),
+    )
+}
+
+/// The TLS-capable connector behind [`client`]; the CA file is read here.
+pub fn connector(ca: Option<&Path>, timeouts: &Timeouts) -> Result<Connector, ClientError> {
+    let tls = tls_client_config(verifier(root_store(ca)?)?)?;
 
     let mut http = HttpConnector::new();
     http.enforce_http(false);

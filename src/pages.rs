@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, CACHE_CONTROL, CONTENT_TYPE, LOCATION, SET_COOKIE};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
@@ -207,4 +207,24 @@ pub fn full(body: impl Into<Bytes>) -> Body {
     Full::new(body.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// A redirect the browser must not cache: sign-in steps, sign-out and the
+/// port-80 redirect all depend on state or configuration that can change.
+pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = status;
+    if let Ok(location) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(LOCATION, location);
+    }
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+pub fn append_cookies(response: &mut Response<Body>, cookies: Vec<HeaderValue>) {
+    for cookie in cookies {
+        response.headers_mut().append(SET_COOKIE, cookie);
+    }
 }

@@ -3,7 +3,7 @@
 //! single-threaded runtime per core, `SO_REUSEPORT`) and hyper settings,
 //! with no gateway in between. Beside nginx answering itself it shows what
 //! the HTTP library costs per request, HTTP/1.1 and HTTP/2, apart from what
-//! authgate adds on top (issue 5).
+//! authgate adds on top.
 //!
 //!     hyper-alone <cert.pem> <key.pem> <address:port>
 
@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use authgate::config::{Limits, Timeouts};
-use authgate::{server, tls};
+use authgate::net::{self, tls};
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
@@ -25,6 +25,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+
+// The allocator authgate's binary uses, so the floor is measured alike.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     match run() {
@@ -45,7 +49,7 @@ fn run() -> Result<(), Box<dyn Error>> {
     let acceptor = TlsAcceptor::from(tls::server_config(tls::ReloadableCert::new(key))?);
     let addr: SocketAddr = addr.parse()?;
     let cores = std::thread::available_parallelism()?.get();
-    let workers: Vec<_> = server::bind_workers(addr, cores)?
+    let workers: Vec<_> = net::bind_workers(addr, cores)?
         .into_iter()
         .map(|listener| {
             let acceptor = acceptor.clone();
@@ -64,7 +68,7 @@ fn serve(listener: std::net::TcpListener, acceptor: TlsAcceptor) -> std::io::Res
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let builder = server::http_builder(&Timeouts::default(), &Limits::default());
+    let builder = net::http_builder(&Timeouts::default(), &Limits::default());
     // One per protocol, chosen by ALPN as authgate does (no detection read).
     let builders = Arc::new((builder.clone().http1_only(), builder.http2_only()));
     let body = Bytes::from(vec![b'x'; 1024]);

@@ -6,7 +6,54 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use crate::config::IdentityHeaderNames;
+/// Names of the headers that carry the signed-in user to the upstream.
+/// Defaults follow oauth2-proxy's `X-Forwarded-*` names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaderNames {
+    pub user: String,
+    pub user_id: String,
+    pub email: String,
+    pub name: String,
+    pub tenant: String,
+    pub groups: String,
+    pub roles: String,
+    pub preferred_username: String,
+    /// Header that carries the signed-in user's raw ID token; empty: none.
+    /// `Authorization` sends it as `Bearer <token>`.
+    pub id_token: String,
+}
+
+impl Default for IdentityHeaderNames {
+    fn default() -> Self {
+        IdentityHeaderNames {
+            user: "X-Forwarded-User".into(),
+            user_id: "X-Forwarded-User-Id".into(),
+            email: "X-Forwarded-Email".into(),
+            name: "X-Forwarded-Name".into(),
+            tenant: "X-Forwarded-Tenant".into(),
+            groups: "X-Forwarded-Groups".into(),
+            roles: "X-Forwarded-Roles".into(),
+            preferred_username: "X-Forwarded-Preferred-Username".into(),
+            id_token: String::new(),
+        }
+    }
+}
+
+impl IdentityHeaderNames {
+    pub fn all(&self) -> [(&'static str, &str); 8] {
+        [
+            ("user", &self.user),
+            ("user_id", &self.user_id),
+            ("email", &self.email),
+            ("name", &self.name),
+            ("tenant", &self.tenant),
+            ("groups", &self.groups),
+            ("roles", &self.roles),
+            ("preferred_username", &self.preferred_username),
+        ]
+    }
+}
 
 /// The signed-in user, from a verified ID token (Entra v2 claim names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,7 +166,7 @@ impl IdentityHeaders {
     /// Sets the headers for `identity`.
     pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
         // Moved, not `apply`'s clones: a fresh value's first clone
-        // allocates (criterion: strip and inject 0.66 -> 0.91 µs).
+        // allocates.
         let IdentityValues(values) = self.values(identity);
         for (name, value) in values {
             headers.insert(name, value);
@@ -160,7 +207,7 @@ impl IdentityHeaders {
 
 /// One user's identity headers, built once per opened session: building
 /// them (eight values checked and copied, groups joined) had cost a
-/// signed-in request more than finding its session (issue 5).
+/// signed-in request more than finding its session.
 #[derive(Debug, Clone, Default)]
 pub struct IdentityValues(Vec<(HeaderName, HeaderValue)>);
 

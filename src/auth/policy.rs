@@ -4,7 +4,7 @@
 
 use serde::Deserialize;
 
-use crate::identity::Identity;
+use crate::auth::identity::Identity;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -16,9 +16,9 @@ use http::header::{HeaderValue, COOKIE};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::identity::{Identity, IdentityValues};
+use crate::clock::now;
 use crate::config::SessionConfig;
-use crate::identity::{Identity, IdentityValues};
-use crate::token::now;
 
 /// Bytes of sealed value per cookie: browsers keep at least 4096 bytes
 /// per cookie including name and attributes (RFC 6265 §6.1).
@@ -68,7 +68,7 @@ pub struct Sessions {
     keys: Vec<Key>,
     /// Sessions already opened, by sealed value. A browser sends the same
     /// cookie with every request, and opening it (base64, AES-GCM, JSON)
-    /// was most of the per-request auth work (issue 5). Only values that
+    /// was most of the per-request auth work. Only values that
     /// opened are kept and the lifetimes are checked at every use, so a
     /// hit answers exactly what opening again would.
     opened: moka::sync::Cache<String, Arc<Session>, foldhash::fast::RandomState>,
@@ -83,7 +83,7 @@ pub struct Sessions {
 /// The session cookie one connection sent last, opened, and its `Cookie`
 /// header without the gateway's cookies. A browser sends the same header
 /// with every request on a connection, so the next one costs a comparison
-/// instead of parsing, a cache lookup and a rebuilt header (issue 5). Over
+/// instead of parsing, a cache lookup and a rebuilt header. Over
 /// HTTP/2 a browser may send it as several fields (RFC 9113 §8.2.3):
 /// compared field by field.
 ///

@@ -2,25 +2,25 @@
 //! callback at `/api/oidc/callback` (ours, or the console's own when the
 //! state is not ours), the session it leaves behind, and sign-out.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use bytes::BytesMut;
-use http::header::{
-    HeaderValue, AUTHORIZATION, CACHE_CONTROL, LOCATION, SET_COOKIE, WWW_AUTHENTICATE,
-};
+use http::header::{HeaderValue, AUTHORIZATION, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use super::Authenticated;
+use crate::auth::identity::Identity;
+use crate::auth::policy::Denial;
+use crate::auth::session::{Found, LastCookie, Session, Sessions};
+use crate::clock::now;
 use crate::config::{OidcConfig, PublicUrl, ResponseMode};
-use crate::explain;
-use crate::identity::Identity;
-use crate::oidc::{Oidc, RefreshError};
-use crate::pages::Page;
-use crate::policy::Denial;
-use crate::session::{Found, LastCookie, Session, Sessions};
-use crate::token::{now, Claims, TokenError};
+use crate::idp::explain;
+use crate::idp::provider::{Oidc, RefreshError};
+use crate::idp::token::TokenError;
+use crate::ops::logging::AUDIT;
+use crate::pages::{self, Page};
 use crate::Body;
 
 /// Largest form_post callback body read (a code, a state and an id).
@@ -31,25 +31,7 @@ pub struct SignIn {
     oidc: Arc<Oidc>,
     sessions: Sessions,
     public_url: PublicUrl,
-    own_prefix: String,
-}
-
-/// How a request proved who it is.
-pub enum Authenticated {
-    Session {
-        session: Arc<Session>,
-        renewed: bool,
-    },
-    Bearer(Arc<Claims>),
-}
-
-impl Authenticated {
-    pub fn identity(&self) -> Cow<'_, Identity> {
-        match self {
-            Authenticated::Session { session, .. } => Cow::Borrowed(&session.identity),
-            Authenticated::Bearer(claims) => Cow::Owned(claims.identity()),
-        }
-    }
+    gateway_prefix: String,
 }
 
 /// What the callback endpoint decided.
@@ -74,13 +56,13 @@ impl SignIn {
         oidc: Arc<Oidc>,
         sessions: Sessions,
         public_url: PublicUrl,
-        own_prefix: String,
+        gateway_prefix: String,
     ) -> SignIn {
         SignIn {
             oidc,
             sessions,
             public_url,
-            own_prefix,
+            gateway_prefix,
         }
     }
 
@@ -100,7 +82,7 @@ impl SignIn {
     /// neither was presented (or the session is no longer usable);
     /// `Err(Some(_))`: a bearer token was presented and rejected.
     /// `last` is the connection's (see [`LastCookie`]).
-    pub async fn authenticate(
+    pub async fn identify(
         &self,
         headers: &HeaderMap,
         last: &LastCookie,
@@ -162,7 +144,7 @@ impl SignIn {
             }
             Err(RefreshError::Refused(reason)) => {
                 tracing::info!(
-                    target: "authgate::audit",
+                    target: AUDIT,
                     user = %session.identity.username,
                     tenant = session.identity.tenant.as_deref().unwrap_or(""),
                     reason,
@@ -197,7 +179,7 @@ impl SignIn {
 
     /// RFC 6750 §3: a rejected bearer token gets `invalid_token`.
     pub fn invalid_bearer(&self, error: &TokenError, id: &str) -> Response<Body> {
-        tracing::info!(target: "authgate::audit", request_id = id, reason = %error, "bearer token refused");
+        tracing::info!(target: AUDIT, request_id = id, reason = %error, "bearer token refused");
         let page = Page::new(
             StatusCode::UNAUTHORIZED,
             "invalid_token",
@@ -229,12 +211,12 @@ impl SignIn {
     ) -> Response<Body> {
         let stale = self.sessions.clear(headers);
         if !html {
-            let mut response = crate::pages::problem(crate::pages::UNAUTHENTICATED, false, id);
+            let mut response = pages::problem(pages::UNAUTHENTICATED, false, id);
             response.headers_mut().insert(
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"authgate\""),
             );
-            append_cookies(&mut response, stale);
+            pages::append_cookies(&mut response, stale);
             return response;
         }
         // Only a GET can be replayed after sign-in; anything else lands on /.
@@ -248,13 +230,13 @@ impl SignIn {
             Err(e) => {
                 let mut response =
                     explain::sign_in_error(&e, &self.config().redirect_uri).render(true, id);
-                append_cookies(&mut response, stale);
+                pages::append_cookies(&mut response, stale);
                 return response;
             }
         };
         let cross_site_post = self.config().response_mode == ResponseMode::FormPost;
-        let mut response = redirect(StatusCode::FOUND, &url);
-        append_cookies(&mut response, stale);
+        let mut response = pages::redirect(StatusCode::FOUND, &url);
+        pages::append_cookies(&mut response, stale);
         response.headers_mut().append(
             SET_COOKIE,
             self.sessions.write_login(&login, cross_site_post),
@@ -296,7 +278,7 @@ impl SignIn {
 
         let mut response = if let Some(error) = &params.error {
             self.count("provider_error");
-            tracing::warn!(target: "authgate::audit", request_id = id, error, "sign-in failed at the provider");
+            tracing::warn!(target: AUDIT, request_id = id, error, "sign-in failed at the provider");
             explain::provider_error(error, params.error_description.as_deref(), redirect_uri)
                 .render(html, id)
         } else if let Some(code) = &params.code {
@@ -305,7 +287,7 @@ impl SignIn {
                     self.count("success");
                     let identity = signed_in.claims.identity();
                     tracing::info!(
-                        target: "authgate::audit",
+                        target: AUDIT,
                         request_id = id,
                         user = %identity.username,
                         tenant = identity.tenant.as_deref().unwrap_or(""),
@@ -322,13 +304,16 @@ impl SignIn {
                         identity_headers: Default::default(),
                     };
                     let location = format!("{}{}", self.public_url, login.return_to);
-                    let mut response = redirect(StatusCode::SEE_OTHER, &location);
-                    append_cookies(&mut response, self.sessions.write(&session, &parts.headers));
+                    let mut response = pages::redirect(StatusCode::SEE_OTHER, &location);
+                    pages::append_cookies(
+                        &mut response,
+                        self.sessions.write(&session, &parts.headers),
+                    );
                     response
                 }
                 Err(e) => {
                     self.count("failed");
-                    tracing::warn!(target: "authgate::audit", request_id = id, error = %e, "sign-in failed");
+                    tracing::warn!(target: AUDIT, request_id = id, error = %e, "sign-in failed");
                     explain::sign_in_error(&e, redirect_uri).render(html, id)
                 }
             }
@@ -341,7 +326,7 @@ impl SignIn {
     }
 
     fn count(&self, outcome: &'static str) {
-        crate::metrics::Metrics::outcome(&self.oidc.metrics().sign_ins, outcome);
+        crate::ops::metrics::Metrics::outcome(&self.oidc.metrics().sign_ins, outcome);
     }
 
     /// `GET` asks (a link cannot sign anyone out cross-site); `POST` from
@@ -354,7 +339,7 @@ impl SignIn {
         html: bool,
         id: &str,
     ) -> Response<Body> {
-        let action = format!("{}sign_out", self.own_prefix);
+        let action = format!("{}sign_out", self.gateway_prefix);
         if method != Method::POST {
             let mut page = Page::new(
                 StatusCode::OK,
@@ -380,14 +365,14 @@ impl SignIn {
         };
         if let Some(session) = &session {
             tracing::info!(
-                target: "authgate::audit",
+                target: AUDIT,
                 request_id = id,
                 user = %session.identity.username,
                 tenant = session.identity.tenant.as_deref().unwrap_or(""),
                 "signed out"
             );
         }
-        let signed_out = format!("{}{}signed_out", self.public_url, self.own_prefix);
+        let signed_out = format!("{}{}signed_out", self.public_url, self.gateway_prefix);
         let location = match (session, self.oidc.end_session_url(&signed_out)) {
             (Some(session), Some(mut url)) => {
                 url.query_pairs_mut()
@@ -397,8 +382,8 @@ impl SignIn {
             (None, Some(url)) => url.to_string(),
             (_, None) => signed_out,
         };
-        let mut response = redirect(StatusCode::SEE_OTHER, &location);
-        append_cookies(&mut response, self.sessions.clear(headers));
+        let mut response = pages::redirect(StatusCode::SEE_OTHER, &location);
+        pages::append_cookies(&mut response, self.sessions.clear(headers));
         response
     }
 
@@ -413,7 +398,7 @@ impl SignIn {
         id: &str,
     ) -> Response<Body> {
         tracing::info!(
-            target: "authgate::audit",
+            target: AUDIT,
             request_id = id,
             user = %identity.username,
             tenant = identity.tenant.as_deref().unwrap_or(""),
@@ -429,7 +414,7 @@ impl SignIn {
         );
         page.advice
             .push("Ask an administrator for access, or sign in with another account.".into());
-        page.form = Some((format!("{}sign_out", self.own_prefix), "Sign out"));
+        page.form = Some((format!("{}sign_out", self.gateway_prefix), "Sign out"));
         page.render(html, id)
     }
 
@@ -500,24 +485,6 @@ async fn read_limited(mut body: Body, limit: usize) -> Option<Bytes> {
         }
     }
     Some(buffer.freeze())
-}
-
-fn redirect(status: StatusCode, location: &str) -> Response<Body> {
-    let mut response = Response::new(crate::pages::full(Bytes::new()));
-    *response.status_mut() = status;
-    if let Ok(location) = HeaderValue::from_str(location) {
-        response.headers_mut().insert(LOCATION, location);
-    }
-    response
-        .headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
-}
-
-pub fn append_cookies(response: &mut Response<Body>, cookies: Vec<HeaderValue>) {
-    for cookie in cookies {
-        response.headers_mut().append(SET_COOKIE, cookie);
-    }
 }
 
 fn bad_callback(html: bool, id: &str) -> Response<Body> {

@@ -1,51 +1,27 @@
-//! Forwarding one request to its upstream: hop-by-hop headers removed
-//! (RFC 9110 §7.6.1), `X-Forwarded-*`/`Forwarded`/`X-Real-IP` set from the
-//! peer we accepted, bodies streamed both ways over a pooled keep-alive
-//! connection ([`crate::upstream`]), and protocol upgrades (WebSocket)
-//! tunnelled ([`crate::tunnel`]) with hyper's own upgrade mechanism.
+//! Forwarding: the route table (`routes`), the request's hop headers
+//! (`headers`), bodies streamed both ways over a pooled keep-alive
+//! connection (`upstream`), and protocol upgrades (WebSocket) tunnelled
+//! (`tunnel`) with hyper's own upgrade mechanism.
 
-use std::net::{IpAddr, SocketAddr};
+pub(crate) mod headers;
+pub(crate) mod routes;
+mod tunnel;
+pub(crate) mod upstream;
+
 use std::time::Duration;
 
-use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use ipnet::IpNet;
 use prometheus_client::metrics::gauge::Gauge;
 
+use self::headers::{remove_hop_by_hop, upgrade_protocol, Forwarding, Peer, X_REQUEST_ID};
+use self::routes::Route;
 use crate::config::Config;
 use crate::outbound::{self, ClientError};
-use crate::routes::Route;
 use crate::Body;
-use crate::{tunnel, upstream};
 
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// Headers `forward` adds to a request: the forwarding five,
-/// `X-Request-Id` and `Host` (HTTP/2 requests have none).
-pub const HEADERS_ADDED: usize = 7;
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Headers that describe one connection, never the message (RFC 9110
-/// §7.6.1, plus the legacy `Keep-Alive`/`Proxy-Connection` and the
-/// proxy-auth pair that is addressed to us, as Go's and nginx's proxies do).
-fn hop_by_hop() -> [&'static HeaderName; 9] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ]
-}
+pub use self::headers::HEADERS_ADDED;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -64,7 +40,7 @@ pub enum ProxyError {
 pub struct Proxy {
     websockets: Gauge,
     pool: upstream::Pool,
-    trusted_proxies: Vec<IpNet>,
+    forwarding: Forwarding,
     preserve_host: bool,
     response_timeout: Duration,
     websocket_idle: Duration,
@@ -76,7 +52,9 @@ impl Proxy {
         let connector = outbound::connector(config.proxy.ca.as_deref(), &config.timeouts)?;
         Ok(Proxy {
             pool: upstream::Pool::new(connector, config.timeouts.idle),
-            trusted_proxies: config.proxy.trusted_proxies.clone(),
+            forwarding: Forwarding {
+                trusted_proxies: config.proxy.trusted_proxies.clone(),
+            },
             preserve_host: config.proxy.preserve_host,
             response_timeout: config.timeouts.upstream_response,
             websocket_idle: config.timeouts.websocket_idle,
@@ -132,7 +110,7 @@ impl Proxy {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol.clone());
         }
-        self.set_forwarding_headers(&mut parts.headers, peer, host.as_ref());
+        self.forwarding.set(&mut parts.headers, peer, host.as_ref());
         parts.headers.insert(&X_REQUEST_ID, request_id.clone());
         let sent_host = match (&host, self.preserve_host) {
             (Some(host), true) => host.clone(),
@@ -197,221 +175,5 @@ impl Proxy {
             date.set_sensitive(true);
         }
         Ok(response.map(|b| b.map_err(Into::into).boxed()))
-    }
-
-    /// The forwarding chain is only extended from trusted proxies; anyone
-    /// else's `X-Forwarded-For`/`X-Real-IP` is replaced (hbbs and hbbr
-    /// believe these headers, see RustDesk's nginx guide).
-    fn set_forwarding_headers(
-        &self,
-        headers: &mut HeaderMap,
-        peer: &Peer,
-        host: Option<&HeaderValue>,
-    ) {
-        if self.is_trusted(peer.ip) {
-            return self.extend_forwarding_headers(headers, peer, host);
-        }
-        // Values made once per connection: this is every request's path.
-        headers.insert(&X_FORWARDED_FOR, peer.ip_text.clone());
-        headers.insert(&X_REAL_IP, peer.ip_text.clone());
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        set_forwarded_host(headers, host);
-        set_owned(headers, &header::FORWARDED, peer.forwarded_element(host));
-    }
-
-    /// From a trusted proxy: its chain goes on, and the client is the
-    /// nearest address in it that is not a trusted proxy.
-    fn extend_forwarding_headers(
-        &self,
-        headers: &mut HeaderMap,
-        peer: &Peer,
-        host: Option<&HeaderValue>,
-    ) {
-        let chain: Vec<String> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect();
-        let client_ip = chain
-            .iter()
-            .rev()
-            .filter_map(|s| s.parse::<IpAddr>().ok())
-            .find(|ip| !self.is_trusted(*ip))
-            .unwrap_or(peer.ip);
-
-        let mut xff = chain.join(", ");
-        if !xff.is_empty() {
-            xff.push_str(", ");
-        }
-        xff.push_str(peer.ip_text.to_str().expect("an address is text"));
-        set_owned(headers, &X_FORWARDED_FOR, xff);
-        set_owned(headers, &X_REAL_IP, client_ip.to_string());
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("https"));
-        }
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            set_forwarded_host(headers, host);
-        }
-        let element = peer.forwarded_element(host);
-        let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {element}"),
-            None => element,
-        };
-        set_owned(headers, &header::FORWARDED, forwarded);
-    }
-
-    fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|net| net.contains(&ip))
-    }
-}
-
-fn set_forwarded_host(headers: &mut HeaderMap, host: Option<&HeaderValue>) {
-    match host {
-        Some(host) => headers.insert(&X_FORWARDED_HOST, host.clone()),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
-}
-
-/// Sets `name`, or removes it when `value` cannot be a header value.
-fn set_owned(headers: &mut HeaderMap, name: &HeaderName, value: String) {
-    match HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        Ok(value) => headers.insert(name, value),
-        Err(_) => headers.remove(name),
-    };
-}
-
-/// The client end of an accepted connection, with what every request on
-/// it tells the upstream about it made once.
-#[derive(Clone)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    ip: IpAddr,
-    ip_text: HeaderValue,
-    /// `for=…;proto=https` of RFC 7239's `Forwarded`.
-    forwarded_for: String,
-}
-
-impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
-        let ip = addr.ip().to_canonical();
-        let text = ip.to_string();
-        // RFC 7239: IPv6 nodes are quoted and bracketed.
-        let forwarded_for = match ip {
-            IpAddr::V4(_) => format!("for={text};proto=https"),
-            IpAddr::V6(_) => format!("for=\"[{text}]\";proto=https"),
-        };
-        Peer {
-            addr,
-            ip,
-            ip_text: HeaderValue::from_str(&text).expect("an address is a header value"),
-            forwarded_for,
-        }
-    }
-
-    /// This hop's `Forwarded` element; hosts are quoted (RFC 7239).
-    fn forwarded_element(&self, host: Option<&HeaderValue>) -> String {
-        let host = host.and_then(|h| h.to_str().ok());
-        let mut element =
-            String::with_capacity(self.forwarded_for.len() + host.map_or(0, |h| h.len() + 8));
-        element.push_str(&self.forwarded_for);
-        if let Some(host) = host {
-            element.push_str(";host=\"");
-            element.push_str(host);
-            element.push('"');
-        }
-        element
-    }
-}
-
-/// `Some(protocol)` when an HTTP/1.1 request asks to switch protocols
-/// (`Connection: upgrade` + `Upgrade: <protocol>`).
-fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
-    let asks = connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
-    (asks && req.version() == Version::HTTP_11)
-        .then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-}
-
-/// Removes the fixed hop-by-hop headers and every header that
-/// `Connection` names (RFC 9110 §7.6.1).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection: keep-alive`: looking
-    // first saves a removal per name.
-    let fixed = hop_by_hop();
-    if !headers.keys().any(|k| fixed.contains(&k)) {
-        return;
-    }
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter(|t| !fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t)))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(fixed) {
-        headers.remove(name);
-    }
-}
-
-/// A request id the client sent is passed on when it is short and made of
-/// safe characters (it ends up in logs and pages); otherwise a fresh one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(&X_REQUEST_ID)
-        .filter(|v| {
-            let b = v.as_bytes();
-            !b.is_empty()
-                && b.len() <= 128
-                && b.iter()
-                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
-        })
-        .cloned()
-        .unwrap_or_else(|| {
-            let mut text = uuid::Uuid::encode_buffer();
-            let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-            HeaderValue::from_str(text).expect("a UUID is a valid header value")
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn connection_named_and_fixed_hop_headers_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, X-Secret, close"),
-        );
-        headers.insert("x-secret", HeaderValue::from_static("1"));
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        remove_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1, "{headers:?}");
-        assert!(headers.contains_key("x-kept"));
-    }
-
-    #[test]
-    fn unsafe_request_ids_are_replaced() {
-        let mut headers = HeaderMap::new();
-        headers.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&headers), "abc-123");
-        headers.insert(&X_REQUEST_ID, HeaderValue::from_static("<script>"));
-        assert_ne!(request_id(&headers), "<script>");
     }
 }

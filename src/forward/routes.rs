@@ -4,10 +4,10 @@
 
 use http::HeaderValue;
 
+use crate::auth::policy::Policy;
 use crate::config::{Access, RouteConfig, UpstreamUrl};
-use crate::metrics::{Metrics, RouteMetrics};
-use crate::policy::Policy;
-use crate::upstream;
+use crate::forward::upstream;
+use crate::ops::metrics::{Metrics, RouteMetrics};
 
 #[derive(Debug, Clone)]
 pub struct Route {

@@ -7,7 +7,7 @@
 //! between that task and the request's through channels. Here the
 //! request's own task polls the connection, first while waiting for the
 //! response head and then from the response body, so a request costs no
-//! hand-offs (about 1.5 µs less user CPU per proxied request, issue 5).
+//! hand-offs (figures in docs/performance.md).
 //! Upgraded connections (WebSocket) outlive the request, and get a task
 //! after all.
 

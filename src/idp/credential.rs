@@ -67,7 +67,7 @@ impl CertificateCredential {
         let mut header = Header::new(Algorithm::PS256);
         header.x5t = Some(self.sha1_thumbprint.clone());
         header.x5t_s256 = Some(self.sha256_thumbprint.clone());
-        let now = crate::token::now();
+        let now = crate::clock::now();
         let claims = serde_json::json!({
             "aud": audience,
             "iss": client_id,

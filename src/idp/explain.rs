@@ -5,11 +5,11 @@
 //! Codes and meanings: Microsoft's "Microsoft Entra authentication and
 //! authorization error codes" (learn.microsoft.com/entra/identity-platform/
 //! reference-error-codes); every code can be looked up at
-//! https://login.microsoftonline.com/error?code=<number>.
+//! `https://login.microsoftonline.com/error?code=<number>`.
 
 use http::StatusCode;
 
-use crate::oidc::SignInError;
+use crate::idp::provider::SignInError;
 use crate::pages::Page;
 
 /// (code, what it means, what to check)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 use crate::outbound::{self, FetchError, HttpClient};
 
 /// Least time between two refetches caused by unknown `kid`s in tokens
@@ -112,10 +112,6 @@ impl KeySet {
 
     pub fn len(&self) -> usize {
         self.by_kid.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_kid.is_empty()
     }
 }
 

@@ -20,12 +20,12 @@ use openidconnect::{
     RequestTokenError, Scope, StandardErrorResponse, TokenResponse,
 };
 
+use crate::auth::session::LoginState;
 use crate::config::{ClientAuth, OidcConfig, ResponseMode};
-use crate::jwks::Jwks;
-use crate::metrics::Metrics;
+use crate::idp::jwks::{Jwks, JwksError};
+use crate::idp::token::{Claims, IssuerMatch, TokenError, Verifier};
+use crate::ops::metrics::Metrics;
 use crate::outbound::{self, FetchError, HttpClient};
-use crate::session::LoginState;
-use crate::token::{Claims, IssuerMatch, TokenError, Verifier};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// RFC 7523 §2.2.
@@ -62,6 +62,8 @@ pub enum DiscoveryError {
     Parse { uri: String, message: String },
     #[error("the discovery document names issuer `{found}`, but oidc.issuer is `{expected}` (they must match exactly, trailing slash included)")]
     Issuer { expected: String, found: String },
+    #[error(transparent)]
+    Keys(#[from] JwksError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +125,7 @@ pub enum RefreshError {
 enum Credential {
     /// Sent by openidconnect itself (basic or in the body).
     Secret,
-    Certificate(crate::credential::CertificateCredential),
+    Certificate(crate::idp::credential::CertificateCredential),
     Federated(std::path::PathBuf),
 }
 
@@ -148,11 +150,11 @@ impl Oidc {
         config: OidcConfig,
         http: HttpClient,
         metrics: Metrics,
-    ) -> Result<Arc<Oidc>, crate::credential::CredentialError> {
+    ) -> Result<Arc<Oidc>, crate::idp::credential::CredentialError> {
         let credential = match (&config.client_certificate, &config.federated_token_path) {
-            (Some((cert, key)), _) => {
-                Credential::Certificate(crate::credential::CertificateCredential::load(cert, key)?)
-            }
+            (Some((cert, key)), _) => Credential::Certificate(
+                crate::idp::credential::CertificateCredential::load(cert, key)?,
+            ),
             (None, Some(path)) => Credential::Federated(path.clone()),
             (None, None) => Credential::Secret,
         };
@@ -212,19 +214,15 @@ impl Oidc {
         jwks.refresh_periodically(self.config.jwks_refresh).await;
     }
 
-    async fn discover(&self) -> Result<(Provider, Arc<Jwks>), String> {
+    async fn discover(&self) -> Result<(Provider, Arc<Jwks>), DiscoveryError> {
         let uri = &self.discovery_uri;
         self.metrics.provider_request("discovery");
-        let body = outbound::get_json(&self.http, uri, TIMEOUT)
-            .await
-            .map_err(|e| DiscoveryError::from(e).to_string())?;
-        let metadata: CoreProviderMetadata = serde_json::from_slice(&body).map_err(|e| {
-            DiscoveryError::Parse {
+        let body = outbound::get_json(&self.http, uri, TIMEOUT).await?;
+        let metadata: CoreProviderMetadata =
+            serde_json::from_slice(&body).map_err(|e| DiscoveryError::Parse {
                 uri: uri.to_owned(),
                 message: e.to_string(),
-            }
-            .to_string()
-        })?;
+            })?;
         // Not part of the core metadata type.
         let end_session = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -242,15 +240,14 @@ impl Oidc {
             return Err(DiscoveryError::Issuer {
                 expected: self.config.issuer.clone(),
                 found,
-            }
-            .to_string());
+            });
         };
         let jwks = Arc::new(Jwks::new(
             metadata.jwks_uri().url().to_string(),
             self.http.clone(),
             self.metrics.clone(),
         ));
-        jwks.current().await.map_err(|e| e.to_string())?;
+        jwks.current().await?;
         let verifier = Verifier {
             issuer,
             audience: self.config.client_id.clone(),
@@ -272,9 +269,9 @@ impl Oidc {
 
     /// Discovers the provider once, for `authgate check`: what it found,
     /// or why it failed.
-    pub async fn discover_once(&self) -> Result<Discovered, String> {
+    pub async fn discover_once(&self) -> Result<Discovered, DiscoveryError> {
         let (provider, jwks) = self.discover().await?;
-        let keys = jwks.current().await.map_err(|e| e.to_string())?.len();
+        let keys = jwks.current().await?.len();
         let discovered = Discovered {
             issuer: provider.metadata.issuer().to_string(),
             jwks_uri: provider.metadata.jwks_uri().url().to_string(),
@@ -320,7 +317,7 @@ impl Oidc {
             "the provider has not been reached yet".into(),
         ))?;
         if let Some(claims) = self.bearers.get(token).await {
-            if claims.exp + provider.verifier.skew.as_secs() > crate::token::now() {
+            if claims.exp + provider.verifier.skew.as_secs() > crate::clock::now() {
                 Metrics::outcome(&self.metrics.token_validations, "bearer_cached");
                 return Ok(claims);
             }
@@ -443,7 +440,7 @@ impl Oidc {
             nonce: nonce.secret().clone(),
             pkce_verifier: verifier.secret().clone(),
             return_to,
-            started_at: crate::token::now(),
+            started_at: crate::clock::now(),
         };
         Ok((url.to_string(), login))
     }

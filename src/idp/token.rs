@@ -4,14 +4,16 @@
 //! token's `jku`/`x5u`/`jwk`), `kid` is treated as untrusted input.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::now;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
-use crate::identity::Identity;
-use crate::jwks::{Jwks, JwksError, Source};
+use crate::auth::identity::Identity;
+use crate::idp::jwks::{Jwks, JwksError, Source};
 
 /// Claims every ID token must carry (OIDC Core §2).
 const REQUIRED: &[&str] = &["iss", "sub", "aud", "exp", "iat"];
@@ -290,18 +292,11 @@ fn algorithm_name(token: &str) -> Option<String> {
         .and_then(|h| h["alg"].as_str().map(str::to_owned))
 }
 
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Tokens a real provider would never sign: forged, expired, misdirected.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jwks::{Key, KeySet};
+    use crate::idp::jwks::{Key, KeySet};
     use jsonwebtoken::{encode, DecodingKey, EncodingKey, Header};
     use serde_json::json;
 

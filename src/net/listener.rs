@@ -1,8 +1,8 @@
 //! Accepting connections: a bounded accept loop (one semaphore permit per
-//! connection), the TLS handshake under a deadline, HTTP/1.1 or HTTP/2 by
-//! ALPN, the plain-HTTP redirect listener, and graceful shutdown.
+//! connection), the HTTPS worker threads, the TLS handshake under a
+//! deadline, HTTP/1.1 or HTTP/2 by ALPN, and graceful shutdown.
 //!
-//! Shutdown is one mechanism used by both listeners: a `watch` channel
+//! Shutdown is one mechanism used by every listener: a `watch` channel
 //! flips, the accept loops stop, and hyper-util's `GracefulShutdown` asks
 //! every watched connection to finish its in-flight requests, bounded by
 //! the configured grace period.
@@ -10,33 +10,23 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::header::{HeaderValue, LOCATION};
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, Limits, PublicUrl, Timeouts};
-use crate::gateway::{Connection, Gateway};
-use crate::pages;
+use super::http::{http_builder, FirstReadDeadline};
+use crate::config::Config;
+use crate::pipeline::{Client, Gateway};
 
-/// HTTP/2 streams a client may reset before we stop accepting new ones
-/// (rapid reset, RUSTSEC-2024-0003), and resets we may send on errors.
-const MAX_PENDING_RESETS: usize = 20;
-const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the
 /// loop does not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -44,19 +34,19 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const LISTEN_BACKLOG: i32 = 1024;
 
 /// A listener's connections, drained together on shutdown.
-pub struct Connections {
+pub struct OpenConnections {
     graceful: GracefulShutdown,
 }
 
-impl Default for Connections {
+impl Default for OpenConnections {
     fn default() -> Self {
-        Connections {
+        OpenConnections {
             graceful: GracefulShutdown::new(),
         }
     }
 }
 
-impl Connections {
+impl OpenConnections {
     /// Waits for in-flight requests to finish, at most `grace`.
     pub async fn drain(self, grace: Duration) {
         let open = self.graceful.count();
@@ -69,11 +59,11 @@ impl Connections {
 
 /// Accepts until `shutdown` flips, handing each connection to `serve`
 /// with one of `permits`, which bound how many are open at once.
-async fn accept_loop<F, Fut>(
+pub(super) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     permits: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
-    connections: &Connections,
+    connections: &OpenConnections,
     serve: F,
 ) where
     F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
@@ -142,7 +132,7 @@ impl TlsListener {
     /// runtime that serves its connections from handshake to upstream
     /// response with its own upstream connections, so a request never
     /// crosses threads: on the multi-threaded scheduler the hand-offs
-    /// between threads cost more than the proxying (issue 5's profile).
+    /// between threads cost more than the proxying.
     /// The workers accept until `shutdown` flips, then drain.
     pub fn start(
         self,
@@ -160,7 +150,7 @@ impl TlsListener {
                 .enable_all()
                 .build()
                 .map_err(crate::StartError::Workers)?;
-            runtime.spawn(crate::memory::collect_periodically());
+            runtime.spawn(crate::ops::memory::collect_periodically());
             let listener = {
                 let _entered = runtime.enter();
                 TcpListener::from_std(listener).map_err(crate::StartError::Workers)?
@@ -223,7 +213,7 @@ impl Worker {
         permits: Arc<Semaphore>,
         shutdown: watch::Receiver<bool>,
     ) {
-        let connections = Connections::default();
+        let connections = OpenConnections::default();
         let grace = self.grace;
         let worker = Arc::new(self);
         accept_loop(
@@ -254,12 +244,11 @@ impl Worker {
         // no deadline, hyper issue 3962) is needed.
         let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let gateway = self.gateway.clone();
-        let client = Connection::new(peer, http2);
+        let client = Client::new(peer, http2);
         let io = TokioIo::new(FirstReadDeadline::new(tls, self.header_read));
         let ended = if http2 {
             // hyper spawns a task per HTTP/2 request and moves the request's
-            // future (~2.4 KB) on the way in; boxed, only a pointer moves
-            // (issue 5: 18.7 -> 18.2 µs a request at 64 connections).
+            // future (~2.4 KB) on the way in; boxed, only a pointer moves.
             // HTTP/1.1 keeps a request's future in place: a box would only
             // add an allocation.
             let service =
@@ -275,161 +264,4 @@ impl Worker {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
-}
-
-/// Closes a connection whose first bytes do not arrive in time. hyper
-/// bounds an HTTP/1.1 request head (`header_read_timeout`) but not the
-/// wait for an HTTP/2 client's connection preface, so a client could hold
-/// a connection (and its permit) open by sending nothing after TLS.
-struct FirstReadDeadline<T> {
-    inner: T,
-    /// Dropped once a byte has arrived.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<T> FirstReadDeadline<T> {
-    fn new(inner: T, within: Duration) -> Self {
-        FirstReadDeadline {
-            inner,
-            deadline: Some(Box::pin(tokio::time::sleep(within))),
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for FirstReadDeadline<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                this.deadline = None;
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
-                if expired {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no request within the header read timeout",
-                    )));
-                }
-                Poll::Pending
-            }
-            other => other,
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for FirstReadDeadline<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-/// hyper's settings for the connections browsers open, HTTP/1.1 and
-/// HTTP/2 (public for the benchmark's `hyper-alone`, which serves with the
-/// very same).
-pub fn http_builder(timeouts: &Timeouts, limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read)
-        .max_buf_size(limits.max_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(MAX_PENDING_RESETS)
-        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
-    builder
-}
-
-/// A plain-HTTP/1.1 listener answering every request with `answer`: the
-/// port-80 redirect and the admin (metrics) listener.
-pub async fn run_plain<F>(
-    listener: TcpListener,
-    config: &Config,
-    shutdown: watch::Receiver<bool>,
-    connections: &Connections,
-    answer: F,
-) where
-    F: Fn(&Request<Incoming>) -> Response<crate::Body> + Send + Sync + 'static,
-{
-    let answer = Arc::new(answer);
-    let header_read = config.timeouts.header_read;
-    accept_loop(
-        listener,
-        Arc::new(Semaphore::new(config.limits.max_connections)),
-        shutdown,
-        connections,
-        |tcp, peer, watcher| {
-            let answer = answer.clone();
-            async move {
-                let service = service_fn(move |req| {
-                    let response = answer(&req);
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                });
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_read)
-                    .serve_connection(TokioIo::new(tcp), service);
-                if let Err(e) = watcher.watch(connection).await {
-                    tracing::debug!(%peer, error = %e, "plain connection ended with an error");
-                }
-            }
-        },
-    )
-    .await;
-}
-
-/// The port-80 listener's answer: the same path on the https `public_url`
-/// with 308, which keeps the method and body (a 301/302 would turn a
-/// RustDesk client's POST into a GET). Always the configured origin, never
-/// the request's `Host`, so the redirect cannot be pointed elsewhere.
-pub fn redirect(origin: &PublicUrl, req: &Request<Incoming>) -> Response<crate::Body> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let location = format!("{origin}{path}");
-    let mut response = Response::new(pages::full(""));
-    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
-    if let Ok(location) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(LOCATION, location);
-    }
-    response
 }

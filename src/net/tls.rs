@@ -184,7 +184,7 @@ fn stamp(cert: &Path, key: &Path) -> Stamp {
 /// Reloads the certificate when its files change (checked every
 /// `interval`) and on SIGHUP. A pair that fails to load (e.g. half
 /// written) is logged and the old certificate kept; the next check retries.
-pub struct Watcher {
+pub struct CertWatcher {
     /// Set to the served certificate's expiry on every load.
     expiry: Gauge<i64, AtomicI64>,
     cert_path: PathBuf,
@@ -197,7 +197,7 @@ pub struct Watcher {
     loaded: Stamp,
 }
 
-impl Watcher {
+impl CertWatcher {
     /// Call before loading the certificate, so a change made between the
     /// load and the first check is not missed.
     pub fn new(
@@ -205,8 +205,8 @@ impl Watcher {
         key_path: PathBuf,
         interval: Duration,
         expiry: Gauge<i64, AtomicI64>,
-    ) -> std::io::Result<Watcher> {
-        Ok(Watcher {
+    ) -> std::io::Result<CertWatcher> {
+        Ok(CertWatcher {
             expiry,
             loaded: stamp(&cert_path, &key_path),
             hangup: signal(SignalKind::hangup())?,

@@ -5,7 +5,6 @@
 //! endpoint judges it, and every upstream.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::danger::ServerCertVerifier;
@@ -14,8 +13,10 @@ use rustls::CertificateError;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::oidc::{Oidc, SignInError};
-use crate::{explain, outbound, tls};
+use crate::idp::explain;
+use crate::idp::provider::{Oidc, SignInError};
+use crate::net::tls;
+use crate::outbound;
 
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,7 +64,7 @@ pub async fn run(config: &Config) -> Vec<Finding> {
             Ok(http) => match Oidc::new(
                 oidc_config.clone(),
                 http,
-                crate::metrics::Metrics::default(),
+                crate::ops::metrics::Metrics::default(),
             ) {
                 Ok(oidc) => findings.extend(provider(&oidc, &oidc_config.redirect_uri).await),
                 Err(e) => findings.push(Finding::fail(
@@ -152,14 +153,9 @@ fn verify_chain(
     chain: &[rustls::pki_types::CertificateDer<'static>],
     host: &str,
 ) -> Result<(), rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add_parsable_certificates(outbound::system_roots().iter().cloned());
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        tls::provider(),
-    )
-    .build()
-    .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let verifier = outbound::verifier(
+        outbound::root_store(None).map_err(|e| rustls::Error::General(e.to_string()))?,
+    )?;
     let name =
         ServerName::try_from(host.to_owned()).map_err(|e| rustls::Error::General(e.to_string()))?;
     let (leaf, intermediates) = chain
@@ -202,7 +198,7 @@ async fn provider(oidc: &Oidc, redirect_uri: &str) -> Vec<Finding> {
         Err(e) => {
             return vec![Finding::fail(
                 "discovery",
-                e,
+                e.to_string(),
                 "check oidc.issuer (the Directory (tenant) ID) and that this host can reach the provider \
                  (DNS, firewall, proxy)",
             )]

@@ -21,7 +21,7 @@ const DEADLINE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
     #[error(transparent)]
-    Certificate(#[from] crate::tls::TlsError),
+    Certificate(#[from] crate::net::tls::TlsError),
     #[error("cannot reach {addr}: {source}")]
     Connect {
         addr: SocketAddr,
@@ -45,7 +45,7 @@ pub async fn probe(config: &Config) -> Result<(), HealthError> {
 }
 
 async fn exchange(config: &Config) -> Result<(), HealthError> {
-    let pinned = crate::tls::load(&config.tls.cert, &config.tls.key)?.cert[0].clone();
+    let pinned = crate::net::tls::load(&config.tls.cert, &config.tls.key)?.cert[0].clone();
     let mut addr = config.listen;
     // A wildcard bind is reached over loopback.
     if addr.ip().is_unspecified() {
@@ -54,11 +54,7 @@ async fn exchange(config: &Config) -> Result<(), HealthError> {
             IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned(pinned)))
-        .with_no_client_auth();
+    let tls = crate::outbound::tls_client_config(Arc::new(Pinned(pinned)))?;
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|source| HealthError::Connect { addr, source })?;
@@ -113,7 +109,7 @@ impl ServerCertVerifier for Pinned {
             message,
             cert,
             dss,
-            &crate::tls::provider().signature_verification_algorithms,
+            &crate::net::tls::provider().signature_verification_algorithms,
         )
     }
 
@@ -127,12 +123,12 @@ impl ServerCertVerifier for Pinned {
             message,
             cert,
             dss,
-            &crate::tls::provider().signature_verification_algorithms,
+            &crate::net::tls::provider().signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        crate::tls::provider()
+        crate::net::tls::provider()
             .signature_verification_algorithms
             .supported_schemes()
     }

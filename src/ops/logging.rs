@@ -15,6 +15,8 @@ use crate::config::{LogConfig, LogFormat};
 
 /// The target of audit lines.
 pub const AUDIT: &str = "authgate::audit";
+/// The target of the per-request lines.
+pub const ACCESS: &str = "authgate::access";
 
 #[derive(Debug, thiserror::Error)]
 #[error("config key `log.audit_log`: cannot open `{path}`: {source}")]
@@ -66,7 +68,7 @@ pub fn init(config: &LogConfig) -> Result<(), LoggingError> {
     // No `Option` layer for the absent audit file: `None` answers
     // "always" for every callsite, which had the registry create every
     // span of every dependency (h2 opens several per request) whatever the
-    // level: a third of the CPU time on HTTP/2 (issue 5).
+    // level (see docs/performance.md).
     let registry = tracing_subscriber::registry().with(stdout);
     match audit {
         Some(audit) => registry.with(audit).init(),

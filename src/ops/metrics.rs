@@ -157,8 +157,7 @@ impl Metrics {
 }
 
 /// One route's request metrics. Looking them up by name for every request
-/// (two label copies, two map lookups) was a per-request cost (issue 5);
-/// now only the status's counter is looked up.
+/// (two label copies, two map lookups) was a per-request cost; now only the status's counter is looked up.
 #[derive(Clone, Debug)]
 pub struct RouteMetrics {
     pub route: Arc<String>,

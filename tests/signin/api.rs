@@ -1,9 +1,7 @@
 //! API clients, public routes, callbacks the gateway did not start, and
 //! route policies.
 
-use std::time::Instant;
-
-use crate::common::peers::{browser, Provider, CLIENT_ID, CLIENT_SECRET, TENANT};
+use crate::common::peers::{browser, CLIENT_ID};
 use crate::common::stack::*;
 use crate::common::*;
 use http::{Request, StatusCode};

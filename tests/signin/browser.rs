@@ -2,11 +2,11 @@
 
 use std::time::Instant;
 
-use crate::common::peers::{browser, Provider, CLIENT_ID, CLIENT_SECRET, TENANT};
+use crate::common::peers::{browser, CLIENT_SECRET, TENANT};
 use crate::common::stack::*;
 use crate::common::*;
 use http::{Request, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[tokio::test]
 async fn first_visit_signs_in_and_lands_on_the_asked_url_with_identity_headers() {

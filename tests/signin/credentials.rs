@@ -1,13 +1,9 @@
 //! The app's credential at the token endpoint: certificate, federated,
 //! client_secret_post.
 
-use std::time::Instant;
-
-use crate::common::peers::{browser, Provider, CLIENT_ID, CLIENT_SECRET, TENANT};
+use crate::common::peers::{browser, CLIENT_ID};
 use crate::common::stack::*;
-use crate::common::*;
-use http::{Request, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// An RSA key and a self-signed certificate for it, as an app
 /// registration's certificate credential: (cert PEM, key PEM, public PEM).

@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::common::peers::{browser, Provider, CLIENT_ID, CLIENT_SECRET, TENANT};
 use crate::common::stack::*;
 use crate::common::*;
-use http::{Request, StatusCode};
+use http::StatusCode;
 use serde_json::{json, Value};
 
 #[tokio::test]

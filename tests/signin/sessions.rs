@@ -1,12 +1,10 @@
 //! What a session does after sign-in: renewal, replayed callbacks, sessions
 //! too large for one cookie.
 
-use std::time::Instant;
-
-use crate::common::peers::{browser, Provider, CLIENT_ID, CLIENT_SECRET, TENANT};
+use crate::common::peers::{browser, CLIENT_ID};
 use crate::common::stack::*;
 use crate::common::*;
-use http::{Request, StatusCode};
+use http::StatusCode;
 use serde_json::{json, Value};
 
 /// The session cookie a response sets, as a `Cookie` header value.

@@ -1,0 +1,102 @@
+//! Who the caller is and whether they may pass: the session and its
+//! cookies, bearer tokens, the browser's sign-in flow and sign-out, the
+//! identity told to the upstream, and each route's policy.
+//!
+//! [`authenticate`] is the pipeline's one call: it returns who the caller
+//! is, or the answer to send instead (a redirect to sign in, a 401).
+
+pub mod identity;
+pub(crate) mod policy;
+pub mod session;
+pub(crate) mod signin;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use http::header::{HeaderValue, AUTHORIZATION};
+use http::{Method, Request, Response};
+
+use self::identity::Identity;
+use self::session::{LastCookie, Session};
+use self::signin::SignIn;
+use crate::config::Access;
+use crate::idp::token::Claims;
+use crate::pages;
+use crate::Body;
+
+/// How a request proved who it is.
+pub enum Authenticated {
+    Session {
+        session: Arc<Session>,
+        renewed: bool,
+    },
+    Bearer(Arc<Claims>),
+}
+
+impl Authenticated {
+    pub fn identity(&self) -> Cow<'_, Identity> {
+        match self {
+            Authenticated::Session { session, .. } => Cow::Borrowed(&session.identity),
+            Authenticated::Bearer(claims) => Cow::Owned(claims.identity()),
+        }
+    }
+}
+
+/// A caller who proved who they are, and the `Set-Cookie` values their
+/// response must carry (a renewed session, a slid idle timer).
+pub struct Caller {
+    pub authenticated: Authenticated,
+    pub cookies: Vec<HeaderValue>,
+}
+
+/// The authentication step of a request to a route with `access`:
+/// `Ok(None)` when the route lets the request through as it is,
+/// `Ok(Some(_))` for a signed-in caller, `Err(_)` the answer to send
+/// instead. `signin` is `None` when the gateway has no sign-in.
+pub async fn authenticate(
+    signin: Option<&SignIn>,
+    access: Access,
+    req: &Request<Body>,
+    last: &LastCookie,
+    html: bool,
+    id: &str,
+) -> Result<Option<Caller>, Response<Body>> {
+    let needs_sign_in = match access {
+        Access::Public => false,
+        Access::Protected => true,
+        // The console checks its own tokens; CORS preflights carry none.
+        Access::UpstreamToken => {
+            !(req.method() == Method::OPTIONS || req.headers().contains_key(AUTHORIZATION))
+        }
+    };
+    if !needs_sign_in {
+        return Ok(None);
+    }
+    let Some(signin) = signin else {
+        return Err(pages::problem(pages::UNAUTHENTICATED, false, id));
+    };
+    match signin.identify(req.headers(), last).await {
+        Ok(authenticated) => {
+            let cookies = match &authenticated {
+                Authenticated::Session { session, renewed } => {
+                    signin.session_cookies(session, *renewed, req.headers())
+                }
+                Authenticated::Bearer(_) => Vec::new(),
+            };
+            Ok(Some(Caller {
+                authenticated,
+                cookies,
+            }))
+        }
+        Err(Some(error)) => Err(signin.invalid_bearer(&error, id)),
+        // An API route never redirects (a client would follow it to an
+        // HTML page, a POST would become a GET): it answers 401 JSON.
+        Err(None) => {
+            let redirects = html && access == Access::Protected;
+            Err(
+                Box::pin(signin.challenge(req.method(), req.uri(), req.headers(), redirects, id))
+                    .await,
+            )
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The identity provider (Microsoft Entra ID, or any OpenID provider):
+//! discovery, the signing keys, ID and access token verification, the
+//! app's own credential, and the explanations of Entra's sign-in errors.
+
+pub(crate) mod credential;
+pub(crate) mod explain;
+pub(crate) mod jwks;
+pub(crate) mod provider;
+pub(crate) mod token;
+
+pub use provider::Oidc;

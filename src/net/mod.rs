@@ -1,0 +1,13 @@
+//! The network edge: listening sockets and their worker threads, TLS and
+//! its certificate reload, hyper's server settings, and the plain-HTTP
+//! listeners (the port-80 redirect, the admin listener). Everything a
+//! request meets before [`crate::pipeline`] sees it.
+
+mod http;
+mod listener;
+mod plain;
+pub mod tls;
+
+pub use http::http_builder;
+pub use listener::{bind_workers, OpenConnections, TlsListener, Workers};
+pub use plain::{redirect, run_plain};

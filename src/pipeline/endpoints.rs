@@ -1,0 +1,41 @@
+//! The gateway's own endpoints under `gateway_prefix`: liveness,
+//! readiness, sign-out and the signed-out page.
+
+use std::sync::atomic::Ordering;
+
+use http::{Method, Request, Response, StatusCode};
+
+use super::Gateway;
+use crate::auth::signin::SignIn;
+use crate::pages;
+use crate::Body;
+
+impl Gateway {
+    /// `ping` answers while the process lives; `ready` only while it
+    /// accepts new work and sign-in can start.
+    pub(super) fn own_endpoint(
+        &self,
+        endpoint: &str,
+        req: &Request<Body>,
+        html: bool,
+        id: &str,
+    ) -> Response<Body> {
+        let method = req.method();
+        let readable = method == Method::GET || method == Method::HEAD;
+        let draining = self.draining.load(Ordering::Relaxed);
+        let signin_ready = self.signin.as_ref().is_none_or(SignIn::is_ready);
+        match (endpoint, &self.signin) {
+            ("ping", _) if readable => {
+                pages::json(StatusCode::OK, serde_json::json!({ "status": "ok" }))
+            }
+            ("ready", _) if readable && !draining && signin_ready => {
+                pages::json(StatusCode::OK, serde_json::json!({ "ready": true }))
+            }
+            ("ready", _) if readable && draining => pages::problem(pages::DRAINING, html, id),
+            ("ready", _) if readable => pages::problem(pages::PROVIDER_NOT_READY, html, id),
+            ("sign_out", Some(signin)) => signin.sign_out(method, req.headers(), html, id),
+            ("signed_out", Some(signin)) if readable => signin.signed_out_page(html, id),
+            _ => pages::problem(pages::NOT_FOUND, html, id),
+        }
+    }
+}
