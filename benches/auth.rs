@@ -1,6 +1,7 @@
 //! The per-request authentication work, measured: opening and checking a
 //! session cookie, bearer JWT validation (cold: a signature check; cached:
-//! the verified-token cache), and identity header injection.
+//! the verified-token cache), identity header injection, and making the
+//! request target canonical.
 //!
 //!   cargo bench --bench auth
 //!
@@ -17,6 +18,7 @@ use authgate::clock::now;
 use authgate::config::{ClientAuth, OidcConfig, ResponseMode, SessionConfig, Timeouts};
 use authgate::idp::Oidc;
 use authgate::ops::metrics::Metrics;
+use authgate::pipeline::target::canonicalize;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::HeaderMap;
 use http_body_util::Full;
@@ -258,5 +260,32 @@ fn bearer_tokens(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, session_cookie, identity_headers, bearer_tokens);
+/// The request target made canonical, as every request's is: a browser's
+/// (already canonical, nothing copied) and a hostile one (rewritten).
+fn request_target(c: &mut Criterion) {
+    for (name, target) in [
+        ("a browser's", "/console/devices/3f2a9c?page=2&sort=name"),
+        (
+            "a hostile one",
+            "/api/login-options/%2e%2e/./x//../../admin/secret?q=1",
+        ),
+    ] {
+        let uri: http::Uri = target.parse().unwrap();
+        c.bench_function(&format!("request target: {name}"), |b| {
+            b.iter_batched_ref(
+                || uri.clone(),
+                |u| canonicalize(u).unwrap(),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+}
+
+criterion_group!(
+    benches,
+    session_cookie,
+    identity_headers,
+    bearer_tokens,
+    request_target
+);
 criterion_main!(benches);

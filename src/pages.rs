@@ -60,6 +60,15 @@ pub const NOT_FOUND: Problem = Problem {
     detail: "This path belongs to the gateway itself and serves nothing here.",
 };
 
+pub const AMBIGUOUS_PATH: Problem = Problem {
+    status: StatusCode::BAD_REQUEST,
+    code: "ambiguous_path",
+    title: "This address cannot be served",
+    detail: "Its path holds an encoded slash or backslash, a backslash, a NUL byte, \
+             or a `..` with parameters, which servers read in different ways. \
+             Use the address without them.",
+};
+
 pub const UNAUTHENTICATED: Problem = Problem {
     status: StatusCode::UNAUTHORIZED,
     code: "unauthenticated",

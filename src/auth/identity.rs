@@ -55,6 +55,31 @@ impl IdentityHeaderNames {
     }
 }
 
+/// Identity headers of other gateways, and every spelling of the
+/// `X-Forwarded-User` family: oauth2-proxy (`X-Auth-Request-*`,
+/// `X-Forwarded-*`), Azure App Service's Easy Auth (`X-MS-CLIENT-PRINCIPAL*`,
+/// `X-MS-TOKEN-*`), Pomerium (`X-Pomerium-*`).
+const FOREIGN_PREFIXES: [&str; 5] = [
+    "x-auth-request-",
+    "x-ms-client-principal",
+    "x-ms-token-",
+    "x-pomerium-",
+    "x-forwarded-user",
+];
+/// Whole names: Apache's and many apps' user headers.
+const FOREIGN_NAMES: [&str; 4] = [
+    "remote-user",
+    "x-remote-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+];
+
+/// Equal names when `_` and `-` count alike (both lower case).
+fn dashed_eq(a: &str, b: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
+}
+
 /// The signed-in user, from a verified ID token (Entra v2 claim names).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -127,25 +152,44 @@ impl IdentityHeaders {
         ]
     }
 
-    /// Removes every identity header a client sent. `Authorization` is
-    /// the exception when it carries the ID token: clients on public
-    /// routes (RustDesk) send their own there, and on protected routes
-    /// [`IdentityHeaders::inject_id_token`] overwrites it.
+    /// Removes every identity header a client sent: ours, whatever their
+    /// case and with `_` for `-` (CGI-style upstreams read `X_Forwarded_User`
+    /// as `X-Forwarded-User`), and those other gateways send
+    /// ([`FOREIGN_PREFIXES`]), which an upstream moved behind authgate may
+    /// still believe. `Authorization` is the exception when it carries the
+    /// ID token: clients on public routes (RustDesk) send their own there,
+    /// and on protected routes [`IdentityHeaders::inject_id_token`]
+    /// overwrites it.
     pub fn strip(&self, headers: &mut HeaderMap) {
+        // Requests rarely carry any: one pass over their names first
+        // instead of a removal per name.
+        if !headers.keys().any(|k| self.is_identity(k.as_str())) {
+            return;
+        }
+        let doomed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| self.is_identity(k.as_str()))
+            .cloned()
+            .collect();
+        for name in &doomed {
+            headers.remove(name);
+        }
+    }
+
+    /// `name` is lower case, as every `HeaderName` is.
+    fn is_identity(&self, name: &str) -> bool {
         let id_token = self
             .id_token
             .as_ref()
             .filter(|n| **n != http::header::AUTHORIZATION);
-        let ours = || self.all().into_iter().chain(id_token);
-        // Requests rarely carry any: one pass over their names (most are
-        // standard ones, which no custom name equals) instead of a removal
-        // per name.
-        if !headers.keys().any(|k| ours().any(|n| n == k)) {
-            return;
-        }
-        for name in ours() {
-            headers.remove(name);
-        }
+        self.all()
+            .into_iter()
+            .chain(id_token)
+            .any(|ours| dashed_eq(ours.as_str(), name))
+            || FOREIGN_PREFIXES.iter().any(|prefix| {
+                name.len() >= prefix.len() && dashed_eq(prefix, &name[..prefix.len()])
+            })
+            || FOREIGN_NAMES.iter().any(|foreign| dashed_eq(foreign, name))
     }
 
     /// Passes the signed-in user's ID token on, when configured.

@@ -165,12 +165,19 @@ impl Peer {
     }
 }
 
-/// `Some(protocol)` when an HTTP/1.1 request asks to switch protocols
-/// (`Connection: upgrade` + `Upgrade: <protocol>`).
+/// `Some(protocol)` when an HTTP/1.1 request asks to switch to WebSocket
+/// (`Connection: upgrade` + `Upgrade: websocket`). Other upgrades (`h2c`
+/// above all, which would hand the upstream a connection the gateway no
+/// longer reads) are not tunnelled: the request goes on without them.
 pub(super) fn upgrade_protocol<B>(req: &Request<B>) -> Option<HeaderValue> {
     let asks = connection_tokens(req.headers()).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    let websocket = req.headers().get(header::UPGRADE).filter(|protocol| {
+        protocol
+            .to_str()
+            .is_ok_and(|p| p.trim().eq_ignore_ascii_case("websocket"))
+    });
     (asks && req.version() == Version::HTTP_11)
-        .then(|| req.headers().get(header::UPGRADE).cloned())
+        .then(|| websocket.cloned())
         .flatten()
 }
 
@@ -182,6 +189,36 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.is_empty())
+}
+
+/// Removes the headers a request's `Connection` names, first thing, so
+/// that a client cannot name a header the gateway adds later (identity,
+/// forwarding) and have it removed on the way out (RFC 9110 §7.6.1). The
+/// connection options (`keep-alive`, `upgrade`, `te`, `close`…) stay for
+/// forwarding to judge.
+pub fn remove_connection_named(headers: &mut HeaderMap) {
+    let fixed = hop_by_hop();
+    let is_option = |t: &str| {
+        t.eq_ignore_ascii_case("close") || fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t))
+    };
+    if connection_tokens(headers).all(is_option) {
+        return;
+    }
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|t| !is_option(t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    let options = connection_tokens(headers)
+        .filter(|t| is_option(t))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for name in &named {
+        headers.remove(name);
+    }
+    match HeaderValue::from_str(&options) {
+        Ok(options) if !options.is_empty() => headers.insert(header::CONNECTION, options),
+        _ => headers.remove(header::CONNECTION),
+    };
 }
 
 /// Removes the fixed hop-by-hop headers and every header that

@@ -1,10 +1,12 @@
-//! The request path, top to bottom in [`Gateway::handle`]: strip identity
-//! headers, the gateway's own endpoints, the sign-in callback, route,
+//! The request path, top to bottom in [`Gateway::handle`]: the canonical
+//! target, strip identity headers, the gateway's own endpoints, the
+//! sign-in callback, route,
 //! authenticate, authorize, then forward with the identity added; one
 //! access-log line per request.
 
 mod access_log;
 mod endpoints;
+pub mod target;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -116,6 +118,8 @@ impl Gateway {
         let mut req = req.map(|b| b.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed());
         let request_id = headers::request_id(req.headers());
         let html = pages::wants_html(req.headers());
+        // 1. One target: the path routed, judged and forwarded is the same.
+        let refused = target::canonicalize(req.uri_mut()).err();
         let seen = Seen {
             method: req.method().clone(),
             uri: req.uri().clone(),
@@ -124,17 +128,27 @@ impl Gateway {
             peer: peer.addr,
         };
         let (path, id) = (seen.uri.path(), seen.id);
-        // 1. No client speaks for the user: identity headers are ours alone.
+        if let Some(refused) = refused {
+            tracing::info!(request_id = id, reason = %refused, "request refused");
+            let response = pages::problem(pages::AMBIGUOUS_PATH, html, id);
+            seen.done(&self.own_metrics, response.status());
+            return Ok(response);
+        }
+
+        // 2. No client speaks for the user: identity headers are ours
+        // alone, and nothing the client names in `Connection` can remove
+        // the ones the gateway adds.
+        headers::remove_connection_named(req.headers_mut());
         self.identity_headers.strip(req.headers_mut());
 
-        // 2. The gateway's own endpoints.
+        // 3. The gateway's own endpoints.
         if let Some(endpoint) = path.strip_prefix(&self.gateway_prefix) {
             let response = self.own_endpoint(endpoint, &req, html, id);
             seen.done(&self.own_metrics, response.status());
             return Ok(response);
         }
 
-        // 3. The sign-in callback, unless it belongs to the console.
+        // 4. The sign-in callback, unless it belongs to the console.
         if let Some(signin) = self.signin.as_ref().filter(|s| s.is_callback(path)) {
             // Boxed, as the provider calls below are (see `SignIn::renew_if_due`).
             match Box::pin(signin.callback(req, html, id)).await {
@@ -155,10 +169,10 @@ impl Gateway {
             }
         }
 
-        // 4. Route.
+        // 5. Route.
         let route = self.routes.find(path);
 
-        // 5. Authenticate where the route needs it.
+        // 6. Authenticate where the route needs it.
         let signin = self.signin.as_ref();
         let caller =
             match auth::authenticate(signin, route.access, &req, &client.last_cookie, html, id)
@@ -174,13 +188,13 @@ impl Gateway {
         let mut cookies = Vec::new();
         if let (Some(caller), Some(signin)) = (caller, signin) {
             let identity = caller.authenticated.identity();
-            // 6. Authorize.
+            // 7. Authorize.
             if let Err(denial) = route.policy.check(&identity) {
                 let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
                 seen.done(&route.metrics, response.status());
                 return Ok(response);
             }
-            // 7. Tell the upstream who it is. The header map grows once
+            // 8. Tell the upstream who it is. The header map grows once
             // for these and the forwarding headers, not at each step.
             req.headers_mut()
                 .reserve(self.identity_headers.count() + forward::HEADERS_ADDED);
@@ -201,7 +215,7 @@ impl Gateway {
             cookies = caller.cookies;
         }
 
-        // 8. Forward.
+        // 9. Forward.
         let mut response = self.forward(req, route, peer, &request_id, html, id).await;
         pages::append_cookies(&mut response, cookies);
         seen.done(&route.metrics, response.status());

@@ -6,6 +6,7 @@
 mod common;
 
 mod api;
+mod boundary;
 mod browser;
 mod credentials;
 mod operations;

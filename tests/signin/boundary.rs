@@ -1,0 +1,200 @@
+//! The trust boundary, tried at the wire as an attacker would: what the
+//! gateway judges is what the upstream gets.
+
+use crate::common::stack::*;
+use crate::common::*;
+use http::{Request, StatusCode};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Sends `head` (a request line and headers, CRLF-terminated, no blank
+/// line) over TLS as written, and returns the status and the body.
+async fn raw(addr: std::net::SocketAddr, head: &str) -> (u16, String) {
+    let (mut tls, _) = tls_connect(addr, &[b"http/1.1"]).await;
+    tls.write_all(format!("{head}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    // The answer is whole once the gateway closes; whether it sent TLS's
+    // close_notify first is not what these tests judge.
+    if let Err(e) = tls.read_to_end(&mut answer).await {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+async fn get_raw(addr: std::net::SocketAddr, target: &str) -> (u16, String) {
+    raw(
+        addr,
+        &format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n"),
+    )
+    .await
+}
+
+/// The path the upstream's echo says it was asked for.
+fn upstream_path(body: &str) -> String {
+    echo_in(body)["path"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn dot_segments_cannot_climb_out_of_a_public_route() {
+    let stack = Stack::start("").await;
+    let addr = stack.gateway.addr;
+
+    // Resolved before routing: these name the protected `/admin/secret`.
+    for target in [
+        "/api/public/../../admin/secret",
+        "/api/public/%2e%2e/%2E%2E/admin/secret",
+        "/api/public/.%2e/.%2e/admin/secret",
+        "/api/public/./../x/../../admin/secret",
+        "https://localhost/api/public/../../admin/secret",
+    ] {
+        let (status, body) = get_raw(addr, target).await;
+        assert_eq!(status, 401, "{target}: {body}");
+    }
+    // No single meaning: refused before anything else.
+    for target in [
+        "/api/public/..%2f..%2fadmin/secret",
+        "/api/public/%2F..%2F..%2Fadmin/secret",
+        "/api/public/..%5c..%5cadmin/secret",
+        "/api/public/..;/..;/admin/secret",
+        "/api/public/%2e%2e;x=1/admin/secret",
+        "/api/public/%00/../admin",
+        "/api/public/..\\..\\admin/secret",
+    ] {
+        let (status, body) = get_raw(addr, target).await;
+        assert_eq!(status, 400, "{target}: {body}");
+        assert!(
+            !body.contains("\"path\""),
+            "{target} reached the upstream: {body}"
+        );
+    }
+
+    // Within the public route the upstream is sent the canonical path,
+    // other escapes as the client wrote them, and the query untouched.
+    for (target, sent) in [
+        ("/api/public/x/../heartbeat", "/api/public/heartbeat"),
+        (
+            "//api/public//heartbeat?a=../b",
+            "/api/public/heartbeat?a=../b",
+        ),
+        ("/api/public/a%25b%20c/.", "/api/public/a%25b%20c/"),
+        ("/api/public/heartbeat", "/api/public/heartbeat"),
+    ] {
+        let (status, body) = get_raw(addr, target).await;
+        assert_eq!(status, 200, "{target}: {body}");
+        assert_eq!(upstream_path(&body), sent, "{target}");
+    }
+
+    // HTTP/2's `:path` goes through the same code.
+    let mut h2 = http2(addr).await;
+    let response = h2
+        .send_request(
+            Request::get(stack.url("/api/public/%2e%2e/../admin/secret"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let response = h2
+        .send_request(
+            Request::get(stack.url("/api/public/a/../heartbeat"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(upstream_saw(response).await.path, "/api/public/heartbeat");
+}
+
+/// The upstream's echo, from a raw answer's body.
+fn echo_in(body: &str) -> Value {
+    serde_json::from_str(body.trim_start_matches(|c: char| c != '{'))
+        .unwrap_or_else(|_| panic!("not the upstream's echo: {body}"))
+}
+
+#[tokio::test]
+async fn no_client_header_can_speak_for_the_user_or_unsay_the_gateway() {
+    let stack = Stack::start("").await;
+    let addr = stack.gateway.addr;
+
+    // Every spelling of an identity header, ours and other gateways', is
+    // gone on a public route too; other headers pass.
+    let forged = [
+        "X_Forwarded_User",
+        "x-forwarded-user-id",
+        "X-FORWARDED-EMAIL",
+        "X_Forwarded_Groups",
+        "X-Auth-Request-User",
+        "X-Auth-Request-Email",
+        "X-MS-CLIENT-PRINCIPAL-NAME",
+        "X-MS-CLIENT-PRINCIPAL",
+        "X-MS-TOKEN-AAD-ID-TOKEN",
+        "X-Pomerium-Jwt-Assertion",
+        "Remote-User",
+        "X_Remote_User",
+    ];
+    let mut head = String::from("GET /api/public/heartbeat HTTP/1.1\r\nHost: localhost\r\n");
+    for name in forged {
+        head.push_str(&format!("{name}: mallory\r\n"));
+    }
+    head.push_str("X-Console-Theme: dark\r\n");
+    let (status, body) = raw(addr, &head).await;
+    assert_eq!(status, 200, "{body}");
+    let echo = echo_in(&body);
+    let seen = echo["headers"].as_object().unwrap();
+    for name in forged {
+        assert!(
+            !seen.contains_key(&name.to_ascii_lowercase()),
+            "{name} reached the upstream: {seen:?}"
+        );
+    }
+    assert_eq!(seen["x-console-theme"][0], "dark");
+
+    // Naming the identity headers in `Connection` does not remove the ones
+    // the gateway injects.
+    let token = stack.provider.api_token().await;
+    let (status, body) = raw(
+        addr,
+        &format!(
+            "GET /api/devices HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+             Connection: X-Forwarded-User, X-Forwarded-Email, X-Request-Id, keep-alive\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let echo = echo_in(&body);
+    assert_eq!(
+        echo["headers"]["x-forwarded-user"][0],
+        crate::common::peers::CLIENT_ID
+    );
+    assert!(echo["headers"]["x-request-id"][0].is_string());
+
+    // Only WebSocket upgrades are tunnelled: `h2c` goes on as a plain request.
+    let (status, body) = raw(
+        addr,
+        "GET /api/public/heartbeat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let echo = echo_in(&body);
+    let seen = echo["headers"].as_object().unwrap();
+    for name in ["upgrade", "http2-settings"] {
+        assert!(
+            !seen.contains_key(name),
+            "{name} reached the upstream: {seen:?}"
+        );
+    }
+}
