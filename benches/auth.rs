@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use authgate::auth::identity::{Identity, IdentityHeaderNames, IdentityHeaders};
+use authgate::auth::session::SessionConfig;
 use authgate::auth::session::{LastCookie, Session, Sessions};
 use authgate::clock::now;
-use authgate::config::{ClientAuth, OidcConfig, ResponseMode, SessionConfig, Timeouts};
 use authgate::idp::Oidc;
+use authgate::idp::{ClientAuth, OidcConfig, ResponseMode};
+use authgate::net::Timeouts;
 use authgate::ops::metrics::Metrics;
 use authgate::pipeline::target::canonicalize;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};

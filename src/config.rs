@@ -2,6 +2,10 @@
 //! environment variables, with `<key>_file` indirection for secrets, turned
 //! into a validated, typed [`Config`]. Every error names the key, where its
 //! value came from, the bad value and what is expected.
+//!
+//! This module reads, layers and validates; each feature owns the type of
+//! its settings (`net::Timeouts`, `idp::OidcConfig`, `auth::session::
+//! SessionConfig`…), and [`Config`] hands each its part.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,6 +21,13 @@ use serde::Deserialize;
 
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::policy::Policy;
+use crate::auth::session::SessionConfig;
+use crate::forward::routes::{Access, RouteConfig, UpstreamUrl};
+use crate::forward::ProxyConfig;
+use crate::idp::{ClientAuth, OidcConfig, ResponseMode};
+use crate::net::tls::TlsConfig;
+use crate::net::{Limits, Timeouts};
+use crate::ops::logging::LogConfig;
 
 /// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
 /// whose name starts with one of these targets a key inside it.
@@ -128,214 +139,6 @@ impl fmt::Display for PublicUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}", self.scheme, self.authority)
     }
-}
-
-/// An upstream origin: scheme and authority, no path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UpstreamUrl {
-    pub scheme: Scheme,
-    pub authority: Authority,
-}
-
-impl fmt::Display for UpstreamUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}", self.scheme, self.authority)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct TlsConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// True when neither file was configured: a missing pair may then be
-    /// generated as a self-signed certificate for testing.
-    pub may_self_sign: bool,
-    pub reload_check: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct ProxyConfig {
-    pub ca: Option<PathBuf>,
-    pub trusted_proxies: Vec<IpNet>,
-    pub preserve_host: bool,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    #[serde(with = "humantime_serde")]
-    pub tls_handshake: Duration,
-    #[serde(with = "humantime_serde")]
-    pub header_read: Duration,
-    #[serde(with = "humantime_serde")]
-    pub connect: Duration,
-    #[serde(with = "humantime_serde")]
-    pub upstream_response: Duration,
-    #[serde(with = "humantime_serde")]
-    pub idle: Duration,
-    #[serde(with = "humantime_serde")]
-    pub websocket_idle: Duration,
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            tls_handshake: Duration::from_secs(10),
-            header_read: Duration::from_secs(30),
-            connect: Duration::from_secs(5),
-            upstream_response: Duration::from_secs(60),
-            idle: Duration::from_secs(120),
-            // RustDesk's nginx guide: 120 s for /ws/id and /ws/relay.
-            websocket_idle: Duration::from_secs(120),
-            shutdown_grace: Duration::from_secs(30),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    pub max_header_bytes: usize,
-    pub max_connections: usize,
-    /// Threads serving client connections; 0 means one per CPU core.
-    pub workers: usize,
-}
-
-impl Limits {
-    /// The number of worker threads: as configured, or one per CPU core
-    /// the process may use (cgroup quotas included).
-    pub fn worker_threads(&self) -> usize {
-        match self.workers {
-            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-            n => n,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_header_bytes: 64 * 1024,
-            max_connections: 10_000,
-            workers: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    pub level: String,
-    /// A file for the audit lines (sign-ins, sign-outs, refusals), as
-    /// JSON, apart from the request log; unset: they go to stdout too.
-    pub audit_log: Option<PathBuf>,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-            audit_log: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RouteConfig {
-    pub prefix: String,
-    pub upstream: UpstreamUrl,
-    pub access: Access,
-    /// Who may pass once signed in.
-    pub policy: Policy,
-}
-
-/// Whether a route needs a signed-in user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Access {
-    /// Browsers are sent to sign in; API clients need a bearer token.
-    Protected,
-    /// Passed through without sign-in (identity headers still stripped),
-    /// e.g. the RustDesk client API, which carries its own tokens.
-    Public,
-    /// The upstream's own API: a request carrying its own `Authorization`
-    /// (the console's tokens, never checked here) or a CORS preflight
-    /// passes untouched; one with a gateway session passes with identity;
-    /// anything else gets 401 JSON, never a redirect.
-    #[serde(rename = "upstream_token")]
-    UpstreamToken,
-}
-
-/// How the gateway proves itself to the token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ClientAuth {
-    ClientSecretBasic,
-    ClientSecretPost,
-    /// A JWT signed with the app's certificate key (`private_key_jwt`).
-    PrivateKeyJwt,
-    /// A JWT another issuer gave this workload, read fresh from a file
-    /// (Entra workload identity federation): no secret at all.
-    Federated,
-}
-
-/// How the provider returns the browser to the callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ResponseMode {
-    Query,
-    FormPost,
-}
-
-#[derive(Debug, Clone)]
-pub struct OidcConfig {
-    /// As configured, trailing slash and all (issuers compare exactly).
-    pub issuer: String,
-    /// True for Entra's `/common`, `/organizations` and `/consumers`.
-    pub multi_tenant: bool,
-    pub client_id: String,
-    pub client_auth: ClientAuth,
-    /// Set for the `client_secret_*` methods.
-    pub client_secret: Option<String>,
-    /// Certificate and key (PEM) for `private_key_jwt`.
-    pub client_certificate: Option<(PathBuf, PathBuf)>,
-    /// The assertion file for `federated`.
-    pub federated_token_path: Option<PathBuf>,
-    pub scopes: Vec<String>,
-    pub callback_path: String,
-    /// `public_url` + `callback_path`: what the admin registers in Entra.
-    pub redirect_uri: String,
-    pub response_mode: ResponseMode,
-    pub pass_unknown_callbacks: bool,
-    pub allowed_tenants: Vec<String>,
-    pub algorithms: Vec<jsonwebtoken::Algorithm>,
-    pub clock_skew: Duration,
-    pub ca: Option<PathBuf>,
-    pub jwks_refresh: Duration,
-    /// Audiences accepted in `Authorization: Bearer` tokens.
-    pub bearer_audiences: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct SessionConfig {
-    /// Secrets for the cookie keys; the first encrypts, all decrypt.
-    pub secrets: Vec<Vec<u8>>,
-    /// Renew the tokens this long before the ID token expires.
-    pub refresh_before: Duration,
-    pub cookie_name: String,
-    pub idle_timeout: Duration,
-    pub lifetime: Duration,
 }
 
 /// The file's shape, before validation.

@@ -158,7 +158,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         gateway: gateway.clone(),
         handshake_failures: metrics.tls_handshake_failures.clone(),
     }
-    .start(listeners, &config, shutdown.clone())?;
+    .start(
+        listeners,
+        &config.timeouts,
+        &config.limits,
+        shutdown.clone(),
+    )?;
     let origin = config.public_url.clone();
     tokio::join!(
         async {
@@ -166,7 +171,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 let answer = move |req: &_| net::redirect(&origin, req);
                 net::run_plain(
                     listener,
-                    &config,
+                    &config.timeouts,
+                    &config.limits,
                     shutdown.clone(),
                     &plain_connections,
                     answer,
@@ -179,7 +185,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
                 let answer = move |req: &_| metrics::answer(&metrics, req);
                 net::run_plain(
                     listener,
-                    &config,
+                    &config.timeouts,
+                    &config.limits,
                     shutdown.clone(),
                     &plain_connections,
                     answer,

@@ -198,9 +198,9 @@ fn print_summary(config: &Config) -> bool {
     routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
     for route in routes {
         let access = match route.access {
-            authgate::config::Access::Protected => "sign-in",
-            authgate::config::Access::Public => "public",
-            authgate::config::Access::UpstreamToken => "own token or sign-in",
+            authgate::forward::routes::Access::Protected => "sign-in",
+            authgate::forward::routes::Access::Public => "public",
+            authgate::forward::routes::Access::UpstreamToken => "own token or sign-in",
         };
         println!(
             "    {:<20} -> {:<28} {access}",

@@ -14,7 +14,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use crate::config::Timeouts;
+use crate::net::Timeouts;
 use crate::Body;
 
 pub type Connector = HttpsConnector<HttpConnector>;

@@ -14,8 +14,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use authgate::config::{Limits, Timeouts};
-use authgate::net::{self, tls};
+use authgate::net::{self, tls, Limits, Timeouts};
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};

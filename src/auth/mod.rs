@@ -19,7 +19,7 @@ use http::{Method, Request, Response};
 use self::identity::Identity;
 use self::session::{LastCookie, Session};
 use self::signin::SignIn;
-use crate::config::Access;
+use crate::forward::routes::Access;
 use crate::idp::token::Claims;
 use crate::pages;
 use crate::Body;

@@ -18,7 +18,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::{Identity, IdentityValues};
 use crate::clock::now;
-use crate::config::SessionConfig;
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Secrets for the cookie keys; the first encrypts, all decrypt.
+    pub secrets: Vec<Vec<u8>>,
+    /// Renew the tokens this long before the ID token expires.
+    pub refresh_before: Duration,
+    pub cookie_name: String,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
 
 /// Bytes of sealed value per cookie: browsers keep at least 4096 bytes
 /// per cookie including name and attributes (RFC 6265 §6.1).

@@ -4,10 +4,12 @@
 //! (`tunnel`) with hyper's own upgrade mechanism.
 
 pub(crate) mod headers;
-pub(crate) mod routes;
+pub mod routes;
 mod tunnel;
 pub(crate) mod upstream;
 
+use ipnet::IpNet;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -17,9 +19,16 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use self::headers::{remove_hop_by_hop, upgrade_protocol, Forwarding, Peer, X_REQUEST_ID};
 use self::routes::Route;
-use crate::config::Config;
+use crate::net::Timeouts;
 use crate::outbound::{self, ClientError};
 use crate::Body;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub ca: Option<PathBuf>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub preserve_host: bool,
+}
 
 pub use self::headers::HEADERS_ADDED;
 
@@ -48,16 +57,20 @@ pub struct Proxy {
 
 impl Proxy {
     /// `websockets` counts the upgraded connections open.
-    pub fn new(config: &Config, websockets: Gauge) -> Result<Proxy, ClientError> {
-        let connector = outbound::connector(config.proxy.ca.as_deref(), &config.timeouts)?;
+    pub fn new(
+        settings: &ProxyConfig,
+        timeouts: &Timeouts,
+        websockets: Gauge,
+    ) -> Result<Proxy, ClientError> {
+        let connector = outbound::connector(settings.ca.as_deref(), timeouts)?;
         Ok(Proxy {
-            pool: upstream::Pool::new(connector, config.timeouts.idle),
+            pool: upstream::Pool::new(connector, timeouts.idle),
             forwarding: Forwarding {
-                trusted_proxies: config.proxy.trusted_proxies.clone(),
+                trusted_proxies: settings.trusted_proxies.clone(),
             },
-            preserve_host: config.proxy.preserve_host,
-            response_timeout: config.timeouts.upstream_response,
-            websocket_idle: config.timeouts.websocket_idle,
+            preserve_host: settings.preserve_host,
+            response_timeout: timeouts.upstream_response,
+            websocket_idle: timeouts.websocket_idle,
             websockets,
         })
     }

@@ -2,12 +2,71 @@
 //! prefixes match whole path segments, so `/ws/id` serves `/ws/id` and
 //! `/ws/id/…` but not `/ws/idle`.
 
+use http::uri::{Authority, Scheme};
 use http::HeaderValue;
+use serde::Deserialize;
+use std::fmt;
 
 use crate::auth::policy::Policy;
-use crate::config::{Access, RouteConfig, UpstreamUrl};
-use crate::forward::upstream;
 use crate::ops::metrics::{Metrics, RouteMetrics};
+
+/// An upstream origin: scheme and authority, no path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub scheme: Scheme,
+    pub authority: Authority,
+}
+
+impl UpstreamUrl {
+    /// `Host` for this upstream when the client's is not passed on: its
+    /// authority, without the scheme's default port (RFC 9110 §7.2 lets a
+    /// client leave it out; some apps compare `Host` against their own
+    /// name, which has none).
+    pub fn host_header(&self) -> HeaderValue {
+        let default_port = if self.scheme == Scheme::HTTPS {
+            443
+        } else {
+            80
+        };
+        let host = match self.authority.port_u16() {
+            Some(port) if port == default_port => self.authority.host(),
+            _ => self.authority.as_str(),
+        };
+        HeaderValue::from_str(host).expect("an authority is a header value")
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub prefix: String,
+    pub upstream: UpstreamUrl,
+    pub access: Access,
+    /// Who may pass once signed in.
+    pub policy: Policy,
+}
+
+/// Whether a route needs a signed-in user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Browsers are sent to sign in; API clients need a bearer token.
+    Protected,
+    /// Passed through without sign-in (identity headers still stripped),
+    /// e.g. the RustDesk client API, which carries its own tokens.
+    Public,
+    /// The upstream's own API: a request carrying its own `Authorization`
+    /// (the console's tokens, never checked here) or a CORS preflight
+    /// passes untouched; one with a gateway session passes with identity;
+    /// anything else gets 401 JSON, never a redirect.
+    #[serde(rename = "upstream_token")]
+    UpstreamToken,
+}
 
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -35,7 +94,7 @@ impl Routes {
             .map(|c| Route {
                 prefix: c.prefix.clone(),
                 upstream: c.upstream.clone(),
-                upstream_host: upstream::host_header(&c.upstream),
+                upstream_host: c.upstream.host_header(),
                 access: c.access,
                 policy: c.policy.clone(),
                 metrics: metrics.route(&c.prefix),
@@ -97,5 +156,24 @@ mod tests {
         assert_eq!(routes.find("/static/app.js").prefix, "/static/");
         assert_eq!(routes.find("/static").prefix, "/");
         assert_eq!(routes.find("/").prefix, "/");
+    }
+
+    fn upstream(url: &str) -> UpstreamUrl {
+        let uri = http::Uri::from_str(url).unwrap();
+        UpstreamUrl {
+            scheme: uri.scheme().unwrap().clone(),
+            authority: uri.authority().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn host_leaves_out_only_the_default_port() {
+        let host = |url| upstream(url).host_header();
+        assert_eq!(host("http://console:80"), "console");
+        assert_eq!(host("https://console:443"), "console");
+        assert_eq!(host("http://console:21114"), "console:21114");
+        assert_eq!(host("https://console:80"), "console:80");
+        assert_eq!(host("http://[::1]:80"), "[::1]");
+        assert_eq!(host("http://console"), "console");
     }
 }

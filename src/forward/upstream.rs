@@ -18,8 +18,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use http::header::HeaderValue;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
@@ -28,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::config::UpstreamUrl;
+use super::routes::UpstreamUrl;
 use crate::outbound::{error_chain, Connector};
 use crate::{Body, BoxError};
 
@@ -228,23 +227,6 @@ impl Pool {
     }
 }
 
-/// `Host` for `upstream` when the client's is not passed on: its
-/// authority, without the scheme's default port (RFC 9110 §7.2 lets a
-/// client leave it out; some apps compare `Host` against their own name,
-/// which has none).
-pub fn host_header(upstream: &UpstreamUrl) -> HeaderValue {
-    let default_port = if upstream.scheme == Scheme::HTTPS {
-        443
-    } else {
-        80
-    };
-    let host = match upstream.authority.port_u16() {
-        Some(port) if port == default_port => upstream.authority.host(),
-        _ => upstream.authority.as_str(),
-    };
-    HeaderValue::from_str(host).expect("an authority is a header value")
-}
-
 /// Closes connections idle for `timeout`, until the pool is gone.
 async fn sweep(pool: Weak<Mutex<Idle>>, timeout: Duration) {
     let mut ticks = tokio::time::interval((timeout / 4).max(Duration::from_secs(1)));
@@ -318,32 +300,5 @@ impl Drop for ResponseBody {
                 pool.put(upstream, conn);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::str::FromStr;
-
-    fn upstream(url: &str) -> UpstreamUrl {
-        let uri = Uri::from_str(url).unwrap();
-        UpstreamUrl {
-            scheme: uri.scheme().unwrap().clone(),
-            authority: uri.authority().unwrap().clone(),
-        }
-    }
-
-    #[test]
-    fn host_leaves_out_only_the_default_port() {
-        assert_eq!(host_header(&upstream("http://console:80")), "console");
-        assert_eq!(host_header(&upstream("https://console:443")), "console");
-        assert_eq!(
-            host_header(&upstream("http://console:21114")),
-            "console:21114"
-        );
-        assert_eq!(host_header(&upstream("https://console:80")), "console:80");
-        assert_eq!(host_header(&upstream("http://[::1]:80")), "[::1]");
-        assert_eq!(host_header(&upstream("http://console")), "console");
     }
 }

@@ -6,6 +6,8 @@ pub(crate) mod credential;
 pub(crate) mod explain;
 pub(crate) mod jwks;
 pub(crate) mod provider;
+mod settings;
 pub(crate) mod token;
 
 pub use provider::Oidc;
+pub use settings::{ClientAuth, OidcConfig, ResponseMode};

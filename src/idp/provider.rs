@@ -20,8 +20,8 @@ use openidconnect::{
     RequestTokenError, Scope, StandardErrorResponse, TokenResponse,
 };
 
+use super::settings::{ClientAuth, OidcConfig, ResponseMode};
 use crate::auth::session::LoginState;
-use crate::config::{ClientAuth, OidcConfig, ResponseMode};
 use crate::idp::jwks::{Jwks, JwksError};
 use crate::idp::token::{Claims, IssuerMatch, TokenError, Verifier};
 use crate::ops::metrics::Metrics;

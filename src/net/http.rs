@@ -11,7 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::config::{Limits, Timeouts};
+use super::settings::{Limits, Timeouts};
 
 /// HTTP/2 streams a client may reset before we stop accepting new ones
 /// (rapid reset, RUSTSEC-2024-0003), and resets we may send on errors.

@@ -24,7 +24,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use super::http::{http_builder, FirstReadDeadline};
-use crate::config::Config;
+use super::settings::{Limits, Timeouts};
 use crate::pipeline::{Client, Gateway};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the
@@ -137,13 +137,14 @@ impl TlsListener {
     pub fn start(
         self,
         listeners: Vec<std::net::TcpListener>,
-        config: &Config,
+        timeouts: &Timeouts,
+        limits: &Limits,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Workers, crate::StartError> {
-        let builder = http_builder(&config.timeouts, &config.limits);
+        let builder = http_builder(timeouts, limits);
         let http1 = Arc::new(builder.clone().http1_only());
         let http2 = Arc::new(builder.http2_only());
-        let permits = Arc::new(Semaphore::new(config.limits.max_connections));
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
         let mut threads = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -161,9 +162,9 @@ impl TlsListener {
                 handshake_failures: self.handshake_failures.clone(),
                 http1: http1.clone(),
                 http2: http2.clone(),
-                handshake_timeout: config.timeouts.tls_handshake,
-                header_read: config.timeouts.header_read,
-                grace: config.timeouts.shutdown_grace,
+                handshake_timeout: timeouts.tls_handshake,
+                header_read: timeouts.header_read,
+                grace: timeouts.shutdown_grace,
             };
             let shutdown = shutdown.clone();
             let permits = permits.clone();

@@ -6,8 +6,10 @@
 mod http;
 mod listener;
 mod plain;
+mod settings;
 pub mod tls;
 
 pub use http::http_builder;
 pub use listener::{bind_workers, OpenConnections, TlsListener, Workers};
 pub use plain::{redirect, run_plain};
+pub use settings::{Limits, Timeouts};

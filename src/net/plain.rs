@@ -11,14 +11,16 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use super::listener::{accept_loop, OpenConnections};
-use crate::config::{Config, PublicUrl};
+use super::settings::{Limits, Timeouts};
+use crate::config::PublicUrl;
 use crate::pages;
 
 /// A plain-HTTP/1.1 listener answering every request with `answer`: the
 /// port-80 redirect and the admin (metrics) listener.
 pub async fn run_plain<F>(
     listener: TcpListener,
-    config: &Config,
+    timeouts: &Timeouts,
+    limits: &Limits,
     shutdown: watch::Receiver<bool>,
     connections: &OpenConnections,
     answer: F,
@@ -26,10 +28,10 @@ pub async fn run_plain<F>(
     F: Fn(&Request<Incoming>) -> Response<crate::Body> + Send + Sync + 'static,
 {
     let answer = Arc::new(answer);
-    let header_read = config.timeouts.header_read;
+    let header_read = timeouts.header_read;
     accept_loop(
         listener,
-        Arc::new(Semaphore::new(config.limits.max_connections)),
+        Arc::new(Semaphore::new(limits.max_connections)),
         shutdown,
         connections,
         |tcp, peer, watcher| {

@@ -17,6 +17,16 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// True when neither file was configured: a missing pair may then be
+    /// generated as a self-signed certificate for testing.
+    pub may_self_sign: bool,
+    pub reload_check: Duration,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read certificate file {path}: {source}")]

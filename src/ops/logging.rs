@@ -3,7 +3,9 @@
 //! sign-ins, sign-outs, refusals) there too, or, with `log.audit_log`, in a
 //! file of their own as JSON.
 
+use serde::Deserialize;
 use std::fs::OpenOptions;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use tracing::Level;
@@ -11,7 +13,32 @@ use tracing_subscriber::filter::{filter_fn, FilterExt, Targets};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{fmt, EnvFilter, Layer, Registry};
 
-use crate::config::{LogConfig, LogFormat};
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+    /// A file for the audit lines (sign-ins, sign-outs, refusals), as
+    /// JSON, apart from the request log; unset: they go to stdout too.
+    pub audit_log: Option<PathBuf>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+            audit_log: None,
+        }
+    }
+}
 
 /// The target of audit lines.
 pub const AUDIT: &str = "authgate::audit";

@@ -86,7 +86,11 @@ impl Gateway {
             routes: Routes::new(&config.routes, &metrics),
             own_metrics: metrics.route("gateway"),
             signin_metrics: metrics.route("sign-in"),
-            proxy: Proxy::new(config, metrics.websockets_active.clone())?,
+            proxy: Proxy::new(
+                &config.proxy,
+                &config.timeouts,
+                metrics.websockets_active.clone(),
+            )?,
             identity_headers: IdentityHeaders::new(&config.headers),
             signin,
             gateway_prefix: config.gateway_prefix.clone(),
