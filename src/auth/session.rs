@@ -596,7 +596,7 @@ mod tests {
             };
             assert!(Arc::ptr_eq(&first, &remembered));
         }
-        std::thread::sleep(Duration::from_millis(2100));
+        crate::clock::advance(2);
         assert!(matches!(jar.read(&request), Found::Unusable));
         assert!(matches!(
             jar.read_remembering(&request, &last),
