@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
-use http::Uri;
+use http::{HeaderValue, Uri};
 use ipnet::IpNet;
 use serde::Deserialize;
 
@@ -272,6 +272,7 @@ struct RawTls {
     key: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     reload_check: Duration,
+    hsts: String,
 }
 
 impl Default for RawTls {
@@ -280,6 +281,7 @@ impl Default for RawTls {
             cert: None,
             key: None,
             reload_check: Duration::from_secs(10),
+            hsts: "max-age=31536000".into(),
         }
     }
 }
@@ -559,12 +561,29 @@ impl RawConfig {
             });
         }
 
+        let hsts = match self.tls.hsts.trim() {
+            "" => None,
+            value => Some(
+                HeaderValue::from_str(value)
+                    .ok()
+                    .filter(|_| value.to_ascii_lowercase().contains("max-age="))
+                    .ok_or_else(|| {
+                        origins.invalid(
+                            "tls.hsts",
+                            value,
+                            "a Strict-Transport-Security value such as `max-age=31536000`, \
+                             or empty for none",
+                        )
+                    })?,
+            ),
+        };
         let tls = match (self.tls.cert, self.tls.key) {
             (None, None) => TlsConfig {
                 cert: DEFAULT_CERT.into(),
                 key: DEFAULT_KEY.into(),
                 may_self_sign: true,
                 reload_check: self.tls.reload_check,
+                hsts,
             },
             (Some(cert), Some(key)) => {
                 require_readable(origins, "tls.cert", &cert)?;
@@ -574,6 +593,7 @@ impl RawConfig {
                     key,
                     may_self_sign: false,
                     reload_check: self.tls.reload_check,
+                    hsts,
                 }
             }
             (Some(_), None) => {
@@ -1016,6 +1036,19 @@ mod tests {
     const SIGN_IN: &str = "[oidc]\nissuer = \"https://login.microsoftonline.com/11111111-2222-3333-4444-555555555555/v2.0\"\n\
         client_id = \"app\"\nclient_secret = \"s3cret\"\n\
         [session]\nsecret = \"0123456789abcdef0123456789abcdef0123456789A\"\n";
+
+    #[test]
+    fn hsts_is_on_by_default_and_checked() {
+        let on = load("", &[]).unwrap();
+        assert_eq!(on.tls.hsts.unwrap(), "max-age=31536000");
+        assert!(load("[tls]\nhsts = \"\"\n", &[])
+            .unwrap()
+            .tls
+            .hsts
+            .is_none());
+        let err = error_of("[tls]\nhsts = \"always\"\n", &[]);
+        assert!(err.contains("tls.hsts") && err.contains("max-age"), "{err}");
+    }
 
     #[test]
     fn protected_routes_need_sign_in_configured() {

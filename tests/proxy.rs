@@ -753,3 +753,180 @@ async fn silent_clients_are_closed_after_the_header_read_timeout_on_http2_too() 
         );
     }
 }
+
+#[tokio::test]
+async fn every_response_says_https_only_and_the_gateways_own_pages_guard_themselves() {
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(&upstream.url(), ""));
+    let response = send(gateway.addr, get("/devices").body(empty()).unwrap()).await;
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
+    // The upstream's own policy wins.
+    let response = send(gateway.addr, get("/own-hsts").body(empty()).unwrap()).await;
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=60"
+    );
+    // The gateway's own answers: a page, JSON, a redirect's kin.
+    for path in ["/oauth2/ping", "/oauth2/nothing-here"] {
+        for accept in ["text/html", "application/json"] {
+            let response = send(
+                gateway.addr,
+                get(path).header("accept", accept).body(empty()).unwrap(),
+            )
+            .await;
+            let headers = response.headers();
+            assert_eq!(headers["strict-transport-security"], "max-age=31536000");
+            assert_eq!(headers["content-security-policy"], "frame-ancestors 'none'");
+            assert_eq!(headers["x-content-type-options"], "nosniff");
+            assert_eq!(headers["referrer-policy"], "no-referrer");
+            assert_eq!(headers["cache-control"], "no-store");
+        }
+    }
+
+    let without = Gateway::start(&config(&upstream.url(), "[tls]\nhsts = \"\""));
+    let response = send(without.addr, get("/devices").body(empty()).unwrap()).await;
+    assert!(!response.headers().contains_key("strict-transport-security"));
+}
+
+/// Reads until the gateway closes the connection (or errs), and how long
+/// that took.
+async fn closed_after<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the gateway keeps the connection open");
+    started.elapsed()
+}
+
+/// One keep-alive HTTP/1.1 exchange written and read at the wire.
+async fn exchange_raw<S>(stream: &mut S) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /devices HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .expect("a content-length");
+            if body.len() >= length {
+                return head.lines().next().unwrap().to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn connections_are_bounded_in_time_whatever_the_client_sends() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = Upstream::start("console").await;
+    let header_read = Duration::from_millis(500);
+    let client_idle = Duration::from_millis(1500);
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[timeouts]\nheader_read = \"500ms\"\nclient_idle = \"1500ms\"",
+    ));
+
+    // One byte of HTTP/2's preface, then nothing.
+    let (mut tls, _) = tls_connect(gateway.addr, &[b"h2"]).await;
+    tls.write_all(b"P").await.unwrap();
+    assert!(closed_after(&mut tls).await < client_idle);
+
+    // An HTTP/1.1 request head begun and never finished, on a fresh
+    // connection and on one that served a request before.
+    for served_before in [false, true] {
+        let (mut tls, _) = tls_connect(gateway.addr, &[b"http/1.1"]).await;
+        if served_before {
+            assert_eq!(exchange_raw(&mut tls).await, "HTTP/1.1 200 OK");
+        }
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        assert!(closed_after(&mut tls).await < client_idle);
+    }
+
+    // Idle keep-alive: open past header_read, closed after client_idle.
+    let (mut tls, _) = tls_connect(gateway.addr, &[b"http/1.1"]).await;
+    assert_eq!(exchange_raw(&mut tls).await, "HTTP/1.1 200 OK");
+    tokio::time::sleep(header_read * 2).await;
+    assert_eq!(exchange_raw(&mut tls).await, "HTTP/1.1 200 OK");
+    let idle = closed_after(&mut tls).await;
+    assert!(idle >= client_idle - Duration::from_millis(100), "{idle:?}");
+
+    // HTTP/2 with no open stream likewise.
+    let mut h2 = http2(gateway.addr).await;
+    for pause in [Duration::ZERO, header_read * 2] {
+        tokio::time::sleep(pause).await;
+        let response = h2
+            .send_request(get("/devices").body(empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.into_body().collect().await.unwrap();
+    }
+    let quiet = Instant::now();
+    while !h2.is_closed() {
+        assert!(
+            quiet.elapsed() < DEADLINE,
+            "an idle HTTP/2 connection stays open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(quiet.elapsed() >= client_idle - Duration::from_millis(100));
+}
+
+/// A WebSocket tunnel keeps its connection's permit: with one allowed, a
+/// second client waits until the tunnel closes.
+#[tokio::test]
+async fn websocket_tunnels_count_against_max_connections() {
+    let upstream = Upstream::start("hbbs").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[limits]\nmax_connections = 1\nworkers = 1",
+    ));
+    let mut ws = open_websocket(gateway.addr, "/ws/id").await;
+    assert_echoes(&mut ws, Message::text("hello")).await;
+    let second = tokio::spawn(send(gateway.addr, get("/devices").body(empty()).unwrap()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !second.is_finished(),
+        "served while the tunnel held the only permit"
+    );
+    drop(ws);
+    let response = tokio::time::timeout(DEADLINE, second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}

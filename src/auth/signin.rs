@@ -26,6 +26,9 @@ use crate::Body;
 
 /// Largest form_post callback body read (a code, a state and an id).
 const MAX_CALLBACK_BODY: usize = 64 * 1024;
+/// How long a form_post callback body may take to arrive: a browser sends
+/// a few hundred bytes at once.
+const CALLBACK_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct SignIn {
@@ -249,7 +252,11 @@ impl SignIn {
     pub async fn callback(&self, req: Request<Body>, html: bool, id: &str) -> Callback {
         let (parts, body) = req.into_parts();
         let (params, body) = if parts.method == Method::POST {
-            let Some(bytes) = read_limited(body, MAX_CALLBACK_BODY).await else {
+            let read = tokio::time::timeout(
+                CALLBACK_BODY_DEADLINE,
+                read_limited(body, MAX_CALLBACK_BODY),
+            );
+            let Ok(Some(bytes)) = read.await else {
                 return Callback::Answered(bad_callback(html, id));
             };
             let params = serde_urlencoded::from_bytes(&bytes).unwrap_or_default();

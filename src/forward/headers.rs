@@ -221,6 +221,23 @@ pub fn remove_connection_named(headers: &mut HeaderMap) {
     };
 }
 
+/// Joins the `Cookie` fields an HTTP/2 client may split (RFC 9113 §8.2.3)
+/// into the one field HTTP/1.1 allows (RFC 6265 §5.4), for the upstream.
+pub fn join_cookie_fields(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    if fields.nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let joined = HeaderValue::from_bytes(&joined.join(&b"; "[..]))
+        .expect("header values joined by `; ` are a header value");
+    headers.insert(header::COOKIE, joined);
+}
+
 /// Removes the fixed hop-by-hop headers and every header that
 /// `Connection` names (RFC 9110 §7.6.1).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

@@ -17,7 +17,9 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
 
-use self::headers::{remove_hop_by_hop, upgrade_protocol, Forwarding, Peer, X_REQUEST_ID};
+use self::headers::{
+    join_cookie_fields, remove_hop_by_hop, upgrade_protocol, Forwarding, Peer, X_REQUEST_ID,
+};
 use self::routes::Route;
 use crate::net::Timeouts;
 use crate::outbound::{self, ClientError};
@@ -112,6 +114,7 @@ impl Proxy {
             })
         });
         remove_hop_by_hop(&mut parts.headers);
+        join_cookie_fields(&mut parts.headers);
         if keeps_trailers {
             parts
                 .headers

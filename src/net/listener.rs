@@ -7,6 +7,7 @@
 //! every watched connection to finish its in-flight requests, bounded by
 //! the configured grace period.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -20,12 +21,14 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use prometheus_client::metrics::counter::Counter;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use super::http::{http_builder, FirstReadDeadline};
+use super::deadline::{Activity, ClientIo, Deadlines, InFlight, Tracked};
+use super::http::http_builder;
 use super::settings::{Limits, Timeouts};
 use crate::pipeline::{Client, Gateway};
+use crate::Body;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the
 /// loop does not spin while the condition lasts.
@@ -58,7 +61,8 @@ impl OpenConnections {
 }
 
 /// Accepts until `shutdown` flips, handing each connection to `serve`
-/// with one of `permits`, which bound how many are open at once.
+/// with one of `permits`, which bound how many are open at once; the
+/// connection holds its permit until it is dropped.
 pub(super) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     permits: Arc<Semaphore>,
@@ -66,7 +70,7 @@ pub(super) async fn accept_loop<F, Fut>(
     connections: &OpenConnections,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr, Watcher) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Watcher, OwnedSemaphorePermit) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -86,11 +90,7 @@ pub(super) async fn accept_loop<F, Fut>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let connection = serve(stream, peer, connections.graceful.watcher());
-        tokio::spawn(async move {
-            connection.await;
-            drop(permit);
-        });
+        tokio::spawn(serve(stream, peer, connections.graceful.watcher(), permit));
     }
 }
 
@@ -144,7 +144,10 @@ impl TlsListener {
         let builder = http_builder(timeouts, limits);
         let http1 = Arc::new(builder.clone().http1_only());
         let http2 = Arc::new(builder.http2_only());
-        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        // Each worker has permits of its own, as nginx's worker_connections:
+        // a permit shared by all and taken before `accept` could wait on
+        // one worker's socket while a connection waited on another's.
+        let per_worker = limits.max_connections.div_ceil(listeners.len().max(1));
         let mut threads = Vec::with_capacity(listeners.len());
         for (index, listener) in listeners.into_iter().enumerate() {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -163,11 +166,14 @@ impl TlsListener {
                 http1: http1.clone(),
                 http2: http2.clone(),
                 handshake_timeout: timeouts.tls_handshake,
-                header_read: timeouts.header_read,
+                deadlines: Deadlines {
+                    header_read: timeouts.header_read,
+                    client_idle: timeouts.client_idle,
+                },
                 grace: timeouts.shutdown_grace,
             };
             let shutdown = shutdown.clone();
-            let permits = permits.clone();
+            let permits = Arc::new(Semaphore::new(per_worker));
             let thread = std::thread::Builder::new()
                 .name(format!("authgate-worker-{index}"))
                 .spawn(move || runtime.block_on(worker.run(listener, permits, shutdown)))
@@ -203,7 +209,7 @@ struct Worker {
     http1: Arc<auto::Builder<TokioExecutor>>,
     http2: Arc<auto::Builder<TokioExecutor>>,
     handshake_timeout: Duration,
-    header_read: Duration,
+    deadlines: Deadlines,
     grace: Duration,
 }
 
@@ -222,13 +228,19 @@ impl Worker {
             permits,
             shutdown,
             &connections,
-            |tcp, peer, watcher| worker.clone().serve(tcp, peer, watcher),
+            |tcp, peer, watcher, permit| worker.clone().serve(tcp, peer, watcher, permit),
         )
         .await;
         connections.drain(grace).await;
     }
 
-    async fn serve(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    async fn serve(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        watcher: Watcher,
+        permit: OwnedSemaphorePermit,
+    ) {
         let tls =
             match tokio::time::timeout(self.handshake_timeout, self.acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
@@ -246,18 +258,33 @@ impl Worker {
         let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let gateway = self.gateway.clone();
         let client = Client::new(peer, http2);
-        let io = TokioIo::new(FirstReadDeadline::new(tls, self.header_read));
+        let activity = Activity::new();
+        let io = TokioIo::new(ClientIo::new(
+            tls,
+            activity.clone(),
+            self.deadlines,
+            http2,
+            permit,
+        ));
         let ended = if http2 {
             // hyper spawns a task per HTTP/2 request and moves the request's
             // future (~2.4 KB) on the way in; boxed, only a pointer moves.
             // HTTP/1.1 keeps a request's future in place: a box would only
             // add an allocation.
-            let service =
-                service_fn(move |req| Box::pin(gateway.clone().handle(req, client.clone())));
+            let service = service_fn(move |req| {
+                let in_flight = activity.request();
+                Box::pin(tracked(
+                    gateway.clone().handle(req, client.clone()),
+                    in_flight,
+                ))
+            });
             let connection = self.http2.serve_connection_with_upgrades(io, service);
             watcher.watch(connection.into_owned()).await
         } else {
-            let service = service_fn(move |req| gateway.clone().handle(req, client.clone()));
+            let service = service_fn(move |req| {
+                let in_flight = activity.request();
+                tracked(gateway.clone().handle(req, client.clone()), in_flight)
+            });
             let connection = self.http1.serve_connection_with_upgrades(io, service);
             watcher.watch(connection.into_owned()).await
         };
@@ -265,4 +292,18 @@ impl Worker {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
+}
+
+/// The response to a request, its body keeping the request in flight for
+/// the connection's deadlines; a switch of protocols hands the connection
+/// to the tunnel.
+async fn tracked(
+    answered: impl Future<Output = Result<http::Response<Body>, Infallible>>,
+    in_flight: InFlight,
+) -> Result<http::Response<Tracked>, Infallible> {
+    let response = answered.await?;
+    if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        in_flight.upgraded();
+    }
+    Ok(response.map(|body| Tracked::new(body, in_flight)))
 }

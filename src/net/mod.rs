@@ -3,6 +3,7 @@
 //! listeners (the port-80 redirect, the admin listener). Everything a
 //! request meets before [`crate::pipeline`] sees it.
 
+mod deadline;
 mod http;
 mod listener;
 mod plain;

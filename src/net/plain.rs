@@ -34,7 +34,7 @@ pub async fn run_plain<F>(
         Arc::new(Semaphore::new(limits.max_connections)),
         shutdown,
         connections,
-        |tcp, peer, watcher| {
+        |tcp, peer, watcher, permit| {
             let answer = answer.clone();
             async move {
                 let service = service_fn(move |req| {
@@ -48,6 +48,7 @@ pub async fn run_plain<F>(
                 if let Err(e) = watcher.watch(connection).await {
                     tracing::debug!(%peer, error = %e, "plain connection ended with an error");
                 }
+                drop(permit);
             }
         },
     )

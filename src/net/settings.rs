@@ -10,8 +10,13 @@ use serde::Deserialize;
 pub struct Timeouts {
     #[serde(with = "humantime_serde")]
     pub tls_handshake: Duration,
+    /// Until a connection's first complete request, and for a request head
+    /// begun on an idle connection.
     #[serde(with = "humantime_serde")]
     pub header_read: Duration,
+    /// A client connection with no request in flight.
+    #[serde(with = "humantime_serde")]
+    pub client_idle: Duration,
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
     #[serde(with = "humantime_serde")]
@@ -29,6 +34,8 @@ impl Default for Timeouts {
         Timeouts {
             tls_handshake: Duration::from_secs(10),
             header_read: Duration::from_secs(30),
+            // nginx's keepalive_timeout.
+            client_idle: Duration::from_secs(75),
             connect: Duration::from_secs(5),
             upstream_response: Duration::from_secs(60),
             idle: Duration::from_secs(120),

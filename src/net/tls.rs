@@ -25,6 +25,8 @@ pub struct TlsConfig {
     /// generated as a self-signed certificate for testing.
     pub may_self_sign: bool,
     pub reload_check: Duration,
+    /// `Strict-Transport-Security` for responses that lack one; `None`: off.
+    pub hsts: Option<http::HeaderValue>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
+use http::header::{HeaderValue, STRICT_TRANSPORT_SECURITY};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -65,6 +66,8 @@ pub struct Gateway {
     /// Set when shutdown begins, so readiness fails and load balancers stop
     /// sending new requests while in-flight ones drain.
     draining: Arc<AtomicBool>,
+    /// `Strict-Transport-Security` for every response without its own.
+    hsts: Option<HeaderValue>,
 }
 
 impl Gateway {
@@ -95,6 +98,7 @@ impl Gateway {
             signin,
             gateway_prefix: config.gateway_prefix.clone(),
             draining: Arc::default(),
+            hsts: config.tls.hsts.clone(),
         }))
     }
 
@@ -118,7 +122,18 @@ impl Gateway {
         req: Request<Incoming>,
         client: Arc<Client>,
     ) -> Result<Response<Body>, Infallible> {
-        let peer = &client.peer;
+        let mut response = self.answer(req, &client).await;
+        if let Some(hsts) = &self.hsts {
+            response
+                .headers_mut()
+                .entry(STRICT_TRANSPORT_SECURITY)
+                .or_insert_with(|| hsts.clone());
+        }
+        Ok(response)
+    }
+
+    /// Every step of the request path, top to bottom.
+    async fn answer(&self, req: Request<Incoming>, client: &Client) -> Response<Body> {
         let mut req = req.map(|b| b.map_err(|e| -> crate::BoxError { Box::new(e) }).boxed());
         let request_id = headers::request_id(req.headers());
         let html = pages::wants_html(req.headers());
@@ -129,14 +144,14 @@ impl Gateway {
             uri: req.uri().clone(),
             started: Instant::now(),
             id: request_id.to_str().unwrap_or_default(),
-            peer: peer.addr,
+            peer: client.peer.addr,
         };
         let (path, id) = (seen.uri.path(), seen.id);
         if let Some(refused) = refused {
             tracing::info!(request_id = id, reason = %refused, "request refused");
             let response = pages::problem(pages::AMBIGUOUS_PATH, html, id);
             seen.done(&self.own_metrics, response.status());
-            return Ok(response);
+            return response;
         }
 
         // 2. No client speaks for the user: identity headers are ours
@@ -149,7 +164,7 @@ impl Gateway {
         if let Some(endpoint) = path.strip_prefix(&self.gateway_prefix) {
             let response = self.own_endpoint(endpoint, &req, html, id);
             seen.done(&self.own_metrics, response.status());
-            return Ok(response);
+            return response;
         }
 
         // 4. The sign-in callback, unless it belongs to the console.
@@ -158,17 +173,17 @@ impl Gateway {
             match Box::pin(signin.callback(req, html, id)).await {
                 Callback::Answered(response) => {
                     seen.done(&self.signin_metrics, response.status());
-                    return Ok(response);
+                    return response;
                 }
                 // The console's own sign-in (RustDesk Pro's OIDC login):
                 // its browser has no gateway session, and needs none.
                 Callback::NotOurs(passed) => {
                     let route = self.routes.find(path);
                     let response = self
-                        .forward(passed, route, peer, &request_id, html, id)
+                        .forward(passed, route, client, &request_id, html, id)
                         .await;
                     seen.done(&route.metrics, response.status());
-                    return Ok(response);
+                    return response;
                 }
             }
         }
@@ -185,7 +200,7 @@ impl Gateway {
                 Ok(caller) => caller,
                 Err(response) => {
                     seen.done(&route.metrics, response.status());
-                    return Ok(response);
+                    return response;
                 }
             };
 
@@ -196,7 +211,7 @@ impl Gateway {
             if let Err(denial) = route.policy.check(&identity) {
                 let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
                 seen.done(&route.metrics, response.status());
-                return Ok(response);
+                return response;
             }
             // 8. Tell the upstream who it is. The header map grows once
             // for these and the forwarding headers, not at each step.
@@ -215,27 +230,37 @@ impl Gateway {
                     self.identity_headers.inject(req.headers_mut(), &identity)
                 }
             }
-            signin.strip_own_cookies(req.headers_mut(), &client.last_cookie);
             cookies = caller.cookies;
         }
 
         // 9. Forward.
-        let mut response = self.forward(req, route, peer, &request_id, html, id).await;
+        let mut response = self
+            .forward(req, route, client, &request_id, html, id)
+            .await;
         pages::append_cookies(&mut response, cookies);
         seen.done(&route.metrics, response.status());
-        Ok(response)
+        response
     }
 
+    /// Forwards `req`, without the gateway's own cookies whatever the
+    /// route: they carry a whole session, which no upstream may replay.
     async fn forward(
         &self,
-        req: Request<Body>,
+        mut req: Request<Body>,
         route: &Route,
-        peer: &Peer,
+        client: &Client,
         request_id: &http::HeaderValue,
         html: bool,
         id: &str,
     ) -> Response<Body> {
-        match self.proxy.forward(req, route, peer, request_id).await {
+        if let Some(signin) = &self.signin {
+            signin.strip_own_cookies(req.headers_mut(), &client.last_cookie);
+        }
+        match self
+            .proxy
+            .forward(req, route, &client.peer, request_id)
+            .await
+        {
             Ok(response) => response,
             Err(e) => {
                 tracing::warn!(request_id = %id, error = %e, "upstream request failed");

@@ -436,6 +436,12 @@ async fn upstream_handle(
             return Ok(Response::new(full("released")));
         }
         "/hang" => std::future::pending::<()>().await,
+        "/own-hsts" => {
+            return Ok(Response::builder()
+                .header("strict-transport-security", "max-age=60")
+                .body(full("own"))
+                .unwrap())
+        }
         _ => {}
     }
     let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();

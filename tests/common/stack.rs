@@ -22,7 +22,8 @@ pub struct Stack {
 /// What a test changes in the standard stack.
 #[derive(Default)]
 pub struct Options<'a> {
-    /// More tables before `[oidc]`: `[[routes]]`, `[headers]`…
+    /// More tables before `[oidc]`: `[[routes]]`, `[headers]`…; `{upstream}`
+    /// in them stands for the stack's upstream.
     pub tables: &'a str,
     /// More keys of `[oidc]` and `[session]`.
     pub oidc: &'a str,
@@ -75,6 +76,7 @@ impl Stack {
             "issuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\nca = \"provider-ca.pem\"\n",
             provider.issuer
         );
+        let tables = tables.replace("{upstream}", &upstream.url());
         let config = match preset {
             Some((path, replacements)) => {
                 let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);

@@ -198,3 +198,57 @@ async fn no_client_header_can_speak_for_the_user_or_unsay_the_gateway() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_gateways_cookies_never_reach_the_upstream() {
+    let stack = Stack::with(Options {
+        tables: "[[routes]]\nprefix = \"/api/own\"\nupstream = \"{upstream}\"\naccess = \"upstream_token\"\n",
+        ..Options::default()
+    })
+    .await;
+    let addr = stack.gateway.addr;
+    let cookie = "Cookie: __Host-authgate=sealed-session; theme=dark; __Host-authgate.1=chunk; \
+                  __Host-authgate-login-abc=state; lang=en\r\n";
+    for (what, head) in [
+        (
+            "a public route",
+            "GET /api/public/x HTTP/1.1\r\n".to_owned(),
+        ),
+        (
+            "the console's own token",
+            "GET /api/own/x HTTP/1.1\r\nAuthorization: Bearer console-token\r\n".to_owned(),
+        ),
+        (
+            "a CORS preflight",
+            "OPTIONS /api/own/x HTTP/1.1\r\nOrigin: https://elsewhere.example\r\n\
+             Access-Control-Request-Method: POST\r\n"
+                .to_owned(),
+        ),
+    ] {
+        let (status, body) = raw(addr, &format!("{head}Host: localhost\r\n{cookie}")).await;
+        assert_eq!(status, 200, "{what}: {body}");
+        let echo = echo_in(&body);
+        assert_eq!(
+            echo["headers"]["cookie"],
+            serde_json::json!(["theme=dark; lang=en"]),
+            "{what}"
+        );
+    }
+
+    // HTTP/2 may split the header into fields; the HTTP/1.1 upstream gets
+    // one, without the gateway's.
+    let mut h2 = http2(addr).await;
+    let response = h2
+        .send_request(
+            Request::get(stack.url("/api/public/x"))
+                .header("cookie", "theme=dark")
+                .header("cookie", "__Host-authgate=sealed-session")
+                .header("cookie", "lang=en")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let echo = upstream_saw(response).await;
+    assert_eq!(echo.headers["cookie"], vec!["theme=dark; lang=en"]);
+}
