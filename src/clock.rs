@@ -1,5 +1,5 @@
 //! The one wall clock: seconds since the Unix epoch, as tokens and
-//! sessions count time. Unit tests move it forward with [`advance`]
+//! sessions count time. Unit tests move it forward with `advance`
 //! instead of sleeping.
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -155,7 +155,7 @@ impl IdentityHeaders {
     /// Removes every identity header a client sent: ours, whatever their
     /// case and with `_` for `-` (CGI-style upstreams read `X_Forwarded_User`
     /// as `X-Forwarded-User`), and those other gateways send
-    /// ([`FOREIGN_PREFIXES`]), which an upstream moved behind authgate may
+    /// (`FOREIGN_PREFIXES`), which an upstream moved behind authgate may
     /// still believe. `Authorization` is the exception when it carries the
     /// ID token: clients on public routes (RustDesk) send their own there,
     /// and on protected routes [`IdentityHeaders::inject_id_token`]
