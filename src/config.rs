@@ -99,6 +99,12 @@ pub struct Config {
     /// Plain-HTTP listener for `/metrics`; `None`: off.
     pub admin_listen: Option<SocketAddr>,
     pub gateway_prefix: String,
+    /// Host names users may open besides `public_url`'s (lower case, no
+    /// port, no trailing dot).
+    pub extra_hosts: Vec<String>,
+    /// Requests for any other host get 421 instead of being forwarded
+    /// with `public_url`'s host.
+    pub strict_host: bool,
     pub tls: TlsConfig,
     pub proxy: ProxyConfig,
     pub timeouts: Timeouts,
@@ -151,6 +157,8 @@ struct RawConfig {
     http_redirect_listen: Option<String>,
     admin_listen: String,
     gateway_prefix: String,
+    extra_hosts: Vec<String>,
+    strict_host: bool,
     tls: RawTls,
     proxy: RawProxy,
     timeouts: Timeouts,
@@ -250,6 +258,8 @@ impl Default for RawConfig {
             http_redirect_listen: None,
             admin_listen: "127.0.0.1:9464".into(),
             gateway_prefix: "/oauth2/".into(),
+            extra_hosts: Vec::new(),
+            strict_host: false,
             tls: RawTls::default(),
             proxy: RawProxy::default(),
             timeouts: Timeouts::default(),
@@ -518,6 +528,25 @@ impl RawConfig {
             ));
         }
 
+        let extra_hosts = self
+            .extra_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, value)| {
+                Authority::from_str(value)
+                    .ok()
+                    .filter(|a| !a.host().is_empty() && !value.contains('@'))
+                    .map(|a| a.host().trim_end_matches('.').to_ascii_lowercase())
+                    .ok_or_else(|| {
+                        origins.invalid(
+                            &format!("extra_hosts[{i}]"),
+                            value,
+                            "a host name or address users open, such as console.example.com",
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+
         let prefix = &self.gateway_prefix;
         if !prefix.starts_with('/') || !prefix.ends_with('/') || prefix.len() < 3 {
             return Err(origins.invalid(
@@ -706,6 +735,8 @@ impl RawConfig {
             http_redirect_listen,
             admin_listen,
             gateway_prefix: self.gateway_prefix,
+            extra_hosts,
+            strict_host: self.strict_host,
             tls,
             proxy: ProxyConfig {
                 ca: self.proxy.ca,

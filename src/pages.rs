@@ -72,6 +72,14 @@ pub const AMBIGUOUS_PATH: Problem = Problem {
              Use the address without them.",
 };
 
+pub const MISDIRECTED: Problem = Problem {
+    status: StatusCode::MISDIRECTED_REQUEST,
+    code: "misdirected",
+    title: "This site is not served here",
+    detail: "The address names a host this gateway does not serve. \
+             Open the console at its configured address.",
+};
+
 pub const UNAUTHENTICATED: Problem = Problem {
     status: StatusCode::UNAUTHORIZED,
     code: "unauthenticated",

@@ -59,8 +59,13 @@ async fn assert_echoes(ws: &mut WebSocket, message: Message) {
     assert_eq!(ws.next().await.unwrap().unwrap(), message);
 }
 
+/// The gateway in front of `upstream`, every route public; the console is
+/// also opened as console.example.com.
 fn config(upstream: &str, extra: &str) -> String {
-    format!("listen = \"127.0.0.1:0\"\naccess = \"public\"\nupstream = \"{upstream}\"\n{extra}\n")
+    format!(
+        "listen = \"127.0.0.1:0\"\naccess = \"public\"\nupstream = \"{upstream}\"\n\
+         extra_hosts = [\"console.example.com\"]\n{extra}\n"
+    )
 }
 
 #[tokio::test]

@@ -1,11 +1,11 @@
 //! The request path, top to bottom in [`Gateway::handle`]: the canonical
 //! target, strip identity headers, the gateway's own endpoints, the
-//! sign-in callback, route,
-//! authenticate, authorize, then forward with the identity added; one
-//! access-log line per request.
+//! host, the sign-in callback, route, authenticate, authorize, then
+//! forward with the identity added; one access-log line per request.
 
 mod access_log;
 mod endpoints;
+mod host;
 pub mod target;
 
 use std::convert::Infallible;
@@ -20,6 +20,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use self::access_log::Seen;
+use self::host::{Hosts, Verdict};
 use crate::auth::identity::IdentityHeaders;
 use crate::auth::session::{LastCookie, Sessions};
 use crate::auth::signin::{Callback, SignIn};
@@ -68,6 +69,7 @@ pub struct Gateway {
     draining: Arc<AtomicBool>,
     /// `Strict-Transport-Security` for every response without its own.
     hsts: Option<HeaderValue>,
+    hosts: Arc<Hosts>,
 }
 
 impl Gateway {
@@ -99,6 +101,7 @@ impl Gateway {
             gateway_prefix: config.gateway_prefix.clone(),
             draining: Arc::default(),
             hsts: config.tls.hsts.clone(),
+            hosts: Arc::new(Hosts::new(config)),
         }))
     }
 
@@ -167,7 +170,14 @@ impl Gateway {
             return response;
         }
 
-        // 4. The sign-in callback, unless it belongs to the console.
+        // 4. Only the gateway's own host names reach the upstream.
+        if self.hosts.judge(&mut req) == Verdict::Misdirected {
+            let response = pages::problem(pages::MISDIRECTED, html, id);
+            seen.done(&self.own_metrics, response.status());
+            return response;
+        }
+
+        // 5. The sign-in callback, unless it belongs to the console.
         if let Some(signin) = self.signin.as_ref().filter(|s| s.is_callback(path)) {
             // Boxed, as the provider calls below are (see `SignIn::renew_if_due`).
             match Box::pin(signin.callback(req, html, id)).await {
@@ -188,10 +198,10 @@ impl Gateway {
             }
         }
 
-        // 5. Route.
+        // 6. Route.
         let route = self.routes.find(path);
 
-        // 6. Authenticate where the route needs it.
+        // 7. Authenticate where the route needs it.
         let signin = self.signin.as_ref();
         let caller =
             match auth::authenticate(signin, route.access, &req, &client.last_cookie, html, id)
@@ -207,13 +217,13 @@ impl Gateway {
         let mut cookies = Vec::new();
         if let (Some(caller), Some(signin)) = (caller, signin) {
             let identity = caller.authenticated.identity();
-            // 7. Authorize.
+            // 8. Authorize.
             if let Err(denial) = route.policy.check(&identity) {
                 let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
                 seen.done(&route.metrics, response.status());
                 return response;
             }
-            // 8. Tell the upstream who it is. The header map grows once
+            // 9. Tell the upstream who it is. The header map grows once
             // for these and the forwarding headers, not at each step.
             req.headers_mut()
                 .reserve(self.identity_headers.count() + forward::HEADERS_ADDED);
@@ -233,7 +243,7 @@ impl Gateway {
             cookies = caller.cookies;
         }
 
-        // 9. Forward.
+        // 10. Forward.
         let mut response = self
             .forward(req, route, client, &request_id, html, id)
             .await;

@@ -22,6 +22,8 @@ pub struct Stack {
 /// What a test changes in the standard stack.
 #[derive(Default)]
 pub struct Options<'a> {
+    /// Top-level keys, before any table.
+    pub top: &'a str,
     /// More tables before `[oidc]`: `[[routes]]`, `[headers]`…; `{upstream}`
     /// in them stands for the stack's upstream.
     pub tables: &'a str,
@@ -50,6 +52,7 @@ impl Stack {
 
     pub async fn with(options: Options<'_>) -> Stack {
         let Options {
+            top,
             tables,
             oidc: oidc_extra,
             session: session_extra,
@@ -100,6 +103,7 @@ impl Stack {
 listen = "127.0.0.1:{port}"
 public_url = "{origin}"
 upstream = "{upstream}"
+{top}
 [[routes]]
 prefix = "/api/public"
 upstream = "{upstream}"

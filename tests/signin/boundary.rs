@@ -252,3 +252,64 @@ async fn the_gateways_cookies_never_reach_the_upstream() {
     let echo = upstream_saw(response).await;
     assert_eq!(echo.headers["cookie"], vec!["theme=dark; lang=en"]);
 }
+
+#[tokio::test]
+async fn the_upstream_never_sees_a_host_the_client_made_up() {
+    let stack = Stack::start("").await;
+    let addr = stack.gateway.addr;
+    let public = stack.origin.trim_start_matches("https://").to_owned();
+    for head in [
+        "GET /api/public/x HTTP/1.1\r\nHost: evil.example\r\n".to_owned(),
+        "GET https://evil.example/api/public/x HTTP/1.1\r\nHost: localhost\r\n".to_owned(),
+        "GET /api/public/x HTTP/1.1\r\nHost: evil@localhost\r\n".to_owned(),
+        "GET /api/public/x HTTP/1.1\r\n".to_owned(),
+    ] {
+        let (status, body) = raw(addr, &head).await;
+        assert_eq!(status, 200, "{head}: {body}");
+        let headers = &echo_in(&body)["headers"];
+        assert_eq!(headers["host"][0], public.as_str(), "{head}");
+        assert_eq!(headers["x-forwarded-host"][0], public.as_str(), "{head}");
+        let forwarded = headers["forwarded"][0].as_str().unwrap();
+        assert!(
+            forwarded.ends_with(&format!("host=\"{public}\"")),
+            "{forwarded}"
+        );
+    }
+    // Its own names pass as asked: any case, a trailing dot.
+    let (_, body) = raw(addr, "GET /api/public/x HTTP/1.1\r\nHost: LOCALHOST.\r\n").await;
+    assert_eq!(echo_in(&body)["headers"]["host"][0], "LOCALHOST.");
+    // HTTP/2's :authority alike.
+    let mut h2 = http2(addr).await;
+    let response = h2
+        .send_request(
+            Request::get("https://evil.example/api/public/x")
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        upstream_saw(response).await.header("host"),
+        Some(public.as_str())
+    );
+
+    // strict_host refuses other hosts, extra_hosts adds names; probes
+    // answer whatever the host.
+    let strict = Stack::with(Options {
+        top: "strict_host = true\nextra_hosts = [\"Console.Example\"]\n",
+        ..Options::default()
+    })
+    .await;
+    let addr = strict.gateway.addr;
+    let (status, body) = raw(addr, "GET /api/public/x HTTP/1.1\r\nHost: evil.example\r\n").await;
+    assert_eq!(status, 421, "{body}");
+    let (status, _) = raw(addr, "GET /oauth2/ping HTTP/1.1\r\nHost: 10.1.2.3\r\n").await;
+    assert_eq!(status, 200);
+    let (status, body) = raw(
+        addr,
+        "GET /api/public/x HTTP/1.1\r\nHost: console.example:443\r\n",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(echo_in(&body)["headers"]["host"][0], "console.example:443");
+}

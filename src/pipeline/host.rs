@@ -1,0 +1,140 @@
+//! The host a request is forwarded for: never one the client made up.
+//! Upstreams build links, redirects and password-reset mails from `Host`
+//! (and `X-Forwarded-Host`, `Forwarded`); a client's `Host: evil.example`
+//! must not reach them. A request for `public_url`'s host or one of
+//! `extra_hosts` (by name: any case, port and trailing dot ignored) keeps
+//! it; any other is forwarded for `public_url`'s host, or refused with 421
+//! under `strict_host`.
+
+use http::header::{HeaderValue, HOST};
+use http::Request;
+
+use crate::config::Config;
+
+pub(super) struct Hosts {
+    /// Lower case, no port, no trailing dot; `public_url`'s first.
+    names: Vec<String>,
+    /// `public_url`'s authority, the `Host` of a request for any other.
+    public: HeaderValue,
+    strict: bool,
+}
+
+/// What the request's host turned out to be.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Ours,
+    /// Not ours: `Host` now says `public_url`'s.
+    Replaced,
+    /// Not ours, and `strict_host` refuses it.
+    Misdirected,
+}
+
+impl Hosts {
+    pub fn new(config: &Config) -> Hosts {
+        let public = config.public_url.host().to_ascii_lowercase();
+        Hosts {
+            names: std::iter::once(public)
+                .chain(config.extra_hosts.iter().cloned())
+                .collect(),
+            public: HeaderValue::from_str(config.public_url.authority.as_str())
+                .expect("an authority is a header value"),
+            strict: config.strict_host,
+        }
+    }
+
+    /// Judges the host `req` asks for: the target's own authority
+    /// (absolute form, HTTP/2's `:authority`) before `Host`, as RFC 9112
+    /// §3.2.2 says; afterwards `Host` says the host judged.
+    pub fn judge<B>(&self, req: &mut Request<B>) -> Verdict {
+        if let Some(authority) = req.uri().authority() {
+            if self.is_ours(authority.host()) {
+                // Host and port only: no `user@` a client slipped in.
+                let host = match authority.port() {
+                    Some(port) => format!("{}:{port}", authority.host()),
+                    None => authority.host().to_owned(),
+                };
+                if let Ok(host) = HeaderValue::from_str(&host) {
+                    req.headers_mut().insert(HOST, host);
+                }
+                return Verdict::Ours;
+            }
+        } else {
+            let named = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+            if named.and_then(host_of).is_some_and(|h| self.is_ours(h)) {
+                return Verdict::Ours;
+            }
+        }
+        if self.strict {
+            return Verdict::Misdirected;
+        }
+        req.headers_mut().insert(HOST, self.public.clone());
+        Verdict::Replaced
+    }
+
+    fn is_ours(&self, host: &str) -> bool {
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.');
+        self.names.iter().any(|n| n.eq_ignore_ascii_case(host))
+    }
+}
+
+/// The host name of a `Host` value (RFC 9110 §7.2: `uri-host [":" port]`),
+/// or `None` when it is anything else (a `user@`, a path, a bare port).
+fn host_of(value: &str) -> Option<&str> {
+    if value.contains(['@', '/', '?', '#', '\\', ' ']) {
+        return None;
+    }
+    let (host, port) = match value.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']')?;
+            (
+                host,
+                after.strip_prefix(':').or(after.is_empty().then_some("")),
+            )
+        }
+        None => match value.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (value, Some("")),
+        },
+    };
+    let port = port?;
+    (!host.is_empty() && port.bytes().all(|b| b.is_ascii_digit())).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn host_values_are_read_strictly() {
+        for (value, host) in [
+            ("console.example.com", Some("console.example.com")),
+            ("console.example.com:8443", Some("console.example.com")),
+            ("Console.Example.com.", Some("Console.Example.com.")),
+            ("[::1]:8443", Some("::1")),
+            ("[::1]", Some("::1")),
+            ("10.0.0.1", Some("10.0.0.1")),
+            ("evil@console.example.com", None),
+            ("console.example.com/x", None),
+            ("console.example.com:80x", None),
+            (":8443", None),
+            ("[::1", None),
+            ("[::1]x", None),
+        ] {
+            assert_eq!(host_of(value), host, "{value}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn host_of_never_panics_and_finds_a_part_of_the_value(value in "\\PC{0,40}") {
+            if let Some(host) = host_of(&value) {
+                prop_assert!(value.contains(host));
+                prop_assert!(!host.is_empty());
+            }
+        }
+    }
+}
