@@ -69,6 +69,10 @@ pub struct LoginState {
     pub pkce_verifier: String,
     /// A path on this origin, checked when it was recorded.
     pub return_to: String,
+    /// The link asked for was too long to carry: `return_to` is its path
+    /// without the query (or `/`), and the user is told.
+    #[serde(default)]
+    pub shortened: bool,
     pub started_at: u64,
 }
 
@@ -711,6 +715,7 @@ mod tests {
             nonce: "n".into(),
             pkce_verifier: "v".into(),
             return_to: "/".into(),
+            shortened: false,
             started_at: now(),
         };
         let one = jar.write_login(&login("aaaaaaaaaaaaaaaaaaaa1"), false);

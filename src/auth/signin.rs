@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use super::Authenticated;
 use crate::auth::identity::Identity;
 use crate::auth::policy::Denial;
-use crate::auth::session::{Found, LastCookie, Session, Sessions};
+use crate::auth::session::{Found, LastCookie, LoginState, Session, Sessions};
 use crate::clock::now;
 use crate::config::PublicUrl;
 use crate::idp::explain;
@@ -229,8 +229,9 @@ impl SignIn {
         } else {
             "/".to_owned()
         };
+        let (return_to, shortened) = carried(return_to);
         let (url, login) = match self.oidc.start(return_to).await {
-            Ok(started) => started,
+            Ok((url, login)) => (url, LoginState { shortened, ..login }),
             Err(e) => {
                 let mut response =
                     explain::sign_in_error(&e, &self.config().redirect_uri).render(true, id);
@@ -312,7 +313,11 @@ impl SignIn {
                         identity_headers: Default::default(),
                     };
                     let location = format!("{}{}", self.public_url, login.return_to);
-                    let mut response = pages::redirect(StatusCode::SEE_OTHER, &location);
+                    let mut response = if login.shortened {
+                        shortened_link(&login.return_to, html, id)
+                    } else {
+                        pages::redirect(StatusCode::SEE_OTHER, &location)
+                    };
                     pages::append_cookies(
                         &mut response,
                         self.sessions.write(&session, &parts.headers),
@@ -447,6 +452,42 @@ impl SignIn {
             .and_then(|o| o.to_str().ok())
             .is_some_and(|o| o == self.public_url.to_string())
     }
+}
+
+/// Longest return path carried through sign-in. With the state, nonce
+/// and PKCE verifier, sealed and base64-encoded, the login cookie then
+/// stays under the 4096 bytes a browser keeps of a cookie (RFC 6265
+/// §6.1); a longer one was dropped, and the sign-in failed.
+const MAX_RETURN_TO: usize = 2048;
+
+/// The return path as carried through sign-in, and whether its query (or
+/// all of it) had to be left out.
+fn carried(return_to: String) -> (String, bool) {
+    if return_to.len() <= MAX_RETURN_TO {
+        return (return_to, false);
+    }
+    let path = return_to.split('?').next().unwrap_or("/");
+    let path = if path.len() <= MAX_RETURN_TO {
+        path
+    } else {
+        "/"
+    };
+    (path.to_owned(), true)
+}
+
+/// After a sign-in whose link was too long to carry: the user is signed
+/// in, and told why they land on less than they asked for.
+fn shortened_link(return_to: &str, html: bool, id: &str) -> Response<Body> {
+    let mut page = Page::new(
+        StatusCode::OK,
+        "signed_in_link_shortened",
+        "You are signed in",
+        "The link you opened was too long to carry through sign-in, so its query \
+         (the part after `?`) was left out. Open the link again now that you are \
+         signed in, or continue to its page.",
+    );
+    page.link = Some((return_to.to_owned(), "Continue"));
+    page.render(html, id)
 }
 
 /// A path to return to after sign-in: only ever a path on this origin.

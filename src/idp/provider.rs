@@ -440,6 +440,7 @@ impl Oidc {
             nonce: nonce.secret().clone(),
             pkce_verifier: verifier.secret().clone(),
             return_to,
+            shortened: false,
             started_at: crate::clock::now(),
         };
         Ok((url.to_string(), login))

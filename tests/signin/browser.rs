@@ -319,3 +319,36 @@ async fn form_post_callbacks_work_cross_site() {
         Some("heidi@contoso.example")
     );
 }
+
+#[tokio::test]
+async fn a_deep_link_too_long_to_carry_still_signs_in_and_says_so() {
+    let stack = Stack::start("").await;
+    // Just under the limit: carried whole.
+    let long = format!("/console/report?filter={}", "b".repeat(2000));
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url(&long) }, { "login": "alice" }]),
+    )
+    .await;
+    assert_eq!(echo_of(&results[1]).path, long);
+
+    // Over it: signed in all the same, told, and offered the page itself.
+    let longer = format!("/console/report?filter={}", "a".repeat(3000));
+    let results = browser(
+        &stack.origin,
+        json!([
+            { "goto": stack.url(&longer) },
+            { "login": "alice" },
+            { "goto": stack.url("/console/report") }
+        ]),
+    )
+    .await;
+    assert_eq!(results[1]["status"], 200);
+    let text = results[1]["text"].as_str().unwrap();
+    assert!(text.contains("too long to carry"), "{text}");
+    assert!(text.contains("href=\"/console/report\""), "{text}");
+    assert_eq!(
+        echo_of(&results[2]).header("x-forwarded-user"),
+        Some("alice@contoso.example")
+    );
+}
