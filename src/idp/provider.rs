@@ -42,7 +42,8 @@ const REACHABLE_TIMEOUT: Duration = Duration::from_secs(3);
 const BEARER_CACHE_ENTRIES: u64 = 10_000;
 const BEARER_CACHE_TTL: Duration = Duration::from_secs(300);
 /// A refresh result is shared by requests that carried the same refresh
-/// token within this time (providers may rotate refresh tokens).
+/// token within this time (providers may rotate refresh tokens); an
+/// unreachable token endpoint is asked again after it.
 const REFRESH_REUSE: Duration = Duration::from_secs(60);
 
 type Client = CoreClient<
@@ -491,9 +492,13 @@ impl Oidc {
                 Arc::new(self.refresh_now(refresh_token, subject).await)
             })
             .await;
-        let rotated =
-            matches!(&*outcome, Ok(s) if s.refresh_token.as_deref() != Some(refresh_token));
-        if !rotated {
+        // Kept for REFRESH_REUSE: a rotated token's result (its old value
+        // must not be spent twice), a refusal, and an unreachable token
+        // endpoint, which is asked again only once that has passed, not by
+        // every request of the session meanwhile.
+        let kept_token =
+            matches!(&*outcome, Ok(s) if s.refresh_token.as_deref() == Some(refresh_token));
+        if kept_token {
             self.refreshes.invalidate(refresh_token).await;
         }
         outcome

@@ -145,3 +145,47 @@ async fn large_sessions_split_across_cookies_and_the_id_token_can_be_passed_on()
     assert_eq!(claims["preferred_username"], "many1@contoso.example");
     assert_eq!(claims["aud"], CLIENT_ID);
 }
+
+/// `authgate_provider_requests_total{kind="token"}` in an exposition.
+fn token_requests(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("authgate_provider_requests_total{kind=\"token\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test]
+async fn an_unreachable_token_endpoint_is_not_asked_by_every_request() {
+    // Every ID token is "about to expire": each request would renew.
+    let mut stack = Stack::with(Options {
+        session: "refresh_before = \"2h\"",
+        ..Options::default()
+    })
+    .await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "judy" }, { "cookies": true }]),
+    )
+    .await;
+    let cookie = session_cookie(&results[2]);
+    stack.provider.stop();
+    let before = token_requests(&stack.gateway.scrape().await);
+    for _ in 0..5 {
+        let response = send(
+            stack.gateway.addr,
+            get("/while-the-provider-is-down")
+                .header("cookie", cookie.as_str())
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(
+            upstream_saw(response).await.header("x-forwarded-user"),
+            Some("judy@contoso.example"),
+            "the session goes on meanwhile"
+        );
+    }
+    let after = token_requests(&stack.gateway.scrape().await);
+    assert_eq!(after - before, 1, "one try for five requests");
+}
