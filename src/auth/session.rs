@@ -738,4 +738,47 @@ mod tests {
         assert!(jar.read_login(&request, "aaaaaaaaaaaaaaaaXXXX").is_none());
         assert!(jar.read_login(&request, "unknown").is_none());
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Cookie headers a client could send: pairs of ours and others,
+        /// broken ones, stray separators and quotes.
+        fn cookie_header() -> impl Strategy<Value = String> {
+            let pair = prop_oneof![
+                "[a-z]{1,6}=[a-zA-Z0-9%]{0,12}",
+                "__Host-authgate(\\.[0-9]|-login-[a-z]{1,4})?=[a-zA-Z0-9]{0,20}",
+                "[ -~]{0,12}",
+            ];
+            proptest::collection::vec(pair, 0..8).prop_map(|p| p.join("; "))
+        }
+
+        proptest! {
+            /// Opening any header never panics, and what the gateway passes
+            /// on holds every other cookie, in order, and none of its own.
+            #[test]
+            fn the_upstream_gets_every_other_cookie_and_none_of_ours(header in cookie_header()) {
+                let jar = sessions(&[KEY_A]);
+                let mut headers = HeaderMap::new();
+                let Ok(value) = HeaderValue::from_str(&header) else {
+                    return Ok(());
+                };
+                headers.insert(COOKIE, value);
+                let _ = jar.read(&headers);
+                let _ = jar.read_login(&headers, "state");
+                jar.strip_own(&mut headers, &LastCookie::new(false));
+                let passed = headers
+                    .get(COOKIE)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let expected: Vec<&str> = header
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty() && !p.starts_with("__Host-authgate"))
+                    .collect();
+                prop_assert_eq!(passed, expected.join("; "));
+            }
+        }
+    }
 }

@@ -578,4 +578,25 @@ mod tests {
             assert_eq!(safe_return_to(evil), "/", "{evil}");
         }
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the target, sign-in returns to a path on this origin
+            /// that no browser reads as another host, and judging it again
+            /// changes nothing.
+            #[test]
+            fn return_to_is_a_local_path(target in "(/|//|/\\\\|%2[fF]|%5[cC]|%25|[ -~]){0,16}") {
+                let kept = safe_return_to(&target);
+                prop_assert!(kept.starts_with('/'));
+                let decoded = percent_decoded_prefix(&kept);
+                prop_assert!(!decoded.starts_with("//") && !decoded.starts_with("/\\"));
+                prop_assert_eq!(safe_return_to(&kept), kept.clone());
+                let (carried, _) = carried(kept);
+                prop_assert!(carried.len() <= MAX_RETURN_TO);
+            }
+        }
+    }
 }

@@ -307,4 +307,33 @@ mod tests {
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("<script>"));
         assert_ne!(request_id(&headers), "<script>");
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever chain a trusted proxy passes on, the upstream gets
+            /// that chain plus the proxy's address, and an address as the
+            /// client's.
+            #[test]
+            fn forwarding_chains_never_break(chain in "[0-9a-f.:, ]{0,40}|\\PC{0,20}") {
+                let forwarding = Forwarding {
+                    trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+                };
+                let peer = Peer::new("127.0.0.1:9".parse().unwrap());
+                let mut headers = HeaderMap::new();
+                let Ok(value) = HeaderValue::from_str(&chain) else {
+                    return Ok(());
+                };
+                headers.insert(&X_FORWARDED_FOR, value.clone());
+                headers.insert(header::FORWARDED, value);
+                forwarding.set(&mut headers, &peer, None);
+                let xff = headers[&X_FORWARDED_FOR].to_str().unwrap();
+                prop_assert!(xff.ends_with("127.0.0.1"));
+                let real = headers[&X_REAL_IP].to_str().unwrap();
+                prop_assert!(real.parse::<IpAddr>().is_ok());
+            }
+        }
+    }
 }
