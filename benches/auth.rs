@@ -45,6 +45,7 @@ fn identity() -> Identity {
         ],
         roles: vec!["Console.User".into()],
         groups_overage: false,
+        app: false,
     }
 }
 
@@ -231,7 +232,10 @@ fn bearer_tokens(c: &mut Criterion) {
         clock_skew: Duration::from_secs(60),
         ca: None,
         jwks_refresh: Duration::from_secs(3600),
+        bearer: true,
         bearer_audiences: vec!["client".into()],
+        bearer_scopes: Vec::new(),
+        bearer_app_tokens: false,
     };
     let http = authgate::outbound::client(None, &Timeouts::default()).unwrap();
     let oidc: Arc<Oidc> = Oidc::new(config, http, Metrics::default()).unwrap();
@@ -241,7 +245,7 @@ fn bearer_tokens(c: &mut Criterion) {
         serial += 1;
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
         header.kid = Some("k1".into());
-        let claims = serde_json::json!({ "iss": issuer, "aud": "client", "sub": "api-client", "iat": now(),
+        let claims = serde_json::json!({ "iss": issuer, "aud": "client", "sub": "api-client", "scp": "Devices.Read", "iat": now(),
                                          "exp": now() + 3600, "jti": serial });
         jsonwebtoken::encode(&header, &claims, &signing).unwrap()
     };

@@ -193,7 +193,10 @@ struct RawOidc {
     ca: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     jwks_refresh: Duration,
+    bearer: bool,
     bearer_audiences: Vec<String>,
+    bearer_scopes: Vec<String>,
+    bearer_app_tokens: bool,
 }
 
 impl Default for RawOidc {
@@ -217,7 +220,10 @@ impl Default for RawOidc {
             clock_skew: Duration::from_secs(60),
             ca: None,
             jwks_refresh: Duration::from_secs(3600),
+            bearer: true,
             bearer_audiences: Vec::new(),
+            bearer_scopes: Vec::new(),
+            bearer_app_tokens: false,
         }
     }
 }
@@ -868,7 +874,10 @@ fn validate_oidc(
         raw.bearer_audiences
     };
     Ok(OidcConfig {
+        bearer: raw.bearer,
         bearer_audiences,
+        bearer_scopes: raw.bearer_scopes,
+        bearer_app_tokens: raw.bearer_app_tokens,
         redirect_uri: format!("{public_url}{}", raw.callback_path),
         issuer,
         multi_tenant,

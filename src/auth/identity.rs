@@ -98,6 +98,9 @@ pub struct Identity {
     /// sends `_claim_names` instead): `groups` is then unknown, not empty.
     #[serde(default)]
     pub groups_overage: bool,
+    /// A service principal's own (app-only) bearer token: no user.
+    #[serde(default)]
+    pub app: bool,
 }
 
 /// Header names, parsed once.
@@ -278,6 +281,7 @@ mod tests {
             groups: vec!["g1".into(), "g2".into()],
             roles: vec![],
             groups_overage: false,
+            app: false,
         }
     }
 

@@ -34,6 +34,9 @@ pub enum Denial {
     Groups,
     #[error("you do not hold an app role allowed here")]
     Roles,
+    /// An app-only token passes only a route that names one of its roles.
+    #[error("an application's own token is admitted only where an app role rule allows it")]
+    AppNeedsRole,
     /// Entra leaves `groups` out for users in more than 200 groups; their
     /// membership is unknown, which is not the same as "none".
     #[error(
@@ -54,12 +57,16 @@ impl Denial {
             Denial::Groups => "group_not_allowed",
             Denial::Roles => "role_not_allowed",
             Denial::GroupsOverage => "groups_overage",
+            Denial::AppNeedsRole => "app_needs_role",
         }
     }
 }
 
 impl Policy {
     pub fn check(&self, identity: &Identity) -> Result<(), Denial> {
+        if identity.app && self.allowed_roles.is_empty() {
+            return Err(Denial::AppNeedsRole);
+        }
         let any =
             |allowed: &[String], value: &str| allowed.iter().any(|a| a.eq_ignore_ascii_case(value));
         if !self.allowed_tenants.is_empty()
@@ -129,6 +136,7 @@ mod tests {
             groups: groups.iter().map(|g| g.to_string()).collect(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
             groups_overage: overage,
+            app: false,
         }
     }
 
@@ -136,6 +144,19 @@ mod tests {
         let mut p = Policy::default();
         f(&mut p);
         p
+    }
+
+    #[test]
+    fn an_app_passes_only_where_a_role_rule_admits_it() {
+        let app = Identity {
+            app: true,
+            ..user(&[], &["Console.Automation"], false)
+        };
+        assert_eq!(Policy::default().check(&app), Err(Denial::AppNeedsRole));
+        let roles = policy(|p| p.allowed_roles = vec!["Console.Automation".into()]);
+        assert_eq!(roles.check(&app), Ok(()));
+        let other = policy(|p| p.allowed_roles = vec!["Console.Admin".into()]);
+        assert_eq!(other.check(&app), Err(Denial::Roles));
     }
 
     #[test]

@@ -497,6 +497,7 @@ mod tests {
                     .collect(),
                 roles: vec![],
                 groups_overage: false,
+                app: false,
             },
             id_token: "header.payload.signature".into(),
             refresh_token: Some("refresh".into()),

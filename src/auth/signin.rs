@@ -101,7 +101,8 @@ impl SignIn {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-            .map(str::trim);
+            .map(str::trim)
+            .filter(|_| self.config().bearer);
         match token {
             Some(token) => Box::pin(self.oidc.verify_bearer(token))
                 .await
@@ -114,7 +115,7 @@ impl SignIn {
     /// Renews the session's tokens when the ID token is about to expire.
     /// `None` when the provider refused (revoked, user disabled): the
     /// user must sign in again. A provider that cannot be asked does not
-    /// end the session; the next request tries again.
+    /// end the session; it is asked again a minute later.
     async fn renew_if_due(&self, session: Arc<Session>) -> Option<Authenticated> {
         let refresh_token = match &session.refresh_token {
             Some(token) if self.sessions.due_for_refresh(&session) => token.clone(),

@@ -122,6 +122,15 @@ pub enum RefreshError {
     Unavailable(String),
 }
 
+/// The tenant id an Entra issuer names (`https://<host>/<tenant id>/v2.0`,
+/// or v1's `https://sts.windows.net/<tenant id>/`), when its first path
+/// segment is one.
+fn issuer_tenant(issuer: &str) -> Option<String> {
+    let path = issuer.split_once("://")?.1.split_once('/')?.1;
+    let first = path.split('/').next()?;
+    uuid::Uuid::parse_str(first).ok().map(|_| first.to_owned())
+}
+
 /// How the app proves itself to the token endpoint.
 enum Credential {
     /// Sent by openidconnect itself (basic or in the body).
@@ -249,6 +258,10 @@ impl Oidc {
             self.metrics.clone(),
         ));
         jwks.current().await?;
+        let issuer_tenant = match &issuer {
+            IssuerMatch::Exact(exact) => issuer_tenant(exact),
+            IssuerMatch::Template(_) => None,
+        };
         let verifier = Verifier {
             issuer,
             audience: self.config.client_id.clone(),
@@ -256,6 +269,9 @@ impl Oidc {
             algorithms: self.config.algorithms.clone(),
             skew: self.config.clock_skew,
             allowed_tenants: self.config.allowed_tenants.clone(),
+            issuer_tenant,
+            bearer_scopes: self.config.bearer_scopes.clone(),
+            bearer_app_tokens: self.config.bearer_app_tokens,
             jwks: jwks.clone(),
         };
         Ok((
@@ -580,5 +596,28 @@ impl<'c> AsyncHttpClient<'c> for Idp<'_> {
                 .await
                 .map_err(|e| HttpClientError::Other(e.to_string()))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exact_entra_issuer_names_its_tenant() {
+        let tenant = "7f3c1b2a-5d4e-4f60-9a8b-0c1d2e3f4a5b";
+        for issuer in [
+            format!("https://login.microsoftonline.com/{tenant}/v2.0"),
+            format!("https://sts.windows.net/{tenant}/"),
+            format!("https://contoso.ciamlogin.com/{tenant}/v2.0"),
+        ] {
+            assert_eq!(issuer_tenant(&issuer).as_deref(), Some(tenant), "{issuer}");
+        }
+        for issuer in [
+            "https://accounts.example.com",
+            "https://idp.example.com/realms/x",
+        ] {
+            assert_eq!(issuer_tenant(issuer), None, "{issuer}");
+        }
     }
 }

@@ -54,4 +54,12 @@ pub struct OidcConfig {
     pub jwks_refresh: Duration,
     /// Audiences accepted in `Authorization: Bearer` tokens.
     pub bearer_audiences: Vec<String>,
+    /// Whether API clients may authenticate with bearer tokens at all.
+    pub bearer: bool,
+    /// Delegated bearer tokens must carry one of these in `scp`; empty:
+    /// any scope of this API.
+    pub bearer_scopes: Vec<String>,
+    /// App-only tokens (a service principal, no user) may pass, to routes
+    /// whose policy admits one of their app roles.
+    pub bearer_app_tokens: bool,
 }

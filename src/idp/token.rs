@@ -52,6 +52,16 @@ pub enum TokenError {
     Subject,
     #[error("the token lacks the `{0}` claim")]
     MissingClaim(String),
+    #[error("the token is not an access token for this API (no `scp`): ID tokens are not accepted as bearer tokens")]
+    NotAnAccessToken,
+    #[error("the token grants none of the scopes this API accepts")]
+    Scope,
+    #[error(
+        "the token is an app-only token (no signed-in user), which this gateway does not accept"
+    )]
+    AppOnly,
+    #[error("the token's tenant (tid) is not its issuer's")]
+    TenantMismatch,
     #[error("the token is not valid: {0}")]
     Other(String),
 }
@@ -74,6 +84,14 @@ pub struct Claims {
     pub email: Option<String>,
     pub groups: Option<Vec<String>>,
     pub roles: Option<Vec<String>>,
+    /// Delegated permissions of an access token, space-separated (Entra
+    /// puts them in `scp`, not OAuth's `scope`).
+    pub scp: Option<String>,
+    /// `app` on Entra's app-only tokens (an optional claim).
+    pub idtyp: Option<String>,
+    /// Set by the bearer check: a service principal's own token.
+    #[serde(skip)]
+    pub app_only: bool,
     /// Present instead of `groups` when a user is in more than 200
     /// groups (Entra's "overage").
     #[serde(rename = "_claim_names")]
@@ -112,6 +130,7 @@ impl Claims {
                 .claim_names
                 .as_ref()
                 .is_some_and(|n| n.contains_key("groups")),
+            app: self.app_only,
         }
     }
 }
@@ -136,6 +155,11 @@ pub struct Verifier {
     pub skew: Duration,
     /// Empty: any tenant the issuer itself admits.
     pub allowed_tenants: Vec<String>,
+    /// The tenant an exact issuer names (`…/<tenant id>/v2.0`): every
+    /// token's `tid` must be it.
+    pub issuer_tenant: Option<String>,
+    pub bearer_scopes: Vec<String>,
+    pub bearer_app_tokens: bool,
     pub jwks: Arc<Jwks>,
 }
 
@@ -180,9 +204,33 @@ impl Verifier {
 
     /// Verifies a token an API client presented. Its `kid` is attacker
     /// chosen, so unknown keys refetch the set only at a limited rate.
+    /// It must be an access token for this API, as Microsoft's guidance
+    /// for protected APIs says ("Validate tokens", learn.microsoft.com/
+    /// entra/identity-platform/claims-validation): a delegated one carries
+    /// `scp` (one of `oidc.bearer_scopes` when set); an app-only one
+    /// (`idtyp=app`, or `roles` without `scp`) passes only with
+    /// `oidc.bearer_app_tokens`; an ID token (no `scp`) never.
     pub async fn bearer(&self, token: &str) -> Result<Claims, TokenError> {
         let audiences: Vec<&str> = self.bearer_audiences.iter().map(String::as_str).collect();
-        self.verify(token, Source::Client, &audiences).await
+        let mut claims = self.verify(token, Source::Client, &audiences).await?;
+        let app_only = claims.idtyp.as_deref() == Some("app")
+            || (claims.scp.is_none() && claims.roles.is_some());
+        if app_only {
+            if !self.bearer_app_tokens {
+                return Err(TokenError::AppOnly);
+            }
+            claims.app_only = true;
+            return Ok(claims);
+        }
+        let scopes = claims.scp.as_deref().ok_or(TokenError::NotAnAccessToken)?;
+        if !self.bearer_scopes.is_empty()
+            && !scopes
+                .split_ascii_whitespace()
+                .any(|s| self.bearer_scopes.iter().any(|b| b == s))
+        {
+            return Err(TokenError::Scope);
+        }
+        Ok(claims)
     }
 
     async fn verify(
@@ -228,6 +276,11 @@ impl Verifier {
             let tid = claims.tid.as_deref().ok_or(TokenError::NoTenant)?;
             if claims.iss != template.replace("{tenantid}", tid) {
                 return Err(TokenError::Issuer(claims.iss));
+            }
+        }
+        if let (Some(issuer_tenant), Some(tid)) = (&self.issuer_tenant, &claims.tid) {
+            if !issuer_tenant.eq_ignore_ascii_case(tid) {
+                return Err(TokenError::TenantMismatch);
             }
         }
         if !self.allowed_tenants.is_empty() {
@@ -329,6 +382,9 @@ mod tests {
             algorithms: vec![Algorithm::RS256],
             skew: Duration::from_secs(60),
             allowed_tenants: tenants.iter().map(|t| t.to_string()).collect(),
+            issuer_tenant: None,
+            bearer_scopes: Vec::new(),
+            bearer_app_tokens: false,
             jwks: Arc::new(jwks),
         }
     }
@@ -457,12 +513,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bearer_tokens_are_access_tokens_for_this_api() {
+        let key = rsa();
+        let mut v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
+        let bearer = |claims: serde_json::Value| sign(&key, Some("k1"), &claims);
+        // An ID token (no scp) is not an access token.
+        assert!(matches!(
+            v.bearer(&bearer(claims())).await,
+            Err(TokenError::NotAnAccessToken)
+        ));
+        // App-only tokens: idtyp=app, or roles without scp.
+        let app = with(json!({"nonce": null, "idtyp": "app", "roles": ["Console.Automation"]}));
+        let roles_only = with(json!({"nonce": null, "roles": ["Console.Automation"]}));
+        for token in [bearer(app.clone()), bearer(roles_only)] {
+            assert!(matches!(v.bearer(&token).await, Err(TokenError::AppOnly)));
+        }
+        v.bearer_app_tokens = true;
+        let claims = v.bearer(&bearer(app)).await.unwrap();
+        assert!(claims.identity().app);
+        // Delegated: any scope, or one of bearer_scopes.
+        let delegated = bearer(with(
+            json!({"nonce": null, "scp": "Devices.Read Devices.Write"}),
+        ));
+        assert!(!v.bearer(&delegated).await.unwrap().identity().app);
+        v.bearer_scopes = vec!["Console.Admin".into()];
+        assert!(matches!(v.bearer(&delegated).await, Err(TokenError::Scope)));
+        v.bearer_scopes = vec!["Devices.Write".into()];
+        assert!(v.bearer(&delegated).await.is_ok());
+        // A token whose tid is not its issuer's tenant.
+        v.issuer_tenant = Some("tid-1".into());
+        assert!(v.bearer(&delegated).await.is_ok());
+        let elsewhere = bearer(with(
+            json!({"nonce": null, "scp": "Devices.Write", "tid": "tid-2"}),
+        ));
+        assert!(matches!(
+            v.bearer(&elsewhere).await,
+            Err(TokenError::TenantMismatch)
+        ));
+    }
+
+    #[tokio::test]
     async fn bearer_tokens_need_no_nonce_and_may_name_the_api() {
         let key = rsa();
         let v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
-        let access = with(json!({"nonce": null, "aud": "api://client-1"}));
+        let access = with(json!({"nonce": null, "aud": "api://client-1", "scp": "Devices.Read"}));
         assert!(v.bearer(&sign(&key, Some("k1"), &access)).await.is_ok());
-        let other = with(json!({"nonce": null, "aud": "api://another-app"}));
+        let other = with(json!({"nonce": null, "aud": "api://another-app", "scp": "Devices.Read"}));
         assert!(matches!(
             v.bearer(&sign(&key, Some("k1"), &other)).await,
             Err(TokenError::Audience)

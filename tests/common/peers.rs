@@ -134,29 +134,67 @@ impl Provider {
 }
 
 impl Provider {
-    /// A JWT access token for the app's own API (client credentials).
-    pub async fn api_token(&self) -> String {
+    /// A JWT access token for the app's own API, app-only (client
+    /// credentials): `idtyp: app`, app roles, no user.
+    pub async fn app_token(&self) -> String {
+        let json = self
+            .post_as_client(
+                "token",
+                "grant_type=client_credentials&scope=api&resource=api%3A%2F%2Fauthgate-test",
+            )
+            .await;
+        access_token(&json)
+    }
+
+    /// A user's delegated access token for the app's own API (`scp`), as
+    /// a CLI or script gets one, and the ID token that came with it; CIBA
+    /// stands in for the user's consent.
+    pub async fn user_tokens(&self, login: &str) -> (String, String) {
+        let started = self
+            .post_as_client(
+                "backchannel",
+                &format!(
+                    "scope=openid%20api&login_hint={login}&resource=api%3A%2F%2Fauthgate-test"
+                ),
+            )
+            .await;
+        let id = started["auth_req_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no auth_req_id: {started}"));
+        let json = self
+            .post_as_client(
+                "token",
+                &format!("grant_type=urn%3Aopenid%3Aparams%3Agrant-type%3Aciba&auth_req_id={id}&resource=api%3A%2F%2Fauthgate-test"),
+            )
+            .await;
+        let id_token = json["id_token"].as_str().unwrap_or_default().to_owned();
+        (access_token(&json), id_token)
+    }
+
+    /// A form POST to `/<tenant>/oauth2/v2.0/<endpoint>` as the app.
+    async fn post_as_client(&self, endpoint: &str, form: &str) -> Value {
         use base64::Engine;
         use http_body_util::BodyExt;
         let (mut send, _) = super::http1(([127, 0, 0, 1], self.port).into()).await;
         let basic = base64::engine::general_purpose::STANDARD
             .encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
-        let request = http::Request::post(format!("/{TENANT}/oauth2/v2.0/token"))
+        let request = http::Request::post(format!("/{TENANT}/oauth2/v2.0/{endpoint}"))
             .header("host", format!("127.0.0.1:{}", self.port))
             .header("authorization", format!("Basic {basic}"))
             .header("content-type", "application/x-www-form-urlencoded")
-            .body(super::full(
-                "grant_type=client_credentials&scope=api&resource=api%3A%2F%2Fauthgate-test",
-            ))
+            .body(super::full(form.to_owned()))
             .unwrap();
         let response = send.send_request(request).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
-        let json: Value = serde_json::from_slice(&body).unwrap();
-        json["access_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no access token: {json}"))
-            .to_owned()
+        serde_json::from_slice(&body).unwrap()
     }
+}
+
+fn access_token(json: &Value) -> String {
+    json["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no access token: {json}"))
+        .to_owned()
 }
 
 impl Drop for Provider {

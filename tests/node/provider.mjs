@@ -1,11 +1,14 @@
 // A real OpenID provider (npm oidc-provider, OpenID Certified) shaped like
 // Microsoft Entra ID, for authgate's end-to-end tests:
 //   issuer    https://127.0.0.1:<port>/<tenant>/v2.0
-//   endpoints /<tenant>/oauth2/v2.0/{authorize,token,logout},
+//   endpoints /<tenant>/oauth2/v2.0/{authorize,token,logout,backchannel},
 //             /<tenant>/discovery/v2.0/keys
 //   claims    oid, tid, ver, preferred_username, name, email, groups, roles
-//   client_credentials grants with resource=api://… give JWT access tokens
-//   whose audience is the client id
+//   access tokens for this app's API (resource=api://…) are JWTs shaped as
+//   Entra's: audience the client id, delegated permissions in `scp`;
+//   app-only ones (client_credentials) say `idtyp: app` and carry app roles.
+//   A user's delegated token comes from CIBA (poll mode), the user's
+//   approval standing in for them at once (login_hint = the login name).
 // Consent is granted by the "tenant admin" up front, as in Entra.
 //
 // Environment: PORT (0 = any), TENANT, CLIENT_ID, CLIENT_SECRET or
@@ -73,7 +76,8 @@ const provider = new Provider(issuer, {
     redirect_uris: [env.REDIRECT_URI],
     post_logout_redirect_uris: env.POST_LOGOUT_REDIRECT_URI ? [env.POST_LOGOUT_REDIRECT_URI] : [],
     response_types: ['code'],
-    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials', 'urn:openid:params:grant-type:ciba'],
+    backchannel_token_delivery_mode: 'poll',
         token_endpoint_auth_method: clientAuth,
   }],
   jwks: { keys: [signingKey] },
@@ -83,6 +87,7 @@ const provider = new Provider(issuer, {
     jwks: `/${tenant}/discovery/v2.0/keys`,
     end_session: `/${tenant}/oauth2/v2.0/logout`,
     userinfo: `/${tenant}/openid/userinfo`,
+    backchannel_authentication: `/${tenant}/oauth2/v2.0/backchannel`,
   },
   scopes: ['openid', 'profile', 'email', 'offline_access'],
   claims: {
@@ -112,6 +117,40 @@ const provider = new Provider(issuer, {
       getResourceServerInfo: async () => ({ scope: 'api', audience: env.CLIENT_ID, accessTokenFormat: 'jwt' }),
     },
     rpInitiatedLogout: { enabled: true },
+    ciba: {
+      enabled: true,
+      deliveryModes: ['poll'],
+      processLoginHint: async (ctx, loginHint) => loginHint,
+      verifyUserCode: async () => {},
+      validateRequestContext: async () => {},
+      // The user approves at once, as if on their phone.
+      triggerAuthenticationDevice: async (ctx, request, account, client) => {
+        const grant = new ctx.oidc.provider.Grant({ clientId: client.clientId, accountId: account.accountId });
+        grant.addOIDCScope('openid');
+        for (const resource of [request.resource].flat().filter(Boolean)) grant.addResourceScope(resource, 'api');
+        await grant.save();
+        await ctx.oidc.provider.backchannelResult(request, grant);
+      },
+    },
+  },
+  formats: {
+    customizers: {
+      // Entra's access token claims, not OAuth's.
+      jwt: async (ctx, token, jwt) => {
+        const { payload } = jwt;
+        Object.assign(payload, { tid: tenant, ver: '2.0', azp: payload.client_id });
+        if (token.accountId) {
+          const user = claimsFor(token.accountId);
+          Object.assign(payload, {
+            scp: payload.scope, oid: user.oid, name: user.name,
+            preferred_username: user.preferred_username, roles: user.roles,
+          });
+        } else {
+          Object.assign(payload, { idtyp: 'app', oid: payload.sub, roles: ['Console.Automation'] });
+        }
+        delete payload.scope;
+      },
+    },
   },
   ttl: { IdToken: Number(env.ID_TOKEN_TTL || 3600), AccessToken: 3600 },
 });

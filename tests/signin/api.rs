@@ -1,7 +1,7 @@
 //! API clients, public routes, callbacks the gateway did not start, and
 //! route policies.
 
-use crate::common::peers::{browser, CLIENT_ID};
+use crate::common::peers::browser;
 use crate::common::stack::*;
 use crate::common::*;
 use http::{Request, StatusCode};
@@ -164,7 +164,7 @@ allowed_groups = ["group-overage1-0"]
 #[tokio::test]
 async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
     let stack = Stack::start("").await;
-    let token = stack.provider.api_token().await;
+    let (token, _) = stack.provider.user_tokens("alice@contoso.example").await;
     let response = send(
         stack.gateway.addr,
         get("/api/devices")
@@ -174,7 +174,10 @@ async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
     )
     .await;
     let echo = upstream_saw(response).await;
-    assert_eq!(echo.header("x-forwarded-user"), Some(CLIENT_ID));
+    assert_eq!(
+        echo.header("x-forwarded-user"),
+        Some("alice@contoso.example")
+    );
 
     // Same token with its signature's last characters changed.
     let forged = format!("{}AAAA", &token[..token.len() - 4]);
@@ -191,4 +194,66 @@ async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
         .to_str()
         .unwrap()
         .contains("invalid_token"));
+}
+
+/// The status and `WWW-Authenticate` of a bearer request to `path`.
+async fn with_bearer(stack: &Stack, path: &str, token: &str) -> (StatusCode, String) {
+    let response = send(
+        stack.gateway.addr,
+        get(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let challenge = response
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (response.status(), challenge)
+}
+
+#[tokio::test]
+async fn bearer_tokens_must_be_a_users_access_tokens_for_this_api() {
+    let stack = Stack::with(Options {
+        tables: "[[routes]]\nprefix = \"/api/automation\"\nupstream = \"{upstream}\"\n\
+                 [routes.policy]\nallowed_roles = [\"Console.Automation\"]\n",
+        ..Options::default()
+    })
+    .await;
+    let (_, id_token) = stack.provider.user_tokens("bob@contoso.example").await;
+    let app = stack.provider.app_token().await;
+    // An ID token is not an access token; an app-only token is refused
+    // unless bearer_app_tokens allows it.
+    for token in [&id_token, &app] {
+        let (status, challenge) = with_bearer(&stack, "/api/devices", token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(challenge.contains("invalid_token"), "{challenge}");
+    }
+
+    let allowing = Stack::with(Options {
+        tables: "[[routes]]\nprefix = \"/api/automation\"\nupstream = \"{upstream}\"\n\
+                 [routes.policy]\nallowed_roles = [\"Console.Automation\"]\n",
+        oidc: "bearer_app_tokens = true\nbearer_scopes = [\"api\"]",
+        ..Options::default()
+    })
+    .await;
+    let app = allowing.provider.app_token().await;
+    // Only where a role rule admits one of its roles.
+    let (status, _) = with_bearer(&allowing, "/api/automation/run", &app).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = with_bearer(&allowing, "/api/devices", &app).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // A user's token still passes, its scope among bearer_scopes.
+    let (user, _) = allowing.provider.user_tokens("bob@contoso.example").await;
+    let (status, _) = with_bearer(&allowing, "/api/devices", &user).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Bearer tokens can be turned off altogether.
+    let off = Stack::start("bearer = false").await;
+    let (user, _) = off.provider.user_tokens("bob@contoso.example").await;
+    let (status, challenge) = with_bearer(&off, "/api/devices", &user).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(!challenge.contains("invalid_token"), "{challenge}");
 }

@@ -164,7 +164,7 @@ async fn no_client_header_can_speak_for_the_user_or_unsay_the_gateway() {
 
     // Naming the identity headers in `Connection` does not remove the ones
     // the gateway injects.
-    let token = stack.provider.api_token().await;
+    let (token, _) = stack.provider.user_tokens("alice@contoso.example").await;
     let (status, body) = raw(
         addr,
         &format!(
@@ -177,7 +177,7 @@ async fn no_client_header_can_speak_for_the_user_or_unsay_the_gateway() {
     let echo = echo_in(&body);
     assert_eq!(
         echo["headers"]["x-forwarded-user"][0],
-        crate::common::peers::CLIENT_ID
+        "alice@contoso.example"
     );
     assert!(echo["headers"]["x-request-id"][0].is_string());
 
