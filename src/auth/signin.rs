@@ -3,6 +3,7 @@
 //! state is not ours), the session it leaves behind, and sign-out.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use bytes::BytesMut;
@@ -26,9 +27,6 @@ use crate::Body;
 
 /// Largest form_post callback body read (a code, a state and an id).
 const MAX_CALLBACK_BODY: usize = 64 * 1024;
-/// How long a form_post callback body may take to arrive: a browser sends
-/// a few hundred bytes at once.
-const CALLBACK_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct SignIn {
@@ -36,6 +34,7 @@ pub struct SignIn {
     sessions: Sessions,
     public_url: PublicUrl,
     gateway_prefix: String,
+    body_deadline: Duration,
 }
 
 /// What the callback endpoint decided.
@@ -56,17 +55,21 @@ struct CallbackParams {
 }
 
 impl SignIn {
+    /// `body_deadline`: how long a form_post callback body may take to
+    /// arrive (a browser sends its few hundred bytes at once).
     pub fn new(
         oidc: Arc<Oidc>,
         sessions: Sessions,
         public_url: PublicUrl,
         gateway_prefix: String,
+        body_deadline: Duration,
     ) -> SignIn {
         SignIn {
             oidc,
             sessions,
             public_url,
             gateway_prefix,
+            body_deadline,
         }
     }
 
@@ -254,10 +257,8 @@ impl SignIn {
     pub async fn callback(&self, req: Request<Body>, html: bool, id: &str) -> Callback {
         let (parts, body) = req.into_parts();
         let (params, body) = if parts.method == Method::POST {
-            let read = tokio::time::timeout(
-                CALLBACK_BODY_DEADLINE,
-                read_limited(body, MAX_CALLBACK_BODY),
-            );
+            let read =
+                tokio::time::timeout(self.body_deadline, read_limited(body, MAX_CALLBACK_BODY));
             let Ok(Some(bytes)) = read.await else {
                 return Callback::Answered(bad_callback(html, id));
             };

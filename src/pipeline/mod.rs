@@ -85,6 +85,8 @@ impl Gateway {
                 Sessions::new(session),
                 config.public_url.clone(),
                 config.gateway_prefix.clone(),
+                // A body the gateway reads itself: as quick as a head.
+                config.timeouts.header_read,
             )
         });
         Ok(Arc::new(Gateway {

@@ -52,6 +52,12 @@ impl Gateway {
     }
 
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> Gateway {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    /// `env` on top of the test defaults (JSON logs); a text log's lines
+    /// are kept as `{"raw": line}`.
+    pub fn start_with_env(dir: tempfile::TempDir, config: &str, env: &[(&str, &str)]) -> Gateway {
         let path = dir.path().join("authgate.toml");
         std::fs::write(&path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_authgate"))
@@ -59,6 +65,7 @@ impl Gateway {
             .arg(&path)
             .current_dir(dir.path())
             .env("AUTHGATE_LOG_FORMAT", "json")
+            .envs(env.iter().copied())
             // Tests run side by side: no fixed metrics port.
             .env("AUTHGATE_ADMIN_LISTEN", "127.0.0.1:0")
             .env_remove("RUST_LOG")
@@ -106,8 +113,19 @@ impl Gateway {
             if fields["message"] == "serving metrics at /metrics" {
                 admin_addr = fields["addr"].as_str().map(|a| a.parse().unwrap());
             }
-            if fields["message"] == "listening" {
-                let addr = fields["addr"].as_str().unwrap().parse().unwrap();
+            let text_addr = line["raw"]
+                .as_str()
+                .filter(|raw| raw.contains(" listening "))
+                .and_then(|raw| raw.split(" addr=").nth(1))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned);
+            if fields["message"] == "listening" || text_addr.is_some() {
+                let addr = text_addr
+                    .as_deref()
+                    .or(fields["addr"].as_str())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
                 return Gateway {
                     child,
                     dir,

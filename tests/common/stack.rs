@@ -32,6 +32,8 @@ pub struct Options<'a> {
     pub session: &'a str,
     /// Environment of the provider process.
     pub provider_env: Vec<(String, String)>,
+    /// Environment of the gateway process, on top of the test defaults.
+    pub env: Vec<(&'a str, &'a str)>,
     /// Files written into the gateway's directory before it starts.
     pub files: Vec<(&'a str, Vec<u8>)>,
     /// A config file of the repository to run instead of the standard
@@ -57,6 +59,7 @@ impl Stack {
             oidc: oidc_extra,
             session: session_extra,
             provider_env,
+            env,
             files,
             preset,
         } = options;
@@ -119,7 +122,7 @@ secret = "{SESSION_SECRET}"
                 upstream = upstream.url(),
             ),
         };
-        let gateway = Gateway::start_in(dir, &config);
+        let gateway = Gateway::start_with_env(dir, &config, &env);
         wait_ready(&gateway).await;
         Stack {
             gateway,

@@ -313,3 +313,67 @@ async fn the_upstream_never_sees_a_host_the_client_made_up() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(echo_in(&body)["headers"]["host"][0], "console.example:443");
 }
+
+#[tokio::test]
+async fn nothing_a_client_sends_can_forge_a_log_line() {
+    use base64::Engine;
+    let stack = Stack::with(Options {
+        env: vec![("AUTHGATE_LOG_FORMAT", "text")],
+        ..Options::default()
+    })
+    .await;
+    let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let header =
+        b64(r#"{"alg":"RS256\nFORGED authgate::audit: signed in user=admin\u001b[2K","kid":"k"}"#);
+    let token = format!("{header}.{}.c2ln", b64("{}"));
+    let response = send(
+        stack.gateway.addr,
+        get("/api/devices")
+            .header("authorization", format!("Bearer {token}"))
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let refused = stack
+        .gateway
+        .log_line(|l| {
+            l["raw"]
+                .as_str()
+                .is_some_and(|raw| raw.contains("bearer token refused"))
+        })
+        .await;
+    let refused = refused["raw"].as_str().unwrap();
+    assert!(refused.contains("FORGED"), "the value is logged: {refused}");
+    assert!(!refused.contains('\u{1b}'), "{refused}");
+    for line in stack.gateway.logs() {
+        let raw = line["raw"].as_str().unwrap_or_default();
+        assert!(!raw.starts_with("FORGED"), "a forged line: {raw}");
+    }
+}
+
+#[tokio::test]
+async fn a_callback_body_that_never_arrives_is_not_waited_for() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stack = Stack::with(Options {
+        tables: "[timeouts]\nheader_read = \"500ms\"\n",
+        ..Options::default()
+    })
+    .await;
+    let (mut tls, _) = tls_connect(stack.gateway.addr, &[b"http/1.1"]).await;
+    tls.write_all(
+        b"POST /api/oidc/callback HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 200\r\n\r\nstate=abc",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let read = tokio::time::timeout(DEADLINE, tls.read(&mut answer))
+        .await
+        .expect("the gateway waits for the body for ever")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
+}
