@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use http::StatusCode;
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::peers::{Provider, CLIENT_ID, CLIENT_SECRET};
@@ -134,6 +135,18 @@ secret = "{SESSION_SECRET}"
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.origin)
+    }
+
+    /// `GET path` with `Authorization: Bearer <token>`.
+    pub async fn get_with_bearer(&self, path: &str, token: &str) -> Response<Incoming> {
+        send(
+            self.gateway.addr,
+            get(path)
+                .header("authorization", format!("Bearer {token}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await
     }
 
     pub fn provider_origin(&self) -> String {

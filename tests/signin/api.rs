@@ -165,14 +165,7 @@ allowed_groups = ["group-overage1-0"]
 async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
     let stack = Stack::start("").await;
     let (token, _) = stack.provider.user_tokens("alice@contoso.example").await;
-    let response = send(
-        stack.gateway.addr,
-        get("/api/devices")
-            .header("authorization", format!("Bearer {token}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let response = stack.get_with_bearer("/api/devices", &token).await;
     let echo = upstream_saw(response).await;
     assert_eq!(
         echo.header("x-forwarded-user"),
@@ -181,14 +174,7 @@ async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
 
     // Same token with its signature's last characters changed.
     let forged = format!("{}AAAA", &token[..token.len() - 4]);
-    let response = send(
-        stack.gateway.addr,
-        get("/api/devices")
-            .header("authorization", format!("Bearer {forged}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let response = stack.get_with_bearer("/api/devices", &forged).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert!(response.headers()["www-authenticate"]
         .to_str()
@@ -198,14 +184,7 @@ async fn api_clients_with_a_provider_token_pass_and_forged_ones_do_not() {
 
 /// The status and `WWW-Authenticate` of a bearer request to `path`.
 async fn with_bearer(stack: &Stack, path: &str, token: &str) -> (StatusCode, String) {
-    let response = send(
-        stack.gateway.addr,
-        get(path)
-            .header("authorization", format!("Bearer {token}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let response = stack.get_with_bearer(path, token).await;
     let challenge = response
         .headers()
         .get("www-authenticate")

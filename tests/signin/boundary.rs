@@ -326,14 +326,7 @@ async fn nothing_a_client_sends_can_forge_a_log_line() {
     let header =
         b64(r#"{"alg":"RS256\nFORGED authgate::audit: signed in user=admin\u001b[2K","kid":"k"}"#);
     let token = format!("{header}.{}.c2ln", b64("{}"));
-    let response = send(
-        stack.gateway.addr,
-        get("/api/devices")
-            .header("authorization", format!("Bearer {token}"))
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let response = stack.get_with_bearer("/api/devices", &token).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let refused = stack
         .gateway
