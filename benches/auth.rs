@@ -152,6 +152,37 @@ fn identity_headers(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // A hostile request: identity headers in every spelling, ours and
+    // other gateways', and headers named in `Connection`.
+    let mut hostile = request.clone();
+    for name in [
+        "x_forwarded_user",
+        "x-forwarded-email",
+        "x-auth-request-user",
+        "x-ms-client-principal-name",
+        "x-pomerium-jwt-assertion",
+        "remote-user",
+    ] {
+        hostile.insert(name, "mallory".parse().unwrap());
+    }
+    hostile.insert(
+        "connection",
+        "keep-alive, x-forwarded-user, x-request-id"
+            .parse()
+            .unwrap(),
+    );
+    c.bench_function("identity headers: strip a hostile request and copy", |b| {
+        b.iter_batched_ref(
+            || hostile.clone(),
+            |h| {
+                authgate::forward::remove_connection_named(h);
+                headers.strip(h);
+                h.reserve(room);
+                values.apply(h);
+            },
+            BatchSize::SmallInput,
+        )
+    });
 }
 
 /// A provider on loopback serving a discovery document and one RSA key.

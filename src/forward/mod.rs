@@ -32,7 +32,7 @@ pub struct ProxyConfig {
     pub preserve_host: bool,
 }
 
-pub use self::headers::HEADERS_ADDED;
+pub use self::headers::{remove_connection_named, HEADERS_ADDED};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
