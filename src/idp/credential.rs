@@ -30,6 +30,20 @@ pub enum CredentialError {
     Key { path: PathBuf, message: String },
 }
 
+/// Why a client assertion could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AssertionError {
+    #[error("the provider publishes no token endpoint to address the assertion to")]
+    NoTokenEndpoint,
+    #[error("cannot sign the client assertion: {0}")]
+    Sign(#[source] jsonwebtoken::errors::Error),
+    #[error("cannot read the federated token file {path}: {source}")]
+    FederatedFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 pub struct CertificateCredential {
     key: EncodingKey,
     sha1_thumbprint: String,
@@ -63,7 +77,7 @@ impl CertificateCredential {
     }
 
     /// A client assertion for the token endpoint `audience`.
-    pub fn assertion(&self, client_id: &str, audience: &str) -> Result<String, String> {
+    pub fn assertion(&self, client_id: &str, audience: &str) -> Result<String, AssertionError> {
         let mut header = Header::new(Algorithm::PS256);
         header.x5t = Some(self.sha1_thumbprint.clone());
         header.x5t_s256 = Some(self.sha256_thumbprint.clone());
@@ -77,7 +91,6 @@ impl CertificateCredential {
             "nbf": now,
             "exp": now + LIFETIME_SECS,
         });
-        jsonwebtoken::encode(&header, &claims, &self.key)
-            .map_err(|e| format!("cannot sign the client assertion: {e}"))
+        jsonwebtoken::encode(&header, &claims, &self.key).map_err(AssertionError::Sign)
     }
 }

@@ -117,6 +117,21 @@ pub fn sign_in_error(error: &SignInError, redirect_uri: &str) -> Page {
             page.link = Some(("/".into(), "Try again"));
             page
         }
+        SignInError::Credential(_) => {
+            let mut page = Page::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "credential_unusable",
+                "The gateway cannot prove itself to the sign-in provider",
+                format!("The sign-in could not be completed: {error}."),
+            );
+            page.advice.push(
+                "An admin should check oidc.client_certificate and oidc.client_key (private_key_jwt) \
+                 or the federated token file (federated), then run `authgate check`."
+                    .into(),
+            );
+            page.link = Some(("/".into(), "Try again"));
+            page
+        }
         SignInError::NoIdToken | SignInError::Token(_) => {
             let mut page = Page::new(
                 StatusCode::UNAUTHORIZED,

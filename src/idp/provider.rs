@@ -22,6 +22,7 @@ use openidconnect::{
 
 use super::settings::{ClientAuth, OidcConfig, ResponseMode};
 use crate::auth::session::LoginState;
+use crate::idp::credential::AssertionError;
 use crate::idp::jwks::{Jwks, JwksError};
 use crate::idp::token::{Claims, IssuerMatch, TokenError, Verifier};
 use crate::ops::metrics::Metrics;
@@ -80,6 +81,8 @@ pub enum SignInError {
     },
     #[error("the code exchange failed: {0}")]
     Exchange(String),
+    #[error("the app's credential could not be used: {0}")]
+    Credential(#[from] AssertionError),
     #[error("the provider sent no ID token")]
     NoIdToken,
     #[error("the ID token was rejected: {0}")]
@@ -310,7 +313,7 @@ impl Oidc {
             .exchange_client_credentials()
             .map_err(|e| SignInError::Exchange(e.to_string()))?
             .add_scope(Scope::new(format!("{}/.default", self.config.client_id)));
-        for (name, value) in self.assertion(provider).map_err(SignInError::Exchange)? {
+        for (name, value) in self.assertion(provider)? {
             request = request.add_extra_param(name, value);
         }
         let result: Result<CoreTokenResponse, _> =
@@ -393,7 +396,10 @@ impl Oidc {
     /// The extra token-request parameters that carry a client assertion
     /// (RFC 7523 §2.2), when the app proves itself with a certificate or a
     /// federated token; none for a secret, which openidconnect sends.
-    fn assertion(&self, provider: &Provider) -> Result<Vec<(&'static str, String)>, String> {
+    fn assertion(
+        &self,
+        provider: &Provider,
+    ) -> Result<Vec<(&'static str, String)>, AssertionError> {
         let assertion = match &self.credential {
             Credential::Secret => return Ok(Vec::new()),
             Credential::Certificate(certificate) => {
@@ -401,17 +407,15 @@ impl Oidc {
                     .metadata
                     .token_endpoint()
                     .map(|u| u.url().as_str())
-                    .ok_or("the provider publishes no token endpoint")?;
+                    .ok_or(AssertionError::NoTokenEndpoint)?;
                 certificate.assertion(&self.config.client_id, audience)?
             }
             // Read each time: the platform rotates the file's token.
             Credential::Federated(path) => std::fs::read_to_string(path)
                 .map(|t| t.trim().to_owned())
-                .map_err(|e| {
-                    format!(
-                        "cannot read the federated token file {}: {e}",
-                        path.display()
-                    )
+                .map_err(|source| AssertionError::FederatedFile {
+                    path: path.clone(),
+                    source,
                 })?,
         };
         Ok(vec![
@@ -471,7 +475,7 @@ impl Oidc {
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| SignInError::Exchange(e.to_string()))?
             .set_pkce_verifier(PkceCodeVerifier::new(login.pkce_verifier.clone()));
-        for (name, value) in self.assertion(provider).map_err(SignInError::Exchange)? {
+        for (name, value) in self.assertion(provider)? {
             request = request.add_extra_param(name, value);
         }
         let response: CoreTokenResponse = request
