@@ -123,31 +123,34 @@ fn matches(prefix: &str, path: &str) -> bool {
     }
 }
 
+/// A table of public routes with these prefixes, for tests.
+#[cfg(test)]
+pub(crate) fn table_of(prefixes: &[&str]) -> Routes {
+    use std::str::FromStr;
+    let configs: Vec<RouteConfig> = prefixes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| RouteConfig {
+            prefix: p.to_string(),
+            upstream: UpstreamUrl {
+                scheme: http::uri::Scheme::HTTP,
+                authority: http::uri::Authority::from_str(&format!("u{i}:1")).unwrap(),
+            },
+            access: Access::Public,
+            policy: Policy::default(),
+        })
+        .collect();
+    Routes::new(&configs, &Metrics::default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::str::FromStr;
 
-    fn table(prefixes: &[&str]) -> Routes {
-        let configs: Vec<RouteConfig> = prefixes
-            .iter()
-            .enumerate()
-            .map(|(i, p)| RouteConfig {
-                prefix: p.to_string(),
-                upstream: UpstreamUrl {
-                    scheme: http::uri::Scheme::HTTP,
-                    authority: http::uri::Authority::from_str(&format!("u{i}:1")).unwrap(),
-                },
-                access: Access::Public,
-                policy: Policy::default(),
-            })
-            .collect();
-        Routes::new(&configs, &Metrics::default())
-    }
-
     #[test]
     fn longest_whole_segment_prefix_wins() {
-        let routes = table(&["/", "/ws", "/ws/id", "/static/"]);
+        let routes = table_of(&["/", "/ws", "/ws/id", "/static/"]);
         assert_eq!(routes.find("/ws/id").prefix, "/ws/id");
         assert_eq!(routes.find("/ws/id/abc").prefix, "/ws/id");
         assert_eq!(routes.find("/ws/idle").prefix, "/ws");

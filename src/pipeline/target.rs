@@ -238,6 +238,8 @@ mod tests {
     /// has nothing left for it to resolve: it only decodes.
     fn as_upstream_reads(path: &str) -> String {
         let decoded = path.replace("%2e", ".").replace("%2E", ".");
+        let directory =
+            decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
         let mut out: Vec<&str> = Vec::new();
         for segment in decoded.split('/').skip(1) {
             match segment {
@@ -248,7 +250,12 @@ mod tests {
                 s => out.push(s),
             }
         }
-        format!("/{}", out.join("/"))
+        let read = format!("/{}", out.join("/"));
+        if directory && read != "/" {
+            read + "/"
+        } else {
+            read
+        }
     }
 
     fn hostile_path() -> impl Strategy<Value = String> {
@@ -292,7 +299,17 @@ mod tests {
                 prop_assert!(!canonical.contains("//"));
                 let read = as_upstream_reads(canonical);
                 let decoded = canonical.replace("%2e", ".").replace("%2E", ".");
-                prop_assert_eq!(read.trim_end_matches('/'), decoded.trim_end_matches('/'));
+                prop_assert_eq!(read, decoded);
+            }
+        }
+
+        /// The route chosen is the route of the path the upstream serves.
+        #[test]
+        fn the_route_decision_is_the_upstreams(path in hostile_path()) {
+            let routes = crate::forward::routes::table_of(&["/", "/api/public", "/admin", "/static/"]);
+            if let Ok(canonical) = canonical_path(&path) {
+                let read = as_upstream_reads(&canonical);
+                prop_assert_eq!(&routes.find(&canonical).prefix, &routes.find(&read).prefix);
             }
         }
     }
