@@ -17,7 +17,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::policy::Policy;
@@ -68,6 +68,14 @@ pub enum ConfigError {
         key: String,
         origin: Origin,
         message: String,
+    },
+    #[error(
+        "environment variable {var} is not a setting; did you mean {meant} (config key `{key}`)?"
+    )]
+    NearMiss {
+        var: String,
+        meant: String,
+        key: String,
     },
 }
 
@@ -148,7 +156,7 @@ impl fmt::Display for PublicUrl {
 }
 
 /// The file's shape, before validation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
     listen: String,
@@ -172,7 +180,7 @@ struct RawConfig {
     headers: IdentityHeaderNames,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawOidc {
     issuer: Option<String>,
@@ -228,7 +236,7 @@ impl Default for RawOidc {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSession {
     secret: Option<String>,
@@ -281,7 +289,7 @@ impl Default for RawConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawTls {
     cert: Option<PathBuf>,
@@ -302,7 +310,7 @@ impl Default for RawTls {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawProxy {
     ca: Option<PathBuf>,
@@ -320,7 +328,7 @@ impl Default for RawProxy {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     prefix: String,
@@ -353,7 +361,7 @@ impl Config {
             source: Box::new(e),
         })?;
         let mut origins = Origins::default();
-        apply_env(&mut table, env, &mut origins)?;
+        let ignored = apply_env(&mut table, env, &mut origins)?;
         read_secret_files(&mut table, &mut origins)?;
         let raw: RawConfig =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -361,7 +369,11 @@ impl Config {
                 let message = e.into_inner().message().to_owned();
                 origins.error(&key, message)
             })?;
-        raw.validate(&origins)
+        let mut config = raw.validate(&origins)?;
+        config.warnings.extend(ignored.into_iter().map(|var| {
+            format!("environment variable {var} is not a setting of authgate; ignored")
+        }));
+        Ok(config)
     }
 }
 
@@ -392,11 +404,20 @@ impl Origins {
 /// `AUTHGATE_TLS_CERT=x` sets `tls.cert`; `AUTHGATE_UPSTREAM=x` sets the
 /// top-level `upstream`. Values that parse as TOML (numbers, booleans,
 /// arrays, inline tables) keep that type, anything else is a string.
+///
+/// An `AUTHGATE_*` variable that names no setting is passed over: silently
+/// when it has the shape of a Kubernetes service link (a Service named
+/// `authgate` puts `AUTHGATE_PORT=tcp://…` into every pod of its
+/// namespace), else returned to be warned about. One that nearly names a
+/// setting (a known section's prefix, or two edits away) is a typo, and
+/// stops start-up naming the setting meant.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
     origins: &mut Origins,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
+    let known = known_keys();
+    let mut ignored = Vec::new();
     for (var, value) in env {
         if var == AZURE_TOKEN_FILE_VAR {
             // Azure workload identity's own variable, when ours is not set.
@@ -439,10 +460,83 @@ fn apply_env(
             Some(section) => format!("{section}.{key}"),
             None => key.clone(),
         };
+        let setting = path.strip_suffix("_file").unwrap_or(&path);
+        if !known.iter().any(|k| k == &path || k == setting) {
+            if is_service_link(&var) {
+                continue;
+            }
+            if let Some(meant) = meant_key(&var, section.copied(), &known) {
+                return Err(ConfigError::NearMiss {
+                    var,
+                    meant: env_name(meant),
+                    key: meant.clone(),
+                });
+            }
+            ignored.push(var);
+            continue;
+        }
         target.insert(key, env_value(&value));
         origins.0.insert(path, Origin::Env(var.clone()));
     }
-    Ok(())
+    Ok(ignored)
+}
+
+/// Every key the file and the environment may set (`key` or
+/// `section.key`), read off the defaults, so the list follows the types.
+fn known_keys() -> Vec<String> {
+    let defaults = serde_json::to_value(RawConfig::default()).expect("the defaults serialize");
+    let mut keys = Vec::new();
+    for (key, value) in defaults.as_object().expect("the defaults are a table") {
+        match value {
+            serde_json::Value::Object(section) => {
+                keys.extend(section.keys().map(|inner| format!("{key}.{inner}")));
+            }
+            _ => keys.push(key.clone()),
+        }
+    }
+    keys
+}
+
+fn env_name(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// The shapes of the variables Kubernetes injects for every Service of a
+/// namespace (`<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT[_<PORT NAME>]`,
+/// `<NAME>_PORT`, `<NAME>_PORT_<n>_<TCP|UDP|SCTP>[_PROTO|_PORT|_ADDR]`),
+/// whatever the Service's name (`authgate-tls` gives `AUTHGATE_TLS_…`).
+/// kubernetes.io/docs/concepts/services-networking/service/#environment-variables
+fn is_service_link(var: &str) -> bool {
+    let parts: Vec<&str> = var.split('_').collect();
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let protocol = |s: &str| matches!(s, "TCP" | "UDP" | "SCTP");
+    parts.windows(2).enumerate().any(|(at, pair)| {
+        let rest = &parts[at + 2..];
+        match pair {
+            ["SERVICE", "HOST"] => rest.is_empty(),
+            ["SERVICE", "PORT"] => true,
+            [_, "PORT"] => match rest {
+                [] => true,
+                [n, p] => numeric(n) && protocol(p),
+                [n, p, field] => {
+                    numeric(n) && protocol(p) && matches!(*field, "PROTO" | "PORT" | "ADDR")
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    })
+}
+
+/// The key a variable that names none was probably meant for: the nearest
+/// key of the section it names, or one within two edits.
+fn meant_key<'k>(var: &str, section: Option<&str>, known: &'k [String]) -> Option<&'k String> {
+    let (distance, nearest) = known
+        .iter()
+        .filter(|key| section.is_none_or(|s| key.starts_with(&format!("{s}."))))
+        .map(|key| (strsim::levenshtein(var, &env_name(key)), key))
+        .min_by_key(|(distance, _)| *distance)?;
+    (distance <= 2 || section.is_some()).then_some(nearest)
 }
 
 fn env_value(value: &str) -> toml::Value {
@@ -1243,12 +1337,57 @@ mod tests {
     }
 
     #[test]
-    fn unknown_env_key_names_the_variable() {
-        let err = error_of("", &[("AUTHGATE_UPSTREAMS", "http://x")]);
-        assert!(
-            err.contains("`upstreams`") && err.contains("AUTHGATE_UPSTREAMS"),
-            "{err}"
-        );
+    fn a_near_miss_in_the_environment_names_the_variable_and_the_setting_meant() {
+        for (var, meant) in [
+            (
+                "AUTHGATE_UPSTREAMS",
+                "AUTHGATE_UPSTREAM (config key `upstream`)",
+            ),
+            ("AUTHGATE_PUBLIC_UR", "AUTHGATE_PUBLIC_URL"),
+            ("AUTHGATE_OIDC_CLIENTID", "AUTHGATE_OIDC_CLIENT_ID"),
+            ("AUTHGATE_OIDC_CLIENT_SECRE", "AUTHGATE_OIDC_CLIENT_SECRET"),
+            (
+                "AUTHGATE_TIMEOUTS_HEADER_REED",
+                "AUTHGATE_TIMEOUTS_HEADER_READ",
+            ),
+        ] {
+            let err = error_of("", &[(var, "x")]);
+            assert!(err.contains(var) && err.contains(meant), "{err}");
+        }
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_passed_over_silently() {
+        let links = [
+            ("AUTHGATE_PORT", "tcp://10.0.0.1:8443"),
+            ("AUTHGATE_PORT_8443_TCP", "tcp://10.0.0.1:8443"),
+            ("AUTHGATE_PORT_8443_TCP_ADDR", "10.0.0.1"),
+            ("AUTHGATE_PORT_8443_TCP_PORT", "8443"),
+            ("AUTHGATE_PORT_8443_TCP_PROTO", "tcp"),
+            ("AUTHGATE_SERVICE_HOST", "10.0.0.1"),
+            ("AUTHGATE_SERVICE_PORT", "8443"),
+            ("AUTHGATE_SERVICE_PORT_HTTPS", "8443"),
+            ("AUTHGATE_TLS_SERVICE_HOST", "10.0.0.2"),
+            ("AUTHGATE_TLS_PORT_443_TCP", "tcp://10.0.0.2:443"),
+            ("AUTHGATE_METRICS_PORT_9464_UDP_ADDR", "10.0.0.3"),
+        ];
+        let config = load("", &links).unwrap();
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    }
+
+    #[test]
+    fn other_unknown_variables_are_ignored_with_a_warning() {
+        let config = load(
+            "",
+            &[
+                ("AUTHGATE_RELEASE_CHANNEL", "beta"),
+                ("AUTHGATE_GATEWAY_PREFIX", "/gw/"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.gateway_prefix, "/gw/");
+        assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+        assert!(config.warnings[0].contains("AUTHGATE_RELEASE_CHANNEL"));
     }
 
     #[test]

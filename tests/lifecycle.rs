@@ -243,6 +243,11 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
             "public_url_file",
         ),
         ("", &[("AUTHGATE_LISTEN", "localhost")], "AUTHGATE_LISTEN"),
+        (
+            "",
+            &[("AUTHGATE_OIDC_CLIENTID", "app")],
+            "did you mean AUTHGATE_OIDC_CLIENT_ID",
+        ),
         ("listen = [\n", &[], "not valid TOML"),
     ];
     for (toml, env, expected) in cases {
@@ -259,6 +264,39 @@ fn bad_configuration_exits_non_zero_naming_the_key() {
     let (status, _, stderr) = run_authgate(dir.path(), &["--config", "absent.toml"], &[]);
     assert_eq!(status.code(), Some(2));
     assert!(stderr.contains("absent.toml"), "{stderr}");
+}
+
+/// A Kubernetes Service named after the product puts `AUTHGATE_PORT` and
+/// its kin into every pod of the namespace: not settings, not an error.
+#[test]
+fn kubernetes_service_links_do_not_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ok.toml"),
+        "access = \"public\"\nupstream = \"http://127.0.0.1:21114\"\n",
+    )
+    .unwrap();
+    let env = [
+        ("AUTHGATE_PORT", "tcp://10.96.0.12:8443"),
+        ("AUTHGATE_PORT_8443_TCP", "tcp://10.96.0.12:8443"),
+        ("AUTHGATE_PORT_8443_TCP_ADDR", "10.96.0.12"),
+        ("AUTHGATE_PORT_8443_TCP_PORT", "8443"),
+        ("AUTHGATE_PORT_8443_TCP_PROTO", "tcp"),
+        ("AUTHGATE_SERVICE_HOST", "10.96.0.12"),
+        ("AUTHGATE_SERVICE_PORT", "8443"),
+        ("AUTHGATE_SERVICE_PORT_HTTPS", "8443"),
+        ("AUTHGATE_TLS_SERVICE_HOST", "10.96.0.13"),
+        ("AUTHGATE_RELEASE_CHANNEL", "beta"),
+    ];
+    let (status, stdout, stderr) =
+        run_authgate(dir.path(), &["check-config", "-c", "ok.toml"], &env);
+    assert!(status.success(), "{stdout}{stderr}");
+    let warnings: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stdout}");
+    assert!(warnings[0].contains("AUTHGATE_RELEASE_CHANNEL"), "{stdout}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 /// Names of the headers that carry the signed-in user to the upstream.
 /// Defaults follow oauth2-proxy's `X-Forwarded-*` names.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityHeaderNames {
     pub user: String,

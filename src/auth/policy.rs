@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::auth::identity::Identity;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
     /// Entra tenant ids (`tid`).

@@ -52,7 +52,7 @@ pub struct RouteConfig {
 }
 
 /// Whether a route needs a signed-in user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
     /// Browsers are sent to sign in; API clients need a bearer token.

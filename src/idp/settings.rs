@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// How the gateway proves itself to the token endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientAuth {
     ClientSecretBasic,
@@ -20,7 +20,7 @@ pub enum ClientAuth {
 }
 
 /// How the provider returns the browser to the callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResponseMode {
     Query,
