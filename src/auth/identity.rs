@@ -116,6 +116,10 @@ pub struct IdentityHeaders {
     preferred_username: HeaderName,
     /// Where the raw ID token goes, if anywhere.
     id_token: Option<HeaderName>,
+    /// The first bytes of every name stripped (`_` counted as `-`): most
+    /// of a request's headers start with none of them, and are passed
+    /// over without a comparison.
+    initials: Vec<u8>,
 }
 
 impl IdentityHeaders {
@@ -124,7 +128,20 @@ impl IdentityHeaders {
         // Made once per gateway and copied into every signed-in request: a
         // static name copies without a reference count to change.
         let parse = |n: &str| HeaderName::from_static(n.to_ascii_lowercase().leak());
+        let mut initials: Vec<u8> = names
+            .all()
+            .iter()
+            .map(|(_, name)| *name)
+            .chain([names.id_token.as_str()])
+            .chain(FOREIGN_PREFIXES)
+            .chain(FOREIGN_NAMES)
+            .filter_map(|name| name.bytes().next())
+            .map(|b| b.to_ascii_lowercase())
+            .collect();
+        initials.sort_unstable();
+        initials.dedup();
         IdentityHeaders {
+            initials,
             user: parse(&names.user),
             user_id: parse(&names.user_id),
             email: parse(&names.email),
@@ -181,6 +198,13 @@ impl IdentityHeaders {
 
     /// `name` is lower case, as every `HeaderName` is.
     fn is_identity(&self, name: &str) -> bool {
+        if !name
+            .bytes()
+            .next()
+            .is_some_and(|first| self.initials.contains(&first))
+        {
+            return false;
+        }
         let id_token = self
             .id_token
             .as_ref()

@@ -209,15 +209,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
                 let Some(deadline) = this.deadline() else {
                     return Poll::Pending;
                 };
-                if this.armed_for != Some(deadline) {
+                // The timer is moved only when the deadline comes sooner:
+                // the idle deadline moves later with every request, and
+                // re-arming for each would cost a timer update a request.
+                // One that fires early is re-armed for the deadline then.
+                if this.armed_for.is_none_or(|armed| deadline < armed) {
                     this.timer.as_mut().reset(deadline);
                     this.armed_for = Some(deadline);
                 }
-                if this.timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client sent no complete request in time, or stayed idle too long",
-                    )));
+                while this.timer.as_mut().poll(cx).is_ready() {
+                    if Instant::now() >= deadline {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the client sent no complete request in time, or stayed idle too long",
+                        )));
+                    }
+                    this.timer.as_mut().reset(deadline);
+                    this.armed_for = Some(deadline);
                 }
                 Poll::Pending
             }
