@@ -7,27 +7,70 @@ mod common;
 use std::path::Path;
 
 use common::run_authgate;
+use yaml_rust2::{Yaml, YamlLoader};
 
 fn repo(path: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(path)).unwrap()
 }
 
-/// `AUTHGATE_*` settings of an example, in either of the two YAML shapes
-/// the examples use (`KEY: value` and `{ name: KEY, value: ... }`).
-fn settings(yaml: &str) -> Vec<(String, String)> {
-    yaml.lines()
-        .filter_map(|line| {
-            let line = line.trim().trim_start_matches("- ");
-            if let Some(rest) = line.strip_prefix("{ name: ") {
-                let (name, rest) = rest.split_once(", value: ")?;
-                let value = rest.trim_end_matches('}').trim().trim_matches('"');
-                return Some((name.to_owned(), value.to_owned()));
+/// An example's YAML documents, read by a YAML parser: a file it
+/// refuses would be refused by `kubectl` and `docker compose` too.
+fn documents(path: &str) -> Vec<Yaml> {
+    YamlLoader::load_from_str(&repo(path))
+        .unwrap_or_else(|e| panic!("{path} is not valid YAML: {e}"))
+}
+
+/// `AUTHGATE_*` settings of an example, wherever its documents give them:
+/// a Compose `environment` map or Kubernetes `{ name, value }` entries.
+fn settings(path: &str) -> Vec<(String, String)> {
+    fn text(value: &Yaml) -> String {
+        match value {
+            Yaml::String(s) | Yaml::Real(s) => s.clone(),
+            Yaml::Integer(i) => i.to_string(),
+            Yaml::Boolean(b) => b.to_string(),
+            _ => String::new(),
+        }
+    }
+    fn walk(node: &Yaml, found: &mut Vec<(String, String)>) {
+        match node {
+            Yaml::Hash(map) => {
+                let field = |name: &str| map.get(&Yaml::String(name.to_owned()));
+                if let (Some(Yaml::String(name)), Some(value)) = (field("name"), field("value")) {
+                    if name.starts_with("AUTHGATE_") {
+                        found.push((name.clone(), text(value)));
+                    }
+                }
+                for (key, value) in map {
+                    match key {
+                        Yaml::String(key) if key.starts_with("AUTHGATE_") => {
+                            found.push((key.clone(), text(value)));
+                        }
+                        _ => walk(value, found),
+                    }
+                }
             }
-            let (name, value) = line.split_once(": ")?;
-            Some((name.to_owned(), value.trim().trim_matches('"').to_owned()))
-        })
-        .filter(|(name, _)| name.starts_with("AUTHGATE_"))
-        .collect()
+            Yaml::Array(items) => items.iter().for_each(|item| walk(item, found)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    for document in documents(path) {
+        walk(&document, &mut found);
+    }
+    found
+}
+
+#[test]
+fn every_example_is_valid_yaml() {
+    for path in [
+        "examples/docker-compose.yml",
+        "examples/kubernetes/deployment.yaml",
+        "examples/kubernetes/workload-identity.yaml",
+        "examples/kubernetes/authgate-config.yaml",
+        "examples/kubernetes/secret.yaml",
+    ] {
+        assert!(!documents(path).is_empty(), "{path} holds no document");
+    }
 }
 
 /// Runs check-config in a directory laid out like the container: the
@@ -64,7 +107,7 @@ fn check(example: &str, env: Vec<(String, String)>) {
 
 #[test]
 fn the_docker_compose_example_configures_a_valid_gateway() {
-    let env = settings(&repo("examples/docker-compose.yml"));
+    let env = settings("examples/docker-compose.yml");
     assert!(
         env.iter()
             .any(|(k, _)| k == "AUTHGATE_OIDC_CLIENT_SECRET_FILE"),
@@ -75,7 +118,7 @@ fn the_docker_compose_example_configures_a_valid_gateway() {
 
 #[test]
 fn the_kubernetes_examples_configure_a_valid_gateway() {
-    let env = settings(&repo("examples/kubernetes/deployment.yaml"));
+    let env = settings("examples/kubernetes/deployment.yaml");
     assert!(
         env.iter()
             .any(|(k, v)| k == "AUTHGATE_LISTEN" && v == "0.0.0.0:8443"),
@@ -88,9 +131,7 @@ fn the_kubernetes_examples_configure_a_valid_gateway() {
         .into_iter()
         .filter(|(k, _)| k != "AUTHGATE_OIDC_CLIENT_SECRET_FILE")
         .collect();
-    federated.extend(settings(&repo(
-        "examples/kubernetes/workload-identity.yaml",
-    )));
+    federated.extend(settings("examples/kubernetes/workload-identity.yaml"));
     let token = tempfile::NamedTempFile::new().unwrap();
     federated.push((
         "AZURE_FEDERATED_TOKEN_FILE".into(),
@@ -101,14 +142,9 @@ fn the_kubernetes_examples_configure_a_valid_gateway() {
 
 #[test]
 fn the_kubernetes_config_map_is_the_preset() {
-    let config_map = repo("examples/kubernetes/authgate-config.yaml");
-    let embedded: Vec<&str> = config_map
-        .split_once("authgate.toml: |\n")
-        .unwrap()
-        .1
-        .lines()
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect();
-    let preset = repo("config/rustdesk.toml");
-    assert_eq!(embedded, preset.lines().collect::<Vec<_>>());
+    let documents = documents("examples/kubernetes/authgate-config.yaml");
+    let embedded = documents[0]["data"]["authgate.toml"]
+        .as_str()
+        .expect("the ConfigMap carries authgate.toml");
+    assert_eq!(embedded, repo("config/rustdesk.toml"));
 }

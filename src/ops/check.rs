@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rustls::client::danger::ServerCertVerifier;
-use rustls::pki_types::{ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::CertificateError;
 use serde::Serialize;
 
@@ -120,39 +120,92 @@ fn certificate(config: &Config) -> Finding {
         Err(e) => return Finding::fail("certificate", e.to_string(), "fix tls.cert and tls.key"),
     };
     let host = config.public_url.host().to_owned();
-    match verify_chain(&key.cert, &host) {
-        Ok(()) => Finding::pass(
-            "certificate",
-            format!("{path} covers {host}, is in date, and chains to a trusted CA"),
-        ),
-        Err(e) => {
-            let (detail, fix) = match e {
-                rustls::Error::InvalidCertificate(CertificateError::Expired) => (
-                    format!("{path} has expired"),
-                    "renew it; authgate picks up the new files without a restart".to_owned(),
-                ),
-                rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => (
-                    format!("{path} does not cover {host}"),
-                    format!("use a certificate for {host}, or set public_url to a name it covers"),
-                ),
-                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => (
-                    format!("{path} is self-signed, from an untrusted CA, or lacks its intermediate certificates"),
-                    "use the full chain (fullchain.pem for Let's Encrypt) from a publicly trusted CA: \
-                     RustDesk clients refuse others"
-                        .to_owned(),
-                ),
-                other => (format!("{path}: {other}"), "use a valid certificate for public_url".to_owned()),
-            };
-            Finding::fail("certificate", detail, fix)
+    judge_chain(&path.to_string(), &key.cert, &host)
+}
+
+/// The chain at `path` as a client would judge it for `host`, every
+/// failure in plain words with its fix.
+fn judge_chain(path: &str, chain: &[CertificateDer<'static>], host: &str) -> Finding {
+    let error = match verify_chain(chain, host) {
+        Ok(()) => {
+            return Finding::pass(
+                "certificate",
+                format!("{path} covers {host}, is in date, and chains to a trusted CA"),
+            )
         }
-    }
+        Err(error) => error,
+    };
+    let leaf = chain
+        .first()
+        .and_then(|der| x509_parser::parse_x509_certificate(der).ok())
+        .map(|(_, leaf)| leaf);
+    let is_ca = leaf.as_ref().is_some_and(|leaf| leaf.is_ca());
+    let self_signed = leaf
+        .as_ref()
+        .is_some_and(|leaf| leaf.subject() == leaf.issuer());
+    let dates = leaf.as_ref().map(|leaf| leaf.validity().clone());
+    let full_chain = "use the full chain (fullchain.pem for Let's Encrypt) from a publicly \
+                      trusted CA: RustDesk clients refuse others";
+    let (detail, fix) = match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => (
+            match dates {
+                Some(dates) => format!("{path} expired on {}", dates.not_after),
+                None => format!("{path} has expired"),
+            },
+            "renew it; authgate picks up the new files without a restart".to_owned(),
+        ),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => (
+            match dates {
+                Some(dates) => format!("{path} is not valid until {}", dates.not_before),
+                None => format!("{path} is not valid yet"),
+            },
+            "check this host's clock, or wait until the certificate's start date".to_owned(),
+        ),
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => (
+            format!("{path} does not cover {host}"),
+            format!("use a certificate for {host}, or set public_url to a name it covers"),
+        ),
+        _ if is_ca => (
+            format!(
+                "{path} is a CA certificate (basicConstraints CA:TRUE), which clients refuse \
+                 as a server's own; `openssl req -x509` makes one unless told otherwise"
+            ),
+            format!(
+                "{full_chain}; for a test certificate add `-addext basicConstraints=critical,CA:FALSE \
+                 -addext subjectAltName=DNS:{host}` to openssl req"
+            ),
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) if self_signed => (
+            format!("{path} is self-signed: browsers warn and RustDesk clients refuse it"),
+            full_chain.to_owned(),
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) if chain.len() == 1 => (
+            format!(
+                "{path} holds the server's certificate alone: its intermediate certificate is \
+                 missing, or its CA is not one clients trust"
+            ),
+            full_chain.to_owned(),
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => (
+            format!("{path} is from a CA clients do not trust"),
+            full_chain.to_owned(),
+        ),
+        other => (
+            format!("{path}: {other}"),
+            "use a valid certificate for public_url".to_owned(),
+        ),
+    };
+    Finding::fail("certificate", detail, fix)
 }
 
 /// The chain as a client would judge it: system roots, the host name, now.
-fn verify_chain(
-    chain: &[rustls::pki_types::CertificateDer<'static>],
-    host: &str,
-) -> Result<(), rustls::Error> {
+fn verify_chain(chain: &[CertificateDer<'static>], host: &str) -> Result<(), rustls::Error> {
     let verifier = outbound::verifier(
         outbound::root_store(None).map_err(|e| rustls::Error::General(e.to_string()))?,
     )?;
@@ -270,4 +323,85 @@ async fn upstreams(config: &Config) -> Vec<Finding> {
         );
     }
     findings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    fn judged(chain: Vec<CertificateDer<'static>>) -> Finding {
+        judge_chain("certs/tls.crt", &chain, "console.example.com")
+    }
+
+    fn params() -> CertificateParams {
+        CertificateParams::new(vec!["console.example.com".to_owned()]).unwrap()
+    }
+
+    #[test]
+    fn every_certificate_failure_is_said_in_plain_words() {
+        // What `openssl req -x509` makes: a self-signed CA certificate.
+        let mut ca = params();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "A CA of one's own");
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let finding = judged(vec![ca.der().clone()]);
+        assert!(!finding.ok);
+        assert!(
+            finding.detail.contains("is a CA certificate"),
+            "{}",
+            finding.detail
+        );
+        assert!(finding.fix.unwrap().contains("CA:FALSE"));
+
+        let leaf = params().self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let finding = judged(vec![leaf.der().clone()]);
+        assert!(
+            finding.detail.contains("is self-signed"),
+            "{}",
+            finding.detail
+        );
+
+        let key = KeyPair::generate().unwrap();
+        let leaf = params().signed_by(&key, &ca).unwrap();
+        let finding = judged(vec![leaf.der().clone()]);
+        assert!(
+            finding
+                .detail
+                .contains("intermediate certificate is missing"),
+            "{}",
+            finding.detail
+        );
+        let finding = judged(vec![leaf.der().clone(), ca.der().clone()]);
+        assert!(
+            finding.detail.contains("CA clients do not trust"),
+            "{}",
+            finding.detail
+        );
+
+        let mut old = params();
+        old.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        old.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        let finding = judged(vec![old
+            .self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .clone()]);
+        assert!(finding.detail.contains("expired on"), "{}", finding.detail);
+
+        let mut early = params();
+        early.not_before = rcgen::date_time_ymd(2090, 1, 1);
+        early.not_after = rcgen::date_time_ymd(2091, 1, 1);
+        let finding = judged(vec![early
+            .self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .clone()]);
+        assert!(
+            finding.detail.contains("is not valid until"),
+            "{}",
+            finding.detail
+        );
+    }
 }
