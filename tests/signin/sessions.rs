@@ -20,23 +20,30 @@ fn set_session_cookie(response: &http::Response<hyper::body::Incoming>) -> Strin
         .join("; ")
 }
 
-#[tokio::test]
-async fn sessions_renew_their_tokens_and_end_when_the_provider_refuses() {
-    // Every ID token is "about to expire": each request renews.
-    let mut stack = Stack::with(Options {
+/// A stack whose every ID token is "about to expire", so each request
+/// renews, and the session cookie of `user` signed in through it.
+async fn signed_in_due_for_renewal(user: &str) -> (Stack, String) {
+    let stack = Stack::with(Options {
         session: "refresh_before = \"2h\"",
         ..Options::default()
     })
     .await;
     let results = browser(
         &stack.origin,
-        json!([{ "goto": stack.url("/") }, { "login": "ivan" }, { "cookies": true }]),
+        json!([{ "goto": stack.url("/") }, { "login": user }, { "cookies": true }]),
     )
     .await;
+    let cookie = session_cookie(&results[2]);
+    (stack, cookie)
+}
+
+#[tokio::test]
+async fn sessions_renew_their_tokens_and_end_when_the_provider_refuses() {
+    let (mut stack, cookie) = signed_in_due_for_renewal("ivan").await;
     let response = send(
         stack.gateway.addr,
         get("/renewed")
-            .header("cookie", session_cookie(&results[2]))
+            .header("cookie", cookie)
             .body(empty())
             .unwrap(),
     )
@@ -157,18 +164,7 @@ fn token_requests(metrics: &str) -> u64 {
 
 #[tokio::test]
 async fn an_unreachable_token_endpoint_is_not_asked_by_every_request() {
-    // Every ID token is "about to expire": each request would renew.
-    let mut stack = Stack::with(Options {
-        session: "refresh_before = \"2h\"",
-        ..Options::default()
-    })
-    .await;
-    let results = browser(
-        &stack.origin,
-        json!([{ "goto": stack.url("/") }, { "login": "judy" }, { "cookies": true }]),
-    )
-    .await;
-    let cookie = session_cookie(&results[2]);
+    let (mut stack, cookie) = signed_in_due_for_renewal("judy").await;
     stack.provider.stop();
     let before = token_requests(&stack.gateway.scrape().await);
     for _ in 0..5 {
