@@ -1,5 +1,5 @@
-//! The per-request authentication work, measured: opening and checking a
-//! session cookie, bearer JWT validation (cold: a signature check; cached:
+//! The per-request authentication work, measured: finding a session (in
+//! its cookie, or in the embedded store by the cookie's id), bearer JWT validation (cold: a signature check; cached:
 //! the verified-token cache), identity header injection, and making the
 //! request target canonical.
 //!
@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use authgate::auth::identity::{Identity, IdentityHeaderNames, IdentityHeaders};
-use authgate::auth::session::SessionConfig;
-use authgate::auth::session::{LastCookie, Session, Sessions};
+use authgate::auth::session::{LastCookie, Session, SessionConfig, Sessions, StoreKind};
 use authgate::clock::now;
 use authgate::idp::Oidc;
 use authgate::idp::{ClientAuth, OidcConfig, ResponseMode};
 use authgate::net::Timeouts;
 use authgate::ops::metrics::Metrics;
 use authgate::pipeline::target::canonicalize;
+use authgate::state::StateDir;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::HeaderMap;
 use http_body_util::Full;
@@ -49,57 +49,77 @@ fn identity() -> Identity {
     }
 }
 
-fn session_cookie(c: &mut Criterion) {
-    let sessions = Sessions::new(&SessionConfig {
-        secrets: vec![vec![7; 32]],
-        refresh_before: Duration::from_secs(300),
-        cookie_name: "__Host-authgate".into(),
-        idle_timeout: Duration::from_secs(3600),
-        lifetime: Duration::from_secs(8 * 3600),
-    });
-    let session = Session {
-        identity: identity(),
-        // A realistic Entra ID token is ~1.5 KB.
-        id_token: "x".repeat(1500),
-        refresh_token: Some("r".repeat(900)),
-        expires_at: now() + 3600,
-        signed_in_at: now(),
-        last_seen: now(),
-        identity_headers: Default::default(),
-    };
-    // Each sealing is new ciphertext (a fresh nonce), as a browser's
-    // cookie is after every sign-in or renewal.
-    let browser_request = || {
-        let pairs: Vec<String> = sessions
-            .write(&session, &HeaderMap::new())
-            .iter()
-            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
-            .collect();
-        let mut request = HeaderMap::new();
-        request.insert(http::header::COOKIE, pairs.join("; ").parse().unwrap());
-        request
-    };
-    // The first request with a cookie opens it; the ones after find it
-    // opened.
-    c.bench_function(
-        "session cookie: first request (decrypt and validate)",
-        |b| {
+/// A session's requests, with the session in its cookie and in the
+/// embedded store (where the cookie is an id).
+fn sessions(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    for (label, store) in [
+        ("cookie", StoreKind::Cookie),
+        ("embedded", StoreKind::Embedded),
+    ] {
+        let config = SessionConfig {
+            store,
+            cache_ttl: Duration::from_secs(5),
+            secrets: vec![vec![7; 32]],
+            refresh_before: Duration::from_secs(300),
+            cookie_name: "__Host-authgate".into(),
+            idle_timeout: Duration::from_secs(3600),
+            lifetime: Duration::from_secs(8 * 3600),
+        };
+        let sessions =
+            Sessions::open(&config, &StateDir::new(state.path()), &Metrics::default()).unwrap();
+        // Each sign-in is a new cookie: new ciphertext (a fresh nonce), or
+        // a new id.
+        let browser_request = || {
+            // A realistic Entra ID token is ~1.5 KB.
+            let session = Session::new(
+                identity(),
+                "x".repeat(1500),
+                Some("r".repeat(900)),
+                now() + 3600,
+            );
+            let (_, cookies) = runtime
+                .block_on(sessions.save(session, &HeaderMap::new()))
+                .unwrap();
+            let pairs: Vec<String> = cookies
+                .iter()
+                .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
+                .collect();
+            let mut request = HeaderMap::new();
+            request.insert(http::header::COOKIE, pairs.join("; ").parse().unwrap());
+            request
+        };
+        // In cookie mode the first request with a cookie opens it; in the
+        // store the session saved is already cached, so this is the
+        // cache's cost (a store read happens once per cache_ttl).
+        let mut group = c.benchmark_group(format!("session ({label})"));
+        // A new embedded session is a durable commit: few samples.
+        group.sample_size(10);
+        group.bench_function("first request", |b| {
             b.iter_batched(
                 browser_request,
-                |request| std::hint::black_box(sessions.read(&request)),
+                |request| std::hint::black_box(runtime.block_on(sessions.read(&request))),
                 BatchSize::SmallInput,
             )
-        },
-    );
-    let request = browser_request();
-    c.bench_function("session cookie: next requests (validate)", |b| {
-        b.iter(|| std::hint::black_box(sessions.read(&request)))
-    });
-    // What the gateway calls: the same header again on one connection.
-    let last = LastCookie::new(false);
-    c.bench_function("session cookie: next requests on a connection", |b| {
-        b.iter(|| std::hint::black_box(sessions.read_remembering(&request, &last)))
-    });
+        });
+        group.finish();
+        let request = browser_request();
+        c.bench_function(&format!("session ({label}): next requests"), |b| {
+            b.to_async(&runtime)
+                .iter(|| async { std::hint::black_box(sessions.read(&request).await) })
+        });
+        // What the gateway calls: the same header again on one connection.
+        let last = LastCookie::new(false);
+        c.bench_function(
+            &format!("session ({label}): next requests on a connection"),
+            |b| {
+                b.to_async(&runtime).iter(|| async {
+                    std::hint::black_box(sessions.read_remembering(&request, &last).await)
+                })
+            },
+        );
+    }
 }
 
 fn identity_headers(c: &mut Criterion) {
@@ -320,7 +340,7 @@ fn request_target(c: &mut Criterion) {
 
 criterion_group!(
     benches,
-    session_cookie,
+    sessions,
     identity_headers,
     bearer_tokens,
     request_target

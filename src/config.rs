@@ -21,13 +21,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::policy::Policy;
-use crate::auth::session::SessionConfig;
+use crate::auth::session::{SessionConfig, StoreKind};
 use crate::forward::routes::{Access, RouteConfig, UpstreamUrl};
 use crate::forward::ProxyConfig;
 use crate::idp::{ClientAuth, OidcConfig, ResponseMode};
 use crate::net::tls::TlsConfig;
 use crate::net::{Limits, Timeouts};
 use crate::ops::logging::LogConfig;
+use crate::state::{StateDir, SESSION_SECRET_FILE};
 
 /// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
 /// whose name starts with one of these targets a key inside it.
@@ -106,7 +107,13 @@ pub struct Config {
     pub http_redirect_listen: Option<SocketAddr>,
     /// Plain-HTTP listener for `/metrics`; `None`: off.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token of the admin listener's session endpoints; `None`:
+    /// one is generated and kept under `state_dir`.
+    pub admin_token: Option<String>,
     pub gateway_prefix: String,
+    /// Where the gateway keeps what must outlive a run: sessions, the
+    /// generated session secret and admin token.
+    pub state_dir: StateDir,
     /// Host names users may open besides `public_url`'s (lower case, no
     /// port, no trailing dot).
     pub extra_hosts: Vec<String>,
@@ -164,7 +171,9 @@ struct RawConfig {
     upstream: String,
     http_redirect_listen: Option<String>,
     admin_listen: String,
+    admin_token: Option<String>,
     gateway_prefix: String,
+    state_dir: PathBuf,
     extra_hosts: Vec<String>,
     strict_host: bool,
     tls: RawTls,
@@ -239,6 +248,9 @@ impl Default for RawOidc {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawSession {
+    store: StoreKind,
+    #[serde(with = "humantime_serde")]
+    cache_ttl: Duration,
     secret: Option<String>,
     previous_secrets: Vec<String>,
     cookie_name: String,
@@ -253,6 +265,8 @@ struct RawSession {
 impl Default for RawSession {
     fn default() -> Self {
         RawSession {
+            store: StoreKind::Embedded,
+            cache_ttl: Duration::from_secs(5),
             secret: None,
             previous_secrets: Vec::new(),
             cookie_name: "__Host-authgate".into(),
@@ -271,7 +285,9 @@ impl Default for RawConfig {
             upstream: "http://127.0.0.1:21114".into(),
             http_redirect_listen: None,
             admin_listen: "127.0.0.1:9464".into(),
+            admin_token: None,
             gateway_prefix: "/oauth2/".into(),
+            state_dir: "state".into(),
             extra_hosts: Vec::new(),
             strict_host: false,
             tls: RawTls::default(),
@@ -803,12 +819,19 @@ impl RawConfig {
             (Some(_), _) => Some(validate_oidc(self.oidc, &public_url, origins)?),
         };
         if oidc.is_some() && self.session.secret.is_none() {
-            warnings.push(
-                "session.secret is not set: using a random one for this run, so sessions end when \
-                 authgate restarts and cannot be shared between instances; set one from \
-                 `authgate gen-secret`"
-                    .to_owned(),
-            );
+            warnings.push(format!(
+                "session.secret is not set: using one generated and kept in {}, which instances \
+                 that share sessions cannot share; set one from `authgate gen-secret`",
+                self.state_dir.join(SESSION_SECRET_FILE).display()
+            ));
+        }
+        let admin_token = self.admin_token.filter(|t| !t.is_empty());
+        if admin_token.as_ref().is_some_and(|t| t.trim().len() < 16) {
+            return Err(origins.invalid(
+                "admin_token",
+                "(hidden)",
+                "at least 16 characters, such as the output of `authgate gen-secret`",
+            ));
         }
         let session = oidc
             .as_ref()
@@ -834,7 +857,9 @@ impl RawConfig {
             public_url,
             http_redirect_listen,
             admin_listen,
+            admin_token: admin_token.map(|t| t.trim().to_owned()),
             gateway_prefix: self.gateway_prefix,
+            state_dir: StateDir::new(self.state_dir),
             extra_hosts,
             strict_host: self.strict_host,
             tls,
@@ -1007,8 +1032,7 @@ fn validate_session(mut raw: RawSession, origins: &Origins) -> Result<SessionCon
         "at least 32 random bytes in base64, such as the output of `authgate gen-secret`";
     let mut secrets = Vec::new();
     let Some(current) = raw.secret.take() else {
-        // A first run works without one; sessions then end on restart.
-        secrets.push(crate::random_bytes::<32>().to_vec());
+        // Generated at start and kept under state_dir.
         return session_config(raw, secrets, origins);
     };
     for (key, value) in std::iter::once(("session.secret".to_owned(), &current)).chain(
@@ -1030,6 +1054,8 @@ fn session_config(
     origins: &Origins,
 ) -> Result<SessionConfig, ConfigError> {
     let RawSession {
+        store,
+        cache_ttl,
         cookie_name,
         idle_timeout,
         lifetime,
@@ -1049,7 +1075,16 @@ fn session_config(
             "must be at least session.idle_timeout, and both above zero",
         ));
     }
+    if cache_ttl.is_zero() || cache_ttl > Duration::from_secs(300) {
+        return Err(origins.invalid(
+            "session.cache_ttl",
+            &format!("{cache_ttl:?}"),
+            "a duration from 1s to 5m: how long a revoked session may still be used elsewhere",
+        ));
+    }
     Ok(SessionConfig {
+        store,
+        cache_ttl,
         secrets,
         refresh_before,
         cookie_name,
@@ -1199,6 +1234,72 @@ mod tests {
         );
         assert!(!oidc.multi_tenant);
         assert_eq!(config.session.unwrap().secrets[0].len(), 32);
+    }
+
+    #[test]
+    fn session_store_state_dir_and_admin_token_are_checked() {
+        let config = load_exactly(SIGN_IN, &[]).unwrap();
+        let session = config.session.unwrap();
+        assert_eq!(session.store, StoreKind::Embedded);
+        assert_eq!(config.state_dir, StateDir::new("state"));
+        assert!(config.admin_token.is_none());
+        let config = load_exactly(
+            SIGN_IN,
+            &[
+                ("AUTHGATE_SESSION_STORE", "cookie"),
+                ("AUTHGATE_STATE_DIR", "/var/lib/authgate"),
+                ("AUTHGATE_ADMIN_TOKEN", "a-long-enough-admin-token"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.session.unwrap().store, StoreKind::Cookie);
+        assert_eq!(config.state_dir, StateDir::new("/var/lib/authgate"));
+        assert_eq!(
+            config.admin_token.as_deref(),
+            Some("a-long-enough-admin-token")
+        );
+
+        let err = load_exactly(SIGN_IN, &[("AUTHGATE_SESSION_STORE", "memcached")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("session.store") && err.contains("embedded") && err.contains("cookie"),
+            "{err}"
+        );
+        let err = load_exactly(SIGN_IN, &[("AUTHGATE_SESSION_CACHE_TTL", "1h")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("session.cache_ttl") && err.contains("5m"),
+            "{err}"
+        );
+        let err = load_exactly(SIGN_IN, &[("AUTHGATE_ADMIN_TOKEN", "short-token")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin_token") && err.contains("16"), "{err}");
+        assert!(
+            !err.contains("short-token"),
+            "a secret must not be echoed: {err}"
+        );
+        // Unset, the session secret is generated at start: the config
+        // warns where it is kept.
+        let config = load_exactly(
+            &SIGN_IN.replace(
+                "secret = \"0123456789abcdef0123456789abcdef0123456789A\"\n",
+                "",
+            ),
+            &[],
+        )
+        .unwrap();
+        assert!(config.session.unwrap().secrets.is_empty());
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("state/session.secret")),
+            "{:?}",
+            config.warnings
+        );
     }
 
     #[test]

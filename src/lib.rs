@@ -13,8 +13,9 @@
 //! Beside the path: [`config`] reads, layers and validates the settings;
 //! [`outbound`] is the gateway's own HTTPS client (to the provider, and
 //! the connector upstreams use); `pages` is what the gateway answers
-//! itself; [`clock`] the one wall clock; [`ops`] metrics, logging,
-//! health, the `check` doctor and memory.
+//! itself; [`clock`] the one wall clock; [`state`] what is kept between
+//! runs under `state_dir`; [`ops`] metrics, logging, health, the `check`
+//! doctor, memory and the admin listener.
 //!
 //! [`run`] wires the parts together.
 
@@ -30,8 +31,10 @@ pub mod ops;
 pub mod outbound;
 pub(crate) mod pages;
 pub mod pipeline;
+pub mod state;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -58,6 +61,10 @@ pub enum StartError {
     UpstreamClient(#[from] outbound::ClientError),
     #[error(transparent)]
     Credential(#[from] idp::credential::CredentialError),
+    #[error(transparent)]
+    Sessions(#[from] auth::session::OpenError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
     #[error("cannot listen on `{key}` = {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -113,7 +120,15 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             None
         }
     };
-    let gateway = pipeline::Gateway::new(&config, oidc.clone(), metrics.clone())?;
+    let sessions = match (&oidc, &config.session) {
+        (Some(_), Some(session)) => Some(auth::session::Sessions::open(
+            session,
+            &config.state_dir,
+            &metrics,
+        )?),
+        _ => None,
+    };
+    let gateway = pipeline::Gateway::new(&config, oidc.clone(), sessions.clone(), metrics.clone())?;
     if let Some(oidc) = oidc {
         tokio::spawn(oidc.discover_until_ready());
     }
@@ -133,6 +148,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Some(addr) => Some(bind("admin_listen", addr).await?),
         None => None,
     };
+    if let Some(sessions) = &sessions {
+        tokio::spawn(sessions.clone().sweep_periodically());
+    }
+    let admin_answers = ops::admin::Admin {
+        metrics: metrics.clone(),
+        sessions,
+        token: ops::admin::token(&config)?,
+    };
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
     tokio::spawn(watcher.run(cert));
@@ -142,6 +165,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     }
     if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, "serving metrics at /metrics");
+        tracing::info!(%addr, "serving session administration at /sessions");
     }
     tracing::info!(
         addr = %listeners[0].local_addr().unwrap_or(config.listen),
@@ -168,7 +192,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tokio::join!(
         async {
             if let Some(listener) = redirect {
-                let answer = move |req: &_| net::redirect(&origin, req);
+                let answer = move |req| std::future::ready(net::redirect(&origin, &req));
                 net::run_plain(
                     listener,
                     &config.timeouts,
@@ -182,7 +206,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         },
         async {
             if let Some(listener) = admin {
-                let answer = move |req: &_| metrics::answer(&metrics, req);
+                let admin = Arc::new(admin_answers);
+                let answer = move |req| {
+                    let admin = admin.clone();
+                    async move { admin.answer(req).await }
+                };
                 net::run_plain(
                     listener,
                     &config.timeouts,

@@ -59,6 +59,38 @@ enum Command {
     Health,
     /// Print a fresh random secret (32 bytes, base64url), e.g. for session keys.
     GenSecret,
+    /// List or end sign-in sessions, through the running gateway's admin
+    /// listener (same configuration and environment as the gateway).
+    Sessions {
+        #[command(subcommand)]
+        action: SessionsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SessionsAction {
+    /// The live sessions: user, when signed in, last seen, when they end.
+    List {
+        /// Only this user's (UPN, any case, or object id).
+        #[arg(long, value_name = "UPN|OID")]
+        user: Option<String>,
+        /// The admin endpoint's JSON as it came.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End sessions at once: a signed-out user must sign in again.
+    #[command(group(clap::ArgGroup::new("whose").required(true).args(["user", "session", "all"])))]
+    Revoke {
+        /// Every session of this user (UPN, any case, or object id).
+        #[arg(long, value_name = "UPN|OID")]
+        user: Option<String>,
+        /// One session, by the handle `sessions list` shows.
+        #[arg(long, value_name = "HANDLE")]
+        session: Option<String>,
+        /// Every session.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -94,6 +126,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { json } => troubleshoot(cli.config, json),
+        Command::Sessions { action } => match load(cli.config) {
+            Ok(config) => sessions(&config, action),
+            Err(code) => code,
+        },
         Command::CheckConfig => match load(cli.config) {
             Ok(config) if print_summary(&config) => ExitCode::SUCCESS,
             Ok(_) => ExitCode::FAILURE,
@@ -155,8 +191,19 @@ fn print_summary(config: &Config) -> bool {
     }
     println!("  public_url    {}", config.public_url);
     match config.admin_listen {
-        Some(addr) => println!("  metrics       http://{addr}/metrics"),
-        None => println!("  metrics       off"),
+        Some(addr) => println!("  admin         http://{addr}/metrics, http://{addr}/sessions"),
+        None => println!("  admin         off"),
+    }
+    if let Some(session) = &config.session {
+        let store = config.state_dir.path().join(authgate::state::SESSIONS_FILE);
+        match session.store {
+            authgate::auth::session::StoreKind::Embedded => {
+                println!("  sessions      kept in {}", store.display())
+            }
+            authgate::auth::session::StoreKind::Cookie => {
+                println!("  sessions      in their cookies (nothing kept, nothing to revoke)")
+            }
+        }
     }
     match &config.oidc {
         Some(oidc) => {
@@ -250,4 +297,71 @@ fn troubleshoot(path: Option<PathBuf>, json: bool) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `authgate sessions list|revoke`.
+fn sessions(config: &Config, action: SessionsAction) -> ExitCode {
+    use authgate::ops::admin::client;
+    let (method, query, json) = match &action {
+        SessionsAction::List { user, json } => (
+            http::Method::GET,
+            user.iter()
+                .map(|u| ("user", u.as_str()))
+                .collect::<Vec<_>>(),
+            *json,
+        ),
+        SessionsAction::Revoke { user, session, all } => {
+            let query = match (user, session, all) {
+                (Some(user), _, _) => vec![("user", user.as_str())],
+                (_, Some(session), _) => vec![("session", session.as_str())],
+                _ => vec![("all", "true")],
+            };
+            (http::Method::DELETE, query, false)
+        }
+    };
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(client::call(config, method, &query))
+                .map_err(|e| e.to_string())
+        });
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("authgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{answer:#}");
+    } else if let Some(revoked) = answer["revoked"].as_u64() {
+        println!("{revoked} session(s) ended");
+    } else {
+        let listed = answer["sessions"].as_array().cloned().unwrap_or_default();
+        println!(
+            "{:<14} {:<36} {:<22} {:<22} {:<22}",
+            "HANDLE", "USER", "SIGNED IN", "LAST SEEN", "ENDS BY"
+        );
+        let at = |v: &serde_json::Value| {
+            let secs = v.as_u64().unwrap_or(0);
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            )
+            .to_string()
+        };
+        for s in &listed {
+            println!(
+                "{:<14} {:<36} {:<22} {:<22} {:<22}",
+                s["handle"].as_str().unwrap_or(""),
+                s["user"].as_str().unwrap_or(""),
+                at(&s["signed_in_at"]),
+                at(&s["last_seen"]),
+                at(&s["expires_at"]),
+            );
+        }
+        println!("{} session(s)", listed.len());
+    }
+    ExitCode::SUCCESS
 }

@@ -80,6 +80,15 @@ pub const MISDIRECTED: Problem = Problem {
              Open the console at its configured address.",
 };
 
+pub const STORE_UNAVAILABLE: Problem = Problem {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    code: "session_store_unavailable",
+    title: "Sessions cannot be checked right now",
+    detail: "The gateway cannot reach the store that keeps sign-in sessions. \
+             Try again in a moment; if it keeps happening, tell the administrator \
+             (the gateway's log says why).",
+};
+
 pub const UNAUTHENTICATED: Problem = Problem {
     status: StatusCode::UNAUTHORIZED,
     code: "unauthenticated",

@@ -20,23 +20,30 @@ use self::identity::Identity;
 use self::session::{LastCookie, Session};
 use self::signin::SignIn;
 use crate::forward::routes::Access;
-use crate::idp::token::Claims;
+use crate::idp::token::{Claims, TokenError};
 use crate::pages;
 use crate::Body;
 
 /// How a request proved who it is.
 pub enum Authenticated {
-    Session {
-        session: Arc<Session>,
-        renewed: bool,
-    },
+    Session(Arc<Session>),
     Bearer(Arc<Claims>),
+}
+
+/// Why a request is not authenticated.
+pub enum Unidentified {
+    /// Neither a usable session nor a bearer token.
+    Nothing,
+    /// A bearer token was presented and refused.
+    Bearer(TokenError),
+    /// The session store could not be asked about the session cookie.
+    StoreDown,
 }
 
 impl Authenticated {
     pub fn identity(&self) -> Cow<'_, Identity> {
         match self {
-            Authenticated::Session { session, .. } => Cow::Borrowed(&session.identity),
+            Authenticated::Session(session) => Cow::Borrowed(&session.identity),
             Authenticated::Bearer(claims) => Cow::Owned(claims.identity()),
         }
     }
@@ -76,22 +83,16 @@ pub async fn authenticate(
         return Err(pages::problem(pages::UNAUTHENTICATED, false, id));
     };
     match signin.identify(req.headers(), last).await {
-        Ok(authenticated) => {
-            let cookies = match &authenticated {
-                Authenticated::Session { session, renewed } => {
-                    signin.session_cookies(session, *renewed, req.headers())
-                }
-                Authenticated::Bearer(_) => Vec::new(),
-            };
-            Ok(Some(Caller {
-                authenticated,
-                cookies,
-            }))
-        }
-        Err(Some(error)) => Err(signin.invalid_bearer(&error, id)),
+        Ok((authenticated, cookies)) => Ok(Some(Caller {
+            authenticated,
+            cookies,
+        })),
+        Err(Unidentified::Bearer(error)) => Err(signin.invalid_bearer(&error, id)),
+        // Never a redirect to sign in, which would come back here: a loop.
+        Err(Unidentified::StoreDown) => Err(pages::problem(pages::STORE_UNAVAILABLE, html, id)),
         // An API route never redirects (a client would follow it to an
         // HTML page, a POST would become a GET): it answers 401 JSON.
-        Err(None) => {
+        Err(Unidentified::Nothing) => {
             let redirects = html && access == Access::Protected;
             Err(
                 Box::pin(signin.challenge(req.method(), req.uri(), req.headers(), redirects, id))

@@ -11,11 +11,10 @@ use http::header::{HeaderValue, AUTHORIZATION, SET_COOKIE, WWW_AUTHENTICATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use super::Authenticated;
+use super::{Authenticated, Unidentified};
 use crate::auth::identity::Identity;
 use crate::auth::policy::Denial;
 use crate::auth::session::{Found, LastCookie, LoginState, Session, Sessions};
-use crate::clock::now;
 use crate::config::PublicUrl;
 use crate::idp::explain;
 use crate::idp::provider::{Oidc, RefreshError};
@@ -85,17 +84,27 @@ impl SignIn {
         path == self.config().callback_path
     }
 
-    /// A session cookie, else an `Authorization: Bearer` token. `Err(None)`:
-    /// neither was presented (or the session is no longer usable);
-    /// `Err(Some(_))`: a bearer token was presented and rejected.
-    /// `last` is the connection's (see [`LastCookie`]).
+    /// A session cookie, else an `Authorization: Bearer` token, and the
+    /// `Set-Cookie` values the response must carry (a renewed session, a
+    /// slid idle timer). `last` is the connection's (see [`LastCookie`]).
     pub async fn identify(
         &self,
         headers: &HeaderMap,
         last: &LastCookie,
-    ) -> Result<Authenticated, Option<TokenError>> {
-        if let Found::Valid(session) = self.sessions.read_remembering(headers, last) {
-            return self.renew_if_due(session).await.ok_or(None);
+    ) -> Result<(Authenticated, Vec<HeaderValue>), Unidentified> {
+        match self.sessions.read_remembering(headers, last).await {
+            Found::Valid(session) => {
+                let (session, cookies) = self
+                    .renew_if_due(session, headers)
+                    .await
+                    .ok_or(Unidentified::Nothing)?;
+                return Ok((Authenticated::Session(session), cookies));
+            }
+            // A bearer token does not need the store; a browser does.
+            Found::Unavailable if !headers.contains_key(AUTHORIZATION) => {
+                return Err(Unidentified::StoreDown)
+            }
+            Found::None | Found::Unusable | Found::Unavailable => {}
         }
         let token = headers
             .get(AUTHORIZATION)
@@ -109,24 +118,27 @@ impl SignIn {
         match token {
             Some(token) => Box::pin(self.oidc.verify_bearer(token))
                 .await
-                .map(Authenticated::Bearer)
-                .map_err(Some),
-            None => Err(None),
+                .map(|claims| (Authenticated::Bearer(claims), Vec::new()))
+                .map_err(Unidentified::Bearer),
+            None => Err(Unidentified::Nothing),
         }
     }
 
-    /// Renews the session's tokens when the ID token is about to expire.
-    /// `None` when the provider refused (revoked, user disabled): the
-    /// user must sign in again. A provider that cannot be asked does not
-    /// end the session; it is asked again a minute later.
-    async fn renew_if_due(&self, session: Arc<Session>) -> Option<Authenticated> {
+    /// Renews the session's tokens when the ID token is about to expire,
+    /// else slides its idle timer. `None` when the provider refused
+    /// (revoked, user disabled): the session ends and the user must sign
+    /// in again. A provider that cannot be asked does not end the session;
+    /// it is asked again a minute later.
+    async fn renew_if_due(
+        &self,
+        session: Arc<Session>,
+        request: &HeaderMap,
+    ) -> Option<(Arc<Session>, Vec<HeaderValue>)> {
         let refresh_token = match &session.refresh_token {
             Some(token) if self.sessions.due_for_refresh(&session) => token.clone(),
             _ => {
-                return Some(Authenticated::Session {
-                    session,
-                    renewed: false,
-                })
+                let cookies = self.sessions.touch(&session, request);
+                return Some((session, cookies));
             }
         };
         // Boxed, as every call to the provider is: inline, its future would
@@ -136,19 +148,18 @@ impl SignIn {
         match &*outcome {
             Ok(signed_in) => {
                 tracing::debug!(user = %session.identity.username, "session renewed");
-                let renewed = Session {
-                    identity: signed_in.claims.identity(),
-                    id_token: signed_in.id_token.clone(),
-                    refresh_token: signed_in.refresh_token.clone(),
-                    expires_at: signed_in.claims.exp,
-                    signed_in_at: session.signed_in_at,
-                    last_seen: now(),
-                    identity_headers: Default::default(),
-                };
-                Some(Authenticated::Session {
-                    session: Arc::new(renewed),
-                    renewed: true,
-                })
+                let renewed = session.renewed(
+                    signed_in.claims.identity(),
+                    signed_in.id_token.clone(),
+                    signed_in.refresh_token.clone(),
+                    signed_in.claims.exp,
+                );
+                match self.sessions.save(renewed, request).await {
+                    Ok(saved) => Some(saved),
+                    // Logged by the store; the session as it was serves
+                    // this request, and renewal is tried again.
+                    Err(_) => Some((session, Vec::new())),
+                }
             }
             Err(RefreshError::Refused(reason)) => {
                 tracing::info!(
@@ -158,30 +169,15 @@ impl SignIn {
                     reason,
                     "session ended: refresh refused"
                 );
+                // Logged by the store; the refusal stands either way.
+                let _ = self.sessions.end(&session).await;
                 None
             }
             Err(RefreshError::Unavailable(reason)) => {
                 tracing::warn!(user = %session.identity.username, reason, "session not renewed; trying again later");
-                Some(Authenticated::Session {
-                    session,
-                    renewed: false,
-                })
+                let cookies = self.sessions.touch(&session, request);
+                Some((session, cookies))
             }
-        }
-    }
-
-    /// `Set-Cookie` values for a session after this request: all of it
-    /// when renewed, else only when the idle timer should slide.
-    pub fn session_cookies(
-        &self,
-        session: &Session,
-        renewed: bool,
-        request: &HeaderMap,
-    ) -> Vec<HeaderValue> {
-        if renewed {
-            self.sessions.write(session, request)
-        } else {
-            self.sessions.touch(session, request)
         }
     }
 
@@ -233,7 +229,11 @@ impl SignIn {
         } else {
             "/".to_owned()
         };
-        let (return_to, shortened) = carried(return_to);
+        let (return_to, shortened) = if self.sessions.is_stored() {
+            (return_to, false)
+        } else {
+            carried(return_to)
+        };
         let (url, login) = match self.oidc.start(return_to).await {
             Ok((url, login)) => (url, LoginState { shortened, ..login }),
             Err(e) => {
@@ -244,12 +244,13 @@ impl SignIn {
             }
         };
         let cross_site_post = self.config().response_mode == ResponseMode::FormPost;
+        let login_cookie = match self.sessions.write_login(&login, cross_site_post).await {
+            Ok(cookie) => cookie,
+            Err(_) => return pages::problem(pages::STORE_UNAVAILABLE, true, id),
+        };
         let mut response = pages::redirect(StatusCode::FOUND, &url);
         pages::append_cookies(&mut response, stale);
-        response.headers_mut().append(
-            SET_COOKIE,
-            self.sessions.write_login(&login, cross_site_post),
-        );
+        response.headers_mut().append(SET_COOKIE, login_cookie);
         response
     }
 
@@ -273,10 +274,16 @@ impl SignIn {
             (params, body)
         };
         let params: CallbackParams = params;
-        let login = params
-            .state
-            .as_deref()
-            .and_then(|state| self.sessions.read_login(&parts.headers, state));
+        let login = match &params.state {
+            Some(state) => self.sessions.take_login(&parts.headers, state).await,
+            None => Ok(None),
+        };
+        let login = match login {
+            Ok(login) => login,
+            Err(_) => {
+                return Callback::Answered(pages::problem(pages::STORE_UNAVAILABLE, html, id))
+            }
+        };
         let Some(login) = login else {
             self.count("unknown_state");
             if self.config().pass_unknown_callbacks {
@@ -305,26 +312,30 @@ impl SignIn {
                         route = %login.return_to.split('?').next().unwrap_or("/"),
                         "signed in"
                     );
-                    let session = Session {
+                    let session = Session::new(
                         identity,
-                        id_token: signed_in.id_token,
-                        refresh_token: signed_in.refresh_token,
-                        expires_at: signed_in.claims.exp,
-                        signed_in_at: now(),
-                        last_seen: now(),
-                        identity_headers: Default::default(),
-                    };
-                    let location = format!("{}{}", self.public_url, login.return_to);
-                    let mut response = if login.shortened {
-                        shortened_link(&login.return_to, html, id)
-                    } else {
-                        pages::redirect(StatusCode::SEE_OTHER, &location)
-                    };
-                    pages::append_cookies(
-                        &mut response,
-                        self.sessions.write(&session, &parts.headers),
+                        signed_in.id_token,
+                        signed_in.refresh_token,
+                        signed_in.claims.exp,
                     );
-                    response
+                    // The session this browser had before, if any, ends:
+                    // one cookie, one session.
+                    if let Found::Valid(old) = self.sessions.read(&parts.headers).await {
+                        let _ = self.sessions.end(&old).await;
+                    }
+                    match self.sessions.save(session, &parts.headers).await {
+                        Ok((_, cookies)) => {
+                            let location = format!("{}{}", self.public_url, login.return_to);
+                            let mut response = if login.shortened {
+                                shortened_link(&login.return_to, html, id)
+                            } else {
+                                pages::redirect(StatusCode::SEE_OTHER, &location)
+                            };
+                            pages::append_cookies(&mut response, cookies);
+                            response
+                        }
+                        Err(_) => pages::problem(pages::STORE_UNAVAILABLE, html, id),
+                    }
                 }
                 Err(e) => {
                     self.count("failed");
@@ -347,7 +358,7 @@ impl SignIn {
     /// `GET` asks (a link cannot sign anyone out cross-site); `POST` from
     /// this origin clears the session and, when the provider supports it,
     /// ends the provider's session too.
-    pub fn sign_out(
+    pub async fn sign_out(
         &self,
         method: &Method,
         headers: &HeaderMap,
@@ -374,11 +385,17 @@ impl SignIn {
             )
             .render(html, id);
         }
-        let session = match self.sessions.read(headers) {
+        // A session that cannot be ended would outlive the cleared cookie
+        // in its copies: say so rather than pretend.
+        let session = match self.sessions.read(headers).await {
             Found::Valid(session) => Some(session),
             Found::None | Found::Unusable => None,
+            Found::Unavailable => return pages::problem(pages::STORE_UNAVAILABLE, html, id),
         };
         if let Some(session) = &session {
+            if self.sessions.end(session).await.is_err() {
+                return pages::problem(pages::STORE_UNAVAILABLE, html, id);
+            }
             tracing::info!(
                 target: AUDIT,
                 request_id = id,

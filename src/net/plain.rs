@@ -1,6 +1,7 @@
 //! The plain-HTTP listeners: the port-80 redirect to https and the admin
 //! (metrics) listener, each answering every request itself.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
@@ -17,7 +18,7 @@ use crate::pages;
 
 /// A plain-HTTP/1.1 listener answering every request with `answer`: the
 /// port-80 redirect and the admin (metrics) listener.
-pub async fn run_plain<F>(
+pub async fn run_plain<F, A>(
     listener: TcpListener,
     timeouts: &Timeouts,
     limits: &Limits,
@@ -25,7 +26,8 @@ pub async fn run_plain<F>(
     connections: &OpenConnections,
     answer: F,
 ) where
-    F: Fn(&Request<Incoming>) -> Response<crate::Body> + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> A + Send + Sync + 'static,
+    A: Future<Output = Response<crate::Body>> + Send + 'static,
 {
     let answer = Arc::new(answer);
     let header_read = timeouts.header_read;
@@ -38,8 +40,8 @@ pub async fn run_plain<F>(
             let answer = answer.clone();
             async move {
                 let service = service_fn(move |req| {
-                    let response = answer(&req);
-                    async move { Ok::<_, std::convert::Infallible>(response) }
+                    let response = answer(req);
+                    async move { Ok::<_, std::convert::Infallible>(response.await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())

@@ -1,5 +1,5 @@
 //! Prometheus metrics (the `prometheus-client` crate, OpenMetrics text),
-//! served on the admin listener, away from the public port.
+//! served on the admin listener (`ops::admin`), away from the public port.
 
 use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
@@ -48,6 +48,9 @@ pub struct Metrics {
     pub provider_requests: Family<Kind, Counter>,
     pub websockets_active: Gauge,
     pub tls_handshake_failures: Counter,
+    /// Sessions read from the store (a cache miss); flat in steady state.
+    pub session_store_lookups: Counter,
+    pub session_store_errors: Counter,
     pub certificate_expiry: Gauge<i64, AtomicI64>,
 }
 
@@ -69,6 +72,8 @@ impl Default for Metrics {
             provider_requests: Family::default(),
             websockets_active: Gauge::default(),
             tls_handshake_failures: Counter::default(),
+            session_store_lookups: Counter::default(),
+            session_store_errors: Counter::default(),
             certificate_expiry: Gauge::default(),
         };
         registry.register(
@@ -110,6 +115,16 @@ impl Default for Metrics {
             "tls_handshake_failures",
             "Client TLS handshakes that failed or timed out",
             metrics.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "session_store_lookups",
+            "Sessions read from the session store because no cached copy was fresh",
+            metrics.session_store_lookups.clone(),
+        );
+        registry.register(
+            "session_store_errors",
+            "Session store operations that failed",
+            metrics.session_store_errors.clone(),
         );
         registry.register(
             "certificate_expiry_timestamp_seconds",
@@ -175,23 +190,4 @@ impl RouteMetrics {
             .inc();
         self.latency.observe(latency.as_secs_f64());
     }
-}
-
-/// The admin listener's answer: `GET /metrics`, nothing else.
-pub fn answer(
-    metrics: &Metrics,
-    req: &http::Request<hyper::body::Incoming>,
-) -> http::Response<crate::Body> {
-    use http::header::{HeaderValue, CONTENT_TYPE};
-    if req.uri().path() != "/metrics" || req.method() != http::Method::GET {
-        let mut response = http::Response::new(crate::pages::full("only GET /metrics here\n"));
-        *response.status_mut() = http::StatusCode::NOT_FOUND;
-        return response;
-    }
-    let mut response = http::Response::new(crate::pages::full(metrics.render()));
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    response
 }

@@ -13,7 +13,7 @@ use crate::Body;
 impl Gateway {
     /// `ping` answers while the process lives; `ready` only while it
     /// accepts new work and sign-in can start.
-    pub(super) fn own_endpoint(
+    pub(super) async fn own_endpoint(
         &self,
         endpoint: &str,
         req: &Request<Body>,
@@ -33,7 +33,7 @@ impl Gateway {
             }
             ("ready", _) if readable && draining => pages::problem(pages::DRAINING, html, id),
             ("ready", _) if readable => pages::problem(pages::PROVIDER_NOT_READY, html, id),
-            ("sign_out", Some(signin)) => signin.sign_out(method, req.headers(), html, id),
+            ("sign_out", Some(signin)) => signin.sign_out(method, req.headers(), html, id).await,
             ("signed_out", Some(signin)) if readable => signin.signed_out_page(html, id),
             _ => pages::problem(pages::NOT_FOUND, html, id),
         }

@@ -73,16 +73,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// `oidc` is present exactly when the configuration has sign-in.
+    /// `oidc` and `sessions` are present exactly when the configuration
+    /// has sign-in.
     pub fn new(
         config: &Config,
         oidc: Option<Arc<Oidc>>,
+        sessions: Option<Sessions>,
         metrics: Metrics,
     ) -> Result<Arc<Gateway>, crate::outbound::ClientError> {
-        let signin = oidc.zip(config.session.as_ref()).map(|(oidc, session)| {
+        let signin = oidc.zip(sessions).map(|(oidc, sessions)| {
             SignIn::new(
                 oidc,
-                Sessions::new(session),
+                sessions,
                 config.public_url.clone(),
                 config.gateway_prefix.clone(),
                 // A body the gateway reads itself: as quick as a head.
@@ -167,7 +169,7 @@ impl Gateway {
 
         // 3. The gateway's own endpoints.
         if let Some(endpoint) = path.strip_prefix(&self.gateway_prefix) {
-            let response = self.own_endpoint(endpoint, &req, html, id);
+            let response = Box::pin(self.own_endpoint(endpoint, &req, html, id)).await;
             seen.done(&self.own_metrics, response.status());
             return response;
         }
@@ -230,7 +232,7 @@ impl Gateway {
             req.headers_mut()
                 .reserve(self.identity_headers.count() + forward::HEADERS_ADDED);
             match &caller.authenticated {
-                Authenticated::Session { session, .. } => {
+                Authenticated::Session(session) => {
                     self.identity_headers
                         .inject_id_token(req.headers_mut(), &session.id_token);
                     session

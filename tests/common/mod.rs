@@ -42,6 +42,7 @@ pub struct Gateway {
     pub redirect_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<serde_json::Value>>>,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -133,9 +134,40 @@ impl Gateway {
                     redirect_addr,
                     admin_addr,
                     logs,
+                    env: env
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
                 };
             }
         }
+    }
+
+    /// Stops the process (SIGKILL: nothing is flushed on the way out) and
+    /// starts it again in the same directory with the same configuration
+    /// and environment.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let config = std::fs::read_to_string(dir.path().join("authgate.toml")).unwrap();
+        let env = std::mem::take(&mut self.env);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        *self = Gateway::start_with_env(dir, &config, &env);
+    }
+
+    /// `authgate <args>` run as an admin would beside this gateway: same
+    /// directory, configuration and environment, its admin listener.
+    pub fn command(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let admin = self.admin_addr.expect("an admin listener").to_string();
+        let mut env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        env.push(("AUTHGATE_ADMIN_LISTEN", &admin));
+        let args = [&["--config", "authgate.toml"], args].concat();
+        run_authgate(self.dir.path(), &args, &env)
     }
 
     pub fn pid(&self) -> i32 {
@@ -196,23 +228,11 @@ impl Gateway {
 
     /// The Prometheus exposition from the admin listener.
     pub async fn scrape(&self) -> String {
-        let tcp = TcpStream::connect(self.admin_addr.expect("admin listener"))
-            .await
-            .unwrap();
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let response = send
-            .send_request(
-                Request::get("/metrics")
-                    .header("host", "admin")
-                    .body(empty())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let response = send_plain(
+            self.admin_addr.expect("admin listener"),
+            Request::get("/metrics").body(empty()).unwrap(),
+        )
+        .await;
         assert_eq!(response.status(), StatusCode::OK);
         body_string(response).await
     }
@@ -626,6 +646,18 @@ pub async fn send(addr: SocketAddr, mut req: Request<TestBody>) -> Response<Inco
             .insert("host", http::HeaderValue::from_static("localhost"));
     }
     let (mut send, _) = http1(addr).await;
+    send.send_request(req).await.unwrap()
+}
+
+/// One request over plain HTTP/1.1 (the admin listener).
+pub async fn send_plain(addr: SocketAddr, mut req: Request<TestBody>) -> Response<Incoming> {
+    req.headers_mut()
+        .insert("host", http::HeaderValue::from_static("admin"));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<_, TestBody>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
     send.send_request(req).await.unwrap()
 }
 

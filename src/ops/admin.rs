@@ -1,0 +1,233 @@
+//! The admin listener (`admin_listen`, loopback by default): `/metrics`
+//! for anyone who can reach it, and the session endpoints, which need the
+//! admin token since the listener may face a cluster network:
+//!
+//! - `GET /sessions[?user=UPN|OID]`: the live sessions (never an id or a
+//!   token);
+//! - `DELETE /sessions?user=UPN|OID`, `?session=HANDLE` or `?all=true`:
+//!   ends them, here and (within `session.cache_ttl`) on every instance
+//!   sharing the store.
+//!
+//! `authgate sessions` is the client of these, in [`client`].
+
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::session::{AdminError, Sessions, Who};
+use crate::config::Config;
+use crate::ops::logging::AUDIT;
+use crate::ops::metrics::Metrics;
+use crate::pages;
+use crate::state::{StateError, ADMIN_TOKEN_FILE};
+use crate::Body;
+
+/// The token the session endpoints want: `admin_token`, else the one
+/// generated and kept under `state_dir` (which `authgate sessions`, run
+/// with the same configuration, reads too).
+pub fn token(config: &Config) -> Result<String, StateError> {
+    match &config.admin_token {
+        Some(token) => Ok(token.clone()),
+        None => config.state_dir.secret(ADMIN_TOKEN_FILE),
+    }
+}
+
+pub struct Admin {
+    pub metrics: Metrics,
+    /// `None` when the gateway has no sign-in.
+    pub sessions: Option<Sessions>,
+    pub token: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Query {
+    user: Option<String>,
+    session: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+impl Admin {
+    pub async fn answer<B>(&self, req: Request<B>) -> Response<Body> {
+        match req.uri().path() {
+            "/metrics" if req.method() == Method::GET => {
+                let mut response = Response::new(pages::full(self.metrics.render()));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            "/sessions" => self.sessions(&req).await,
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "here: GET /metrics, GET and DELETE /sessions",
+            ),
+        }
+    }
+
+    async fn sessions<B>(&self, req: &Request<B>) -> Response<Body> {
+        if !self.authorized(req) {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send `Authorization: Bearer <admin token>` (admin_token, or the file admin.token \
+                 under state_dir)",
+            );
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        let Some(sessions) = &self.sessions else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "no_sign_in",
+                "this gateway has no sign-in, so no sessions",
+            );
+        };
+        let Ok(query) = serde_urlencoded::from_str::<Query>(req.uri().query().unwrap_or("")) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                "parameters: user=UPN|OID, session=HANDLE, all=true",
+            );
+        };
+        let outcome = match *req.method() {
+            Method::GET => sessions
+                .list(query.user.as_deref())
+                .await
+                .map(|listed| json!({ "sessions": listed })),
+            Method::DELETE => {
+                let who = match (query.user, query.session, query.all) {
+                    (Some(user), None, false) => Who::User(user),
+                    (None, Some(handle), false) => Who::Session(handle),
+                    (None, None, true) => Who::All,
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "whose_sessions",
+                            "say whose sessions to end: exactly one of user=UPN|OID, \
+                             session=HANDLE or all=true",
+                        )
+                    }
+                };
+                let revoked = sessions.revoke(&who).await;
+                if let Ok(count) = revoked {
+                    tracing::info!(target: AUDIT, who = ?who, count, "sessions revoked");
+                }
+                revoked.map(|count| json!({ "revoked": count }))
+            }
+            _ => {
+                return error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method",
+                    "GET lists sessions, DELETE ends them",
+                )
+            }
+        };
+        match outcome {
+            Ok(body) => pages::json(StatusCode::OK, body),
+            Err(e @ AdminError::NoStore) => error(StatusCode::CONFLICT, "no_store", &e.to_string()),
+            Err(AdminError::Store(e)) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                &e.to_string(),
+            ),
+        }
+    }
+
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
+        let sent = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        // Compared in constant time: the listener may be reachable by
+        // more than the admin.
+        aws_lc_rs::constant_time::verify_slices_are_equal(sent.as_bytes(), self.token.as_bytes())
+            .is_ok()
+    }
+}
+
+fn error(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
+    pages::json(status, json!({ "error": code, "detail": detail }))
+}
+
+/// `authgate sessions`: the same requests, sent to the running gateway
+/// this configuration describes.
+pub mod client {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use bytes::Bytes;
+    use http::{Method, Request, StatusCode};
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+
+    use crate::config::Config;
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum ClientError {
+        #[error("admin_listen is off, and `authgate sessions` talks to the gateway through it")]
+        NoAdminListener,
+        #[error(transparent)]
+        Token(#[from] crate::state::StateError),
+        #[error("cannot reach the gateway's admin listener at {addr} (is authgate running with this configuration?): {source}")]
+        Connect {
+            addr: std::net::SocketAddr,
+            source: std::io::Error,
+        },
+        #[error("the admin listener's answer broke off: {0}")]
+        Http(#[from] hyper::Error),
+        #[error("the gateway answered {status}: {detail}")]
+        Refused { status: StatusCode, detail: String },
+    }
+
+    /// Sends `method /sessions?query` and returns the JSON answer.
+    pub async fn call(
+        config: &Config,
+        method: Method,
+        query: &[(&str, &str)],
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut addr = config.admin_listen.ok_or(ClientError::NoAdminListener)?;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let token = super::token(config)?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let (mut send, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(connection);
+        let query = serde_urlencoded::to_string(query).expect("pairs of strings encode");
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("/sessions?{query}"))
+            .header(http::header::HOST, addr.to_string())
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Empty::<Bytes>::new())
+            .expect("a valid request");
+        let response = send.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if status != StatusCode::OK {
+            let detail = json["detail"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+            return Err(ClientError::Refused { status, detail });
+        }
+        Ok(json)
+    }
+}

@@ -1,0 +1,117 @@
+//! `state_dir`: what the gateway keeps between runs (the embedded session
+//! store, and the session secret and admin token it generates when the
+//! configuration sets none). Readable by the gateway's user alone.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+/// The generated session secret, when `session.secret` is unset.
+pub const SESSION_SECRET_FILE: &str = "session.secret";
+/// The generated admin token, when `admin_token` is unset.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The embedded session store.
+pub const SESSIONS_FILE: &str = "sessions.redb";
+
+#[derive(Debug, thiserror::Error)]
+#[error("state_dir `{}`: cannot {action}: {source}", path.display())]
+pub struct StateError {
+    path: PathBuf,
+    action: &'static str,
+    source: std::io::Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir(PathBuf);
+
+impl StateDir {
+    pub fn new(path: impl Into<PathBuf>) -> StateDir {
+        StateDir(path.into())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The directory, created (0700) when missing.
+    pub fn prepare(&self) -> Result<&Path, StateError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.0)
+            .map_err(|source| self.error("create it", source))?;
+        Ok(&self.0)
+    }
+
+    /// The secret kept in `name`, generated (32 random bytes, base64url,
+    /// 0600) on first use. Two processes starting at once agree: the file
+    /// is created exclusively, and the loser reads the winner's.
+    pub fn secret(&self, name: &str) -> Result<String, StateError> {
+        let path = self.prepare()?.join(name);
+        let generated = URL_SAFE_NO_PAD.encode(crate::random_bytes::<32>());
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path);
+        match created {
+            Ok(mut file) => {
+                file.write_all(generated.as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .map_err(|source| self.error("write a generated secret", source))?;
+                Ok(generated)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let kept = std::fs::read_to_string(&path)
+                    .map_err(|source| self.error("read a kept secret", source))?;
+                let kept = kept.trim();
+                if kept.is_empty() {
+                    // A run killed between creating and writing it.
+                    std::fs::remove_file(&path)
+                        .map_err(|source| self.error("replace an empty secret", source))?;
+                    return self.secret(name);
+                }
+                Ok(kept.to_owned())
+            }
+            Err(source) => Err(self.error("create a secret", source)),
+        }
+    }
+
+    fn error(&self, action: &'static str, source: std::io::Error) -> StateError {
+        StateError {
+            path: self.0.clone(),
+            action,
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_generated_secret_is_private_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        let first = state.secret(SESSION_SECRET_FILE).unwrap();
+        assert_eq!(URL_SAFE_NO_PAD.decode(&first).unwrap().len(), 32);
+        assert_eq!(state.secret(SESSION_SECRET_FILE).unwrap(), first);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state.path().join(SESSION_SECRET_FILE)), 0o600);
+        assert_eq!(mode(state.path()), 0o700);
+        assert_ne!(state.secret(ADMIN_TOKEN_FILE).unwrap(), first);
+    }
+
+    #[test]
+    fn an_empty_kept_secret_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        std::fs::write(dir.path().join(ADMIN_TOKEN_FILE), "").unwrap();
+        assert_eq!(state.secret(ADMIN_TOKEN_FILE).unwrap().len(), 43);
+    }
+}
