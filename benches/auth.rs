@@ -63,6 +63,7 @@ fn sessions(c: &mut Criterion) {
             cache_ttl: Duration::from_secs(5),
             secrets: vec![vec![7; 32]],
             refresh_before: Duration::from_secs(300),
+            redis: None,
             cookie_name: "__Host-authgate".into(),
             idle_timeout: Duration::from_secs(3600),
             lifetime: Duration::from_secs(8 * 3600),

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::policy::Policy;
-use crate::auth::session::{SessionConfig, StoreKind};
+use crate::auth::session::{RedisConfig, SessionConfig, StoreKind};
 use crate::forward::routes::{Access, RouteConfig, UpstreamUrl};
 use crate::forward::ProxyConfig;
 use crate::idp::{ClientAuth, OidcConfig, ResponseMode};
@@ -251,6 +251,9 @@ struct RawSession {
     store: StoreKind,
     #[serde(with = "humantime_serde")]
     cache_ttl: Duration,
+    redis_url: Option<String>,
+    redis_password: Option<String>,
+    redis_ca: Option<PathBuf>,
     secret: Option<String>,
     previous_secrets: Vec<String>,
     cookie_name: String,
@@ -267,6 +270,9 @@ impl Default for RawSession {
         RawSession {
             store: StoreKind::Embedded,
             cache_ttl: Duration::from_secs(5),
+            redis_url: None,
+            redis_password: None,
+            redis_ca: None,
             secret: None,
             previous_secrets: Vec::new(),
             cookie_name: "__Host-authgate".into(),
@@ -1060,8 +1066,41 @@ fn session_config(
         idle_timeout,
         lifetime,
         refresh_before,
+        redis_url,
+        redis_password,
+        redis_ca,
         ..
     } = raw;
+    let redis = match (store, redis_url.filter(|u| !u.is_empty())) {
+        (StoreKind::Redis, None) => {
+            return Err(origins.error(
+                "session.redis_url",
+                "missing: session.store = \"redis\" needs the server, such as \
+                 redis://redis.internal:6379 or rediss:// for TLS",
+            ))
+        }
+        (StoreKind::Redis, Some(url)) => {
+            // The URL may hold a password: never echoed.
+            let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+                .iter()
+                .any(|s| url.starts_with(s));
+            if !scheme_ok || redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_err()
+            {
+                return Err(origins.invalid(
+                    "session.redis_url",
+                    "(hidden)",
+                    "a Redis URL: redis://host:6379, rediss://host:6380 (TLS), \
+                     redis+unix:///path/redis.sock; a password in it or in session.redis_password",
+                ));
+            }
+            Some(RedisConfig {
+                url,
+                password: redis_password.filter(|p| !p.is_empty()),
+                ca: redis_ca,
+            })
+        }
+        _ => None,
+    };
     if !cookie_name.starts_with("__Host-") || http::HeaderName::from_str(&cookie_name).is_err() {
         return Err(origins.invalid(
             "session.cookie_name",
@@ -1090,6 +1129,7 @@ fn session_config(
         cookie_name,
         idle_timeout,
         lifetime,
+        redis,
     })
 }
 
@@ -1266,6 +1306,35 @@ mod tests {
             err.contains("session.store") && err.contains("embedded") && err.contains("cookie"),
             "{err}"
         );
+        for (url, wanted) in [
+            (None, "missing"),
+            (Some("http://user:hunter2@redis:6379"), "not valid"),
+        ] {
+            let mut env = vec![("AUTHGATE_SESSION_STORE", "redis")];
+            env.extend(url.map(|u| ("AUTHGATE_SESSION_REDIS_URL", u)));
+            let err = load_exactly(SIGN_IN, &env).unwrap_err().to_string();
+            assert!(
+                err.contains("session.redis_url") && err.contains(wanted),
+                "{err}"
+            );
+            assert!(
+                !err.contains("hunter2"),
+                "a password must not be echoed: {err}"
+            );
+        }
+        let config = load_exactly(
+            SIGN_IN,
+            &[
+                ("AUTHGATE_SESSION_STORE", "redis"),
+                (
+                    "AUTHGATE_SESSION_REDIS_URL",
+                    "rediss://redis.internal:6380/2",
+                ),
+            ],
+        )
+        .unwrap();
+        let redis = config.session.unwrap().redis.unwrap();
+        assert_eq!(redis.url, "rediss://redis.internal:6380/2");
         let err = load_exactly(SIGN_IN, &[("AUTHGATE_SESSION_CACHE_TTL", "1h")])
             .unwrap_err()
             .to_string();

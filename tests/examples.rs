@@ -68,21 +68,25 @@ fn every_example_is_valid_yaml() {
         "examples/kubernetes/workload-identity.yaml",
         "examples/kubernetes/authgate-config.yaml",
         "examples/kubernetes/secret.yaml",
+        "examples/kubernetes/replicas.yaml",
+        "examples/docker-compose.replicas.yml",
     ] {
         assert!(!documents(path).is_empty(), "{path} holds no document");
     }
 }
 
 /// Runs check-config in a directory laid out like the container: the
-/// preset at config/authgate.toml, secret files where the example says.
-fn check(example: &str, env: Vec<(String, String)>) {
+/// RustDesk preset at config/authgate.toml, secret files where the
+/// example says; returns what it printed.
+fn check(example: &str, env: Vec<(String, String)>) -> String {
+    check_with("config/rustdesk.toml", example, env)
+}
+
+/// The same with `config` (a file of the repository) as the image's.
+fn check_with(config: &str, example: &str, env: Vec<(String, String)>) -> String {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
-    std::fs::write(
-        dir.path().join("config/authgate.toml"),
-        repo("config/rustdesk.toml"),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("config/authgate.toml"), repo(config)).unwrap();
     let env: Vec<(String, String)> = env
         .into_iter()
         .map(|(name, value)| {
@@ -103,6 +107,26 @@ fn check(example: &str, env: Vec<(String, String)>) {
     let (status, stdout, stderr) = run_authgate(dir.path(), &["check-config"], &env);
     assert!(status.success(), "{example}: {stderr}{stdout}");
     assert!(stdout.contains("/api/oidc/callback"), "{example}: {stdout}");
+    stdout
+}
+
+/// The replica examples run the image's own config/authgate.toml, with
+/// sessions in Redis.
+#[test]
+fn the_replica_examples_configure_gateways_sharing_redis() {
+    for example in [
+        "examples/kubernetes/replicas.yaml",
+        "examples/docker-compose.replicas.yml",
+    ] {
+        let env = settings(example);
+        assert!(
+            env.iter()
+                .any(|(k, v)| k == "AUTHGATE_SESSION_STORE" && v == "redis"),
+            "{example}: {env:?}"
+        );
+        let printed = check_with("config/authgate.toml", example, env);
+        assert!(printed.contains("kept in Redis at"), "{example}: {printed}");
+    }
 }
 
 #[test]

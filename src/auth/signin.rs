@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use super::{Authenticated, Unidentified};
 use crate::auth::identity::Identity;
 use crate::auth::policy::Denial;
-use crate::auth::session::{Found, LastCookie, LoginState, Session, Sessions};
+use crate::auth::session::{Found, LastCookie, LoginState, Renewal, Session, Sessions};
 use crate::config::PublicUrl;
 use crate::idp::explain;
 use crate::idp::provider::{Oidc, RefreshError};
@@ -76,6 +76,11 @@ impl SignIn {
         self.oidc.is_ready()
     }
 
+    /// Whether the session store answers; `None` without one.
+    pub async fn store_health(&self) -> Option<Result<(), crate::auth::session::StoreError>> {
+        self.sessions.store_health().await
+    }
+
     fn config(&self) -> &OidcConfig {
         self.oidc.config()
     }
@@ -94,10 +99,17 @@ impl SignIn {
     ) -> Result<(Authenticated, Vec<HeaderValue>), Unidentified> {
         match self.sessions.read_remembering(headers, last).await {
             Found::Valid(session) => {
-                let (session, cookies) = self
-                    .renew_if_due(session, headers)
-                    .await
-                    .ok_or(Unidentified::Nothing)?;
+                let (session, cookies) = if self.sessions.due_for_refresh(&session) {
+                    // Boxed, as every call to the provider is: inline, its
+                    // future would grow every request's, which each client
+                    // connection keeps an allocation of.
+                    Box::pin(self.renew(session, headers))
+                        .await
+                        .ok_or(Unidentified::Nothing)?
+                } else {
+                    let cookies = self.sessions.touch(&session, headers);
+                    (session, cookies)
+                };
                 return Ok((Authenticated::Session(session), cookies));
             }
             // A bearer token does not need the store; a browser does.
@@ -124,27 +136,55 @@ impl SignIn {
         }
     }
 
-    /// Renews the session's tokens when the ID token is about to expire,
-    /// else slides its idle timer. `None` when the provider refused
-    /// (revoked, user disabled): the session ends and the user must sign
-    /// in again. A provider that cannot be asked does not end the session;
-    /// it is asked again a minute later.
-    async fn renew_if_due(
+    /// Renews the session's tokens (its ID token is about to expire).
+    /// `None` when the provider refused (revoked, user disabled) or the
+    /// session was ended elsewhere: the user must sign in again. A
+    /// provider that cannot be asked, or another instance renewing the
+    /// same session right now, does not end it: it serves as it is.
+    async fn renew(
         &self,
         session: Arc<Session>,
         request: &HeaderMap,
     ) -> Option<(Arc<Session>, Vec<HeaderValue>)> {
-        let refresh_token = match &session.refresh_token {
-            Some(token) if self.sessions.due_for_refresh(&session) => token.clone(),
-            _ => {
-                let cookies = self.sessions.touch(&session, request);
-                return Some((session, cookies));
-            }
+        let as_is = |session: Arc<Session>| {
+            let cookies = self.sessions.touch(&session, request);
+            Some((session, cookies))
         };
-        // Boxed, as every call to the provider is: inline, its future would
-        // grow every request's, which each client connection keeps an
-        // allocation of.
-        let outcome = Box::pin(self.oidc.refresh(&refresh_token, &session.identity.subject)).await;
+        let Some(refresh_token) = session.refresh_token.clone() else {
+            return as_is(session);
+        };
+        let lock = match self.sessions.begin_renewal(&session).await {
+            Ok(Renewal::Go(lock)) => lock,
+            Ok(Renewal::Done(renewed)) => return Some((renewed, Vec::new())),
+            Ok(Renewal::Ended) => return None,
+            // Logged by the store when it failed.
+            Ok(Renewal::Busy) | Err(_) => return as_is(session),
+        };
+        // On a task of its own: a request dropped midway (the browser
+        // went away) must not lose a rotated refresh token, which the
+        // provider has spent, nor hold the renewal lock.
+        let this = self.clone();
+        let (held, request) = (session.clone(), request.clone());
+        tokio::spawn(async move {
+            let renewed = this.refresh(held, &refresh_token, &request).await;
+            this.sessions.end_renewal(lock).await;
+            renewed
+        })
+        .await
+        .unwrap_or_else(|_| as_is(session))
+    }
+
+    /// Asks the provider for new tokens and keeps them with the session.
+    async fn refresh(
+        &self,
+        session: Arc<Session>,
+        refresh_token: &str,
+        request: &HeaderMap,
+    ) -> Option<(Arc<Session>, Vec<HeaderValue>)> {
+        let outcome = self
+            .oidc
+            .refresh(refresh_token, &session.identity.subject)
+            .await;
         match &*outcome {
             Ok(signed_in) => {
                 tracing::debug!(user = %session.identity.username, "session renewed");

@@ -1,5 +1,6 @@
 //! The gateway's own endpoints under `gateway_prefix`: liveness,
-//! readiness, sign-out and the signed-out page.
+//! readiness (and the session store's health), sign-out and the
+//! signed-out page.
 
 use std::sync::atomic::Ordering;
 
@@ -28,8 +29,19 @@ impl Gateway {
             ("ping", _) if readable => {
                 pages::json(StatusCode::OK, serde_json::json!({ "status": "ok" }))
             }
+            // A session store that is down does not make the gateway
+            // unready: public routes and the clients' API still work. It
+            // is reported.
             ("ready", _) if readable && !draining && signin_ready => {
-                pages::json(StatusCode::OK, serde_json::json!({ "ready": true }))
+                let mut body = serde_json::json!({ "ready": true });
+                if let Some(health) = match &self.signin {
+                    Some(signin) => signin.store_health().await,
+                    None => None,
+                } {
+                    body["session_store"] =
+                        if health.is_ok() { "ok" } else { "unavailable" }.into();
+                }
+                pages::json(StatusCode::OK, body)
             }
             ("ready", _) if readable && draining => pages::problem(pages::DRAINING, html, id),
             ("ready", _) if readable => pages::problem(pages::PROVIDER_NOT_READY, html, id),

@@ -156,6 +156,28 @@ impl Gateway {
         *self = Gateway::start_with_env(dir, &config, &env);
     }
 
+    /// Another process with this one's configuration, environment and the
+    /// files beside its configuration, on a port of its own: a replica.
+    pub fn replica(&self) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_file() && entry.file_name() != "authgate.toml" {
+                std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+            }
+        }
+        let config = std::fs::read_to_string(self.dir.path().join("authgate.toml")).unwrap();
+        let own = format!("listen = \"{}\"", self.addr);
+        assert!(config.contains(&own), "no `{own}` in the configuration");
+        let config = config.replace(&own, &format!("listen = \"{}\"", closed_port()));
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Gateway::start_with_env(dir, &config, &env)
+    }
+
     /// `authgate <args>` run as an admin would beside this gateway: same
     /// directory, configuration and environment, its admin listener.
     pub fn command(&self, args: &[&str]) -> (ExitStatus, String, String) {

@@ -235,3 +235,132 @@ pub async fn browser(origin: &str, steps: Value) -> Vec<Value> {
         failure => panic!("browser run failed: {failure:#}"),
     }
 }
+
+/// Debian's `redis-server` on a free loopback port, in memory unless
+/// `durable` (then an append-only file fsynced at every write, so a
+/// restart keeps what was written). It lives under a shell that kills it
+/// when this test process's end of the pipe closes, so no server outlives
+/// the tests, however they end.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    durable: bool,
+    /// Serves TLS only, with a certificate from this CA's leaf files.
+    tls: bool,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// The one server this test binary's tests share; each gets its own
+    /// database of it from [`Redis::database`].
+    pub fn shared() -> &'static Redis {
+        static SHARED: std::sync::OnceLock<Redis> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| Redis::start(false))
+    }
+
+    pub fn start(durable: bool) -> Redis {
+        let mut redis = Redis {
+            child: None,
+            port: super::closed_port().port(),
+            durable,
+            tls: false,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Speaking TLS only (`rediss://`), with a certificate `ca` issued.
+    pub fn start_tls(ca: &TestCa) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.leaf_pem();
+        std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), &ca.pem).unwrap();
+        let mut redis = Redis {
+            child: None,
+            port: super::closed_port().port(),
+            durable: false,
+            tls: true,
+            dir,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let persistence = if self.durable {
+            "--appendonly yes --appendfsync always"
+        } else {
+            "--appendonly no"
+        };
+        let dir = self.dir.path().display();
+        let ports = if self.tls {
+            format!(
+                "--port 0 --tls-port {} --tls-cert-file {dir}/tls.crt --tls-key-file {dir}/tls.key \
+                 --tls-ca-cert-file {dir}/ca.crt --tls-auth-clients no",
+                self.port
+            )
+        } else {
+            format!("--port {}", self.port)
+        };
+        let script = format!(
+            "redis-server {ports} --bind 127.0.0.1 --save '' {persistence} --dir '{dir}' \
+             --loglevel warning & server=$!; cat >/dev/null; kill $server; wait $server"
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/peers installs it)");
+        self.child = Some(child);
+        let started = Instant::now();
+        while !self.answers() {
+            assert!(started.elapsed() < DEADLINE, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it answers PING now (over TLS: whether it listens).
+    fn answers(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        if self.tls {
+            return true;
+        }
+        let mut answer = [0u8; 7];
+        tcp.write_all(b"PING\r\n").is_ok()
+            && tcp.read_exact(&mut answer).is_ok()
+            && &answer == b"+PONG\r\n"
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin.take());
+            child.wait().unwrap();
+        }
+    }
+
+    /// Started again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// A database of its own for each caller (Redis has 16).
+    pub fn database(&self) -> String {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let db = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(db < 16, "more Redis stacks than databases");
+        format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -149,6 +149,20 @@ secret = "{SESSION_SECRET}"
         .await
     }
 
+    /// Signs out with `cookie` at the gateway at `addr` (this stack's or a
+    /// replica's), as the sign-out button of this origin does.
+    pub async fn sign_out(&self, addr: std::net::SocketAddr, cookie: &str) -> Response<Incoming> {
+        send(
+            addr,
+            http::Request::post("/oauth2/sign_out")
+                .header("cookie", cookie)
+                .header("origin", self.origin.as_str())
+                .body(empty())
+                .unwrap(),
+        )
+        .await
+    }
+
     pub fn provider_origin(&self) -> String {
         format!("https://127.0.0.1:{}/", self.provider.port)
     }

@@ -107,6 +107,10 @@ const provider = new Provider(issuer, {
     return grant;
   },
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // ROTATE_REFRESH=1: every refresh returns a new refresh token and spends
+  // the old one; one used twice revokes the grant (oidc-provider's replay
+  // detection), as a provider that rotates refresh tokens would.
+  rotateRefreshToken: () => env.ROTATE_REFRESH === '1',
   features: {
     devInteractions: { enabled: true },
     // Access tokens for this app's own API, as JWTs (what an API client

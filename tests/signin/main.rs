@@ -10,4 +10,5 @@ mod boundary;
 mod browser;
 mod credentials;
 mod operations;
+mod replicas;
 mod sessions;

@@ -169,15 +169,7 @@ async fn a_stored_session_is_one_small_cookie_survives_a_restart_and_sign_out_en
     );
 
     // Signed out with one copy of the cookie: every copy is refused.
-    let response = send(
-        stack.gateway.addr,
-        http::Request::post("/oauth2/sign_out")
-            .header("cookie", cookie.as_str())
-            .header("origin", stack.origin.as_str())
-            .body(empty())
-            .unwrap(),
-    )
-    .await;
+    let response = stack.sign_out(stack.gateway.addr, &cookie).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(user_at("/the-copy").await, None);
     stack
@@ -364,7 +356,7 @@ async fn large_sessions_in_cookies_split_and_the_id_token_can_be_passed_on() {
 }
 
 /// `authgate_provider_requests_total{kind="token"}` in an exposition.
-fn token_requests(metrics: &str) -> u64 {
+pub(crate) fn token_requests(metrics: &str) -> u64 {
     metrics
         .lines()
         .find(|l| l.starts_with("authgate_provider_requests_total{kind=\"token\"}"))

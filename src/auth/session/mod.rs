@@ -2,10 +2,11 @@
 //! state of each sign-in in flight.
 //!
 //! Where they live is `session.store`:
-//! - `embedded` (the default) and later networked stores: server-side. The
-//!   cookie carries a random 256-bit id; the store keeps the record under
-//!   the id's SHA-256, sealed with the session key, so sign-out and
-//!   revocation end a session wherever its cookie was copied.
+//! - `embedded` (the default, one file under `state_dir`) or `redis`
+//!   (shared by replicas): server-side. The cookie carries a random
+//!   256-bit id; the store keeps the record under the id's SHA-256, sealed
+//!   with the session key, so sign-out and revocation end a session
+//!   wherever its cookie was copied.
 //! - `cookie`: the whole session sealed into the cookie (the `cookie`
 //!   crate's private jar: AEAD, the cookie's name bound in), split across
 //!   `<name>`, `<name>.1`… when large. Nothing to keep, nothing to end.
@@ -14,6 +15,7 @@
 //! without signing everyone out.
 
 mod embedded;
+mod redis;
 mod store;
 
 use std::borrow::Cow;
@@ -31,6 +33,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
 use self::embedded::Embedded;
+use self::redis::{Redis, RedisSettings};
 pub use self::store::StoreError;
 use self::store::{Record, Store, StoreKey, Table, Tag};
 use crate::auth::identity::{Identity, IdentityValues};
@@ -43,6 +46,8 @@ use crate::state::{StateDir, StateError, SESSIONS_FILE, SESSION_SECRET_FILE};
 pub enum StoreKind {
     /// A file under `state_dir`.
     Embedded,
+    /// A Redis (or Valkey) server, shared by replicas.
+    Redis,
     /// The session itself in the cookie; nothing server-side.
     Cookie,
 }
@@ -61,6 +66,17 @@ pub struct SessionConfig {
     pub cookie_name: String,
     pub idle_timeout: Duration,
     pub lifetime: Duration,
+    /// Where Redis is, with `store = "redis"`.
+    pub redis: Option<RedisConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://`, `rediss://` (TLS) or `redis+unix://`.
+    pub url: String,
+    pub password: Option<String>,
+    /// PEM certificates to trust for `rediss://` (a private CA).
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Bytes of sealed value per cookie: browsers keep at least 4096 bytes
@@ -215,6 +231,23 @@ pub struct Listed {
     pub expires_at: u64,
 }
 
+/// What `begin_renewal` found.
+pub enum Renewal {
+    /// Renew now, then `end_renewal`.
+    Go(RenewalLock),
+    /// Another instance renewed it: the result.
+    Done(Arc<Session>),
+    /// Another instance is renewing it now: go on with it as it is.
+    Busy,
+    /// It was ended elsewhere.
+    Ended,
+}
+
+/// The renewal lock of a session, when the store has one.
+pub struct RenewalLock {
+    held: Option<(StoreKey, String)>,
+}
+
 /// Whose sessions to end.
 #[derive(Debug, Clone)]
 pub enum Who {
@@ -229,7 +262,8 @@ pub enum Who {
 pub enum AdminError {
     #[error(
         "sessions live in their cookies (session.store = \"cookie\"): there is nothing to list \
-         or end on the server; set session.store = \"embedded\" to keep them server-side"
+         or end on the server; set session.store = \"embedded\" (or \"redis\") to keep them \
+         server-side"
     )]
     NoStore,
     #[error(transparent)]
@@ -391,11 +425,31 @@ impl Sessions {
             ..config.clone()
         };
         let mut sessions = Sessions::in_cookies(&config);
-        if config.store == StoreKind::Embedded {
-            let path = state.prepare()?.join(SESSIONS_FILE);
-            let store = Store::Embedded(Embedded::open(&path)?);
-            sessions.kept = Kept::InStore(Stored::new(store, &config, metrics));
-        }
+        let store = match (config.store, &config.redis) {
+            (StoreKind::Cookie, _) => return Ok(sessions),
+            (StoreKind::Embedded, _) => {
+                let path = state.prepare()?.join(SESSIONS_FILE);
+                Store::Embedded(Embedded::open(&path)?)
+            }
+            (StoreKind::Redis, redis) => {
+                let redis = redis.as_ref().expect("validated: redis_url is set");
+                let ca = match &redis.ca {
+                    Some(path) => {
+                        Some(std::fs::read(path).map_err(|source| StoreError::RedisCa {
+                            path: path.clone(),
+                            source,
+                        })?)
+                    }
+                    None => None,
+                };
+                Store::Redis(Redis::new(&RedisSettings {
+                    url: &redis.url,
+                    password: redis.password.as_deref(),
+                    ca,
+                })?)
+            }
+        };
+        sessions.kept = Kept::InStore(Stored::new(store, &config, metrics));
         Ok(sessions)
     }
 
@@ -561,7 +615,8 @@ impl Sessions {
             return self.check_live(session);
         }
         stored.lookups.inc();
-        let record = match stored.store.get(Table::Sessions, key).await {
+        // Boxed: a store's future inline would grow every request's.
+        let record = match Box::pin(stored.store.get(Table::Sessions, key)).await {
             Ok(Some(record)) => record,
             Ok(None) => return Found::Unusable,
             Err(e) => {
@@ -692,6 +747,70 @@ impl Sessions {
             tags: stored.tags_of(&session.identity.user_id, &session.identity.username, 0..1),
             sealed: self.seal_record(Table::Sessions, key, json),
         }
+    }
+
+    /// Before renewing `session`'s tokens: with a shared store, only the
+    /// instance holding the session's lock renews, and only when no other
+    /// did meanwhile (a rotated refresh token is spent once).
+    pub async fn begin_renewal(&self, session: &Arc<Session>) -> Result<Renewal, StoreError> {
+        let (Kept::InStore(stored), Some(key)) = (&self.kept, session.key) else {
+            return Ok(Renewal::Go(RenewalLock { held: None }));
+        };
+        let Some(token) = stored
+            .store
+            .lock(key)
+            .await
+            .inspect_err(|e| stored.failed(e))?
+        else {
+            return Ok(Renewal::Busy);
+        };
+        let lock = RenewalLock {
+            held: Some((key, token)),
+        };
+        let latest = match stored.store.get(Table::Sessions, key).await {
+            Ok(latest) => latest,
+            Err(e) => {
+                self.end_renewal(lock).await;
+                stored.failed(&e);
+                return Err(e);
+            }
+        };
+        let latest = latest.and_then(|r| self.open_record::<Session>(Table::Sessions, key, &r));
+        match latest {
+            Some(latest) if latest.refresh_token == session.refresh_token => Ok(Renewal::Go(lock)),
+            Some(mut latest) => {
+                self.end_renewal(lock).await;
+                latest.key = Some(key);
+                let latest = Arc::new(latest);
+                session.fate.supersede();
+                stored.opened.insert(key, latest.clone());
+                Ok(Renewal::Done(latest))
+            }
+            None => {
+                self.end_renewal(lock).await;
+                stored.forget(key);
+                session.fate.end();
+                Ok(Renewal::Ended)
+            }
+        }
+    }
+
+    /// Releases what `begin_renewal` took.
+    pub async fn end_renewal(&self, lock: RenewalLock) {
+        if let (Kept::InStore(stored), Some((key, token))) = (&self.kept, lock.held) {
+            // A lock not released expires on its own.
+            if let Err(e) = stored.store.unlock(key, &token).await {
+                stored.failed(&e);
+            }
+        }
+    }
+
+    /// Whether the store answers; `None` in cookie mode.
+    pub async fn store_health(&self) -> Option<Result<(), StoreError>> {
+        let Kept::InStore(stored) = &self.kept else {
+            return None;
+        };
+        Some(stored.store.ping().await)
     }
 
     /// Ends `session` (sign-out, a refused renewal): gone from the store,
@@ -1066,6 +1185,7 @@ mod tests {
             idle_timeout: Duration::from_secs(3600),
             lifetime: Duration::from_secs(8 * 3600),
             refresh_before: Duration::from_secs(300),
+            redis: None,
         }
     }
 

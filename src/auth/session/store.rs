@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use super::embedded::Embedded;
+use super::redis::Redis;
 
 /// The SHA-256 of the id a browser holds.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,28 +71,40 @@ pub enum StoreError {
     Embedded { path: PathBuf, source: redb::Error },
     #[error("the session store `{}` is in use by another process (another authgate with the same state_dir?)", path.display())]
     InUse { path: PathBuf },
+    #[error("the session store {url} failed: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("cannot read session.redis_ca `{}`: {source}", path.display())]
+    RedisCa {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("a session store task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
 
 /// The configured store. Every call is async: the embedded database
-/// works on the blocking pool, a networked store would wait on its
-/// server.
+/// works on the blocking pool, Redis over the network.
 #[derive(Clone)]
 pub enum Store {
     Embedded(Embedded),
+    Redis(Redis),
 }
 
 impl Store {
     pub async fn get(&self, table: Table, key: StoreKey) -> Result<Option<Record>, StoreError> {
         match self {
             Store::Embedded(db) => db.get(table, key).await,
+            Store::Redis(db) => db.get(table, key).await,
         }
     }
 
     pub async fn put(&self, table: Table, key: StoreKey, record: Record) -> Result<(), StoreError> {
         match self {
             Store::Embedded(db) => db.put(table, key, record).await,
+            Store::Redis(db) => db.put(table, key, record).await,
         }
     }
 
@@ -99,6 +112,7 @@ impl Store {
     pub async fn take(&self, table: Table, key: StoreKey) -> Result<Option<Record>, StoreError> {
         match self {
             Store::Embedded(db) => db.take(table, key).await,
+            Store::Redis(db) => db.take(table, key).await,
         }
     }
 
@@ -106,6 +120,7 @@ impl Store {
     pub async fn tagged(&self, tags: Vec<Tag>) -> Result<Vec<(StoreKey, Record)>, StoreError> {
         match self {
             Store::Embedded(db) => db.tagged(tags).await,
+            Store::Redis(db) => db.tagged(tags).await,
         }
     }
 
@@ -113,6 +128,33 @@ impl Store {
     pub async fn sessions(&self) -> Result<Vec<(StoreKey, Record)>, StoreError> {
         match self {
             Store::Embedded(db) => db.sessions().await,
+            Store::Redis(db) => db.sessions().await,
+        }
+    }
+
+    /// Takes the lock that makes one instance at a time renew the session
+    /// at `key` (rotating refresh tokens are spent once): `Some(token)`
+    /// when taken. This process alone uses the embedded store, and renews
+    /// a refresh token once however many requests ask.
+    pub async fn lock(&self, key: StoreKey) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(Some(String::new())),
+            Store::Redis(db) => db.lock(key).await,
+        }
+    }
+
+    pub async fn unlock(&self, key: StoreKey, token: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Redis(db) => db.unlock(key, token).await,
+        }
+    }
+
+    /// Whether the store answers now.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(()),
+            Store::Redis(db) => db.ping().await,
         }
     }
 
@@ -120,6 +162,8 @@ impl Store {
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         match self {
             Store::Embedded(db) => db.sweep().await,
+            // Redis expires what it holds on its own.
+            Store::Redis(_) => Ok(0),
         }
     }
 }

@@ -1,0 +1,305 @@
+//! Replicas sharing sessions through a real `redis-server`: a session
+//! signed in at one is used at the other, ended at one and refused by the
+//! other within `session.cache_ttl`, and a Redis that goes away costs
+//! signed-in routes a clear 503, not the public ones, until it is back.
+
+use std::time::{Duration, Instant};
+
+use crate::common::peers::{browser, Redis};
+use crate::common::stack::*;
+use crate::common::*;
+use crate::sessions::token_requests;
+use http::StatusCode;
+use serde_json::json;
+
+/// `[session]` keys for a Redis store at `url`, opened sessions cached 1 s.
+fn redis_session(url: &str) -> String {
+    format!("store = \"redis\"\nredis_url = \"{url}\"\ncache_ttl = \"1s\"")
+}
+
+/// The status a request with `cookie` gets from the gateway at `addr`, and
+/// the user the upstream was told.
+async fn visit(
+    addr: std::net::SocketAddr,
+    cookie: &str,
+    accept: &str,
+) -> (StatusCode, Option<String>) {
+    let response = send(
+        addr,
+        get("/console")
+            .header("cookie", cookie)
+            .header("accept", accept)
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    match response.status() {
+        StatusCode::OK => {
+            let user = upstream_saw(response)
+                .await
+                .header("x-forwarded-user")
+                .map(str::to_owned);
+            (StatusCode::OK, user)
+        }
+        status => (status, None),
+    }
+}
+
+/// Waits (up to `bound` and a second) for the gateway at `addr` to answer
+/// `wanted` to `cookie`; how long it took.
+async fn answers_within(
+    addr: std::net::SocketAddr,
+    cookie: &str,
+    wanted: StatusCode,
+    bound: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, _) = visit(addr, cookie, "application/json").await;
+        if status == wanted {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < bound + Duration::from_secs(1),
+            "still {status} after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn sign_in(stack: &Stack, user: &str) -> String {
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": user }, { "cookies": true }]),
+    )
+    .await;
+    session_cookie(&results[2])
+}
+
+#[tokio::test]
+async fn replicas_share_sessions_and_their_ending() {
+    let session = redis_session(&Redis::shared().database());
+    let stack = Stack::with(Options {
+        session: &session,
+        ..Options::default()
+    })
+    .await;
+    let a = &stack.gateway;
+    let b = a.replica();
+    wait_ready(&b).await;
+
+    // Signed in through A, used through B.
+    let cookie = sign_in(&stack, "alice").await;
+    assert!(cookie.len() <= 100, "{cookie}");
+    let alice = Some("alice@contoso.example".to_owned());
+    assert_eq!(
+        visit(b.addr, &cookie, "text/html").await,
+        (StatusCode::OK, alice.clone())
+    );
+    assert_eq!(
+        visit(a.addr, &cookie, "text/html").await,
+        (StatusCode::OK, alice)
+    );
+
+    // Signed out at B: A, which has the session cached, refuses the copy
+    // within the cache's second.
+    let response = stack.sign_out(b.addr, &cookie).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let took = answers_within(
+        a.addr,
+        &cookie,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(took <= Duration::from_millis(1500), "{took:?}");
+
+    // Revoked from A's command line: B, which used it a moment ago,
+    // refuses it as soon.
+    let cookie = sign_in(&stack, "ivan").await;
+    assert_eq!(
+        visit(b.addr, &cookie, "application/json").await.0,
+        StatusCode::OK
+    );
+    let (status, out, err) = a.command(&["sessions", "list"]);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("ivan@contoso.example") && out.contains("1 session(s)"),
+        "{out}"
+    );
+    let (status, out, err) = a.command(&["sessions", "revoke", "--user", "ivan@contoso.example"]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("1 session(s) ended"), "{out}");
+    let took = answers_within(
+        b.addr,
+        &cookie,
+        StatusCode::UNAUTHORIZED,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(took <= Duration::from_millis(1500), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_redis_outage_costs_signed_in_routes_a_503_until_it_is_back() {
+    // Its own server, since it is stopped; durable, so the session is
+    // still there when it comes back.
+    let mut redis = Redis::start(true);
+    let session = redis_session(&redis.database());
+    let stack = Stack::with(Options {
+        session: &session,
+        ..Options::default()
+    })
+    .await;
+    let addr = stack.gateway.addr;
+    let cookie = sign_in(&stack, "judy").await;
+    assert_eq!(visit(addr, &cookie, "text/html").await.0, StatusCode::OK);
+
+    redis.stop();
+    // Once the cached copy is stale: a 503 saying why, never a redirect
+    // to sign in (which would loop), JSON for API clients.
+    answers_within(
+        addr,
+        &cookie,
+        StatusCode::SERVICE_UNAVAILABLE,
+        Duration::from_secs(1),
+    )
+    .await;
+    let response = send(
+        addr,
+        get("/console")
+            .header("cookie", cookie.as_str())
+            .header("accept", "text/html")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body_string(response)
+        .await
+        .contains("Sessions cannot be checked"));
+    let response = send(
+        addr,
+        get("/console")
+            .header("cookie", cookie.as_str())
+            .header("accept", "application/json")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&body_string(response).await).unwrap();
+    assert_eq!(body["error"], "session_store_unavailable");
+    // Public routes do not need the store.
+    let response = send(addr, get("/api/public/status").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    // Readiness stays (public routes and the clients' API work) and says so.
+    let response = send(addr, get("/oauth2/ready").body(empty()).unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: serde_json::Value = serde_json::from_str(&body_string(response).await).unwrap();
+    assert_eq!(body["session_store"], "unavailable", "{body}");
+    let errors = stack.gateway.scrape().await;
+    assert!(
+        !errors.contains("authgate_session_store_errors_total 0"),
+        "{errors}"
+    );
+
+    // Back, and the gateway reconnects by itself.
+    redis.restart();
+    answers_within(addr, &cookie, StatusCode::OK, Duration::from_secs(5)).await;
+    assert_eq!(
+        visit(addr, &cookie, "text/html").await.1.as_deref(),
+        Some("judy@contoso.example")
+    );
+}
+
+/// A provider that rotates refresh tokens revokes the grant when one is
+/// spent twice. Two replicas hammered at once, each request due for
+/// renewal: one renews at a time, the other takes its result, and the
+/// session lives on.
+#[tokio::test]
+async fn replicas_renew_a_session_one_at_a_time() {
+    let session = format!(
+        "{}\nrefresh_before = \"2h\"",
+        redis_session(&Redis::shared().database())
+    );
+    let stack = Stack::with(Options {
+        session: &session,
+        provider_env: vec![("ROTATE_REFRESH".into(), "1".into())],
+        ..Options::default()
+    })
+    .await;
+    let b = stack.gateway.replica();
+    wait_ready(&b).await;
+    let cookie = sign_in(&stack, "dave").await;
+    let before = token_requests(&stack.gateway.scrape().await) + token_requests(&b.scrape().await);
+    for _ in 0..4 {
+        let visits = (0..8).map(|i| {
+            let addr = if i % 2 == 0 {
+                stack.gateway.addr
+            } else {
+                b.addr
+            };
+            let cookie = cookie.clone();
+            async move { visit(addr, &cookie, "application/json").await }
+        });
+        for (status, user) in futures_util::future::join_all(visits).await {
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(user.as_deref(), Some("dave@contoso.example"));
+        }
+    }
+    let after = token_requests(&stack.gateway.scrape().await) + token_requests(&b.scrape().await);
+    assert!(after > before, "nothing was renewed");
+    // The grant survived: the latest refresh token still works.
+    for addr in [stack.gateway.addr, b.addr] {
+        assert_eq!(
+            visit(addr, &cookie, "application/json").await.0,
+            StatusCode::OK
+        );
+    }
+    assert!(
+        !stack
+            .gateway
+            .logs()
+            .iter()
+            .chain(b.logs().iter())
+            .any(|l| l["fields"]["message"] == "session ended: refresh refused"),
+        "a refresh token was spent twice"
+    );
+}
+
+/// Managed Redis services (Azure Cache for Redis among them) speak TLS
+/// only; a private CA is trusted through `session.redis_ca`.
+#[tokio::test]
+async fn sessions_kept_in_redis_over_tls_with_a_private_ca() {
+    let ca = TestCa::new();
+    let redis = Redis::start_tls(&ca);
+    let session = format!(
+        "store = \"redis\"\nredis_url = \"rediss://127.0.0.1:{}/0\"\nredis_ca = \"redis-ca.pem\"",
+        redis.port
+    );
+    let stack = Stack::with(Options {
+        session: &session,
+        files: vec![("redis-ca.pem", ca.pem.clone().into_bytes())],
+        ..Options::default()
+    })
+    .await;
+    let cookie = sign_in(&stack, "alice").await;
+    assert_eq!(
+        visit(stack.gateway.addr, &cookie, "text/html")
+            .await
+            .1
+            .as_deref(),
+        Some("alice@contoso.example")
+    );
+    let (status, out, err) = stack.gateway.command(&["sessions", "list"]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("alice@contoso.example"), "{out}");
+    let response = send(
+        stack.gateway.addr,
+        get("/oauth2/ready").body(empty()).unwrap(),
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&body_string(response).await).unwrap();
+    assert_eq!(body["session_store"], "ok", "{body}");
+}
