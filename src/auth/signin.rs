@@ -14,7 +14,9 @@ use http_body_util::{BodyExt, Full};
 use super::{Authenticated, Unidentified};
 use crate::auth::identity::Identity;
 use crate::auth::policy::Denial;
-use crate::auth::session::{Found, LastCookie, LoginState, Renewal, Session, Sessions};
+use crate::auth::session::{
+    AdminError, Found, LastCookie, LoginState, Renewal, Session, Sessions, Who,
+};
 use crate::config::PublicUrl;
 use crate::idp::explain;
 use crate::idp::provider::{Oidc, RefreshError};
@@ -357,7 +359,8 @@ impl SignIn {
                         signed_in.id_token,
                         signed_in.refresh_token,
                         signed_in.claims.exp,
-                    );
+                    )
+                    .with_sid(signed_in.claims.sid);
                     // The session this browser had before, if any, ends:
                     // one cookie, one session.
                     if let Found::Valid(old) = self.sessions.read(&parts.headers).await {
@@ -459,6 +462,124 @@ impl SignIn {
         response
     }
 
+    /// Front-channel logout (OpenID Connect Front-Channel Logout 1.0 §2),
+    /// what Entra loads in a hidden frame at the app's "Front-channel
+    /// logout URL" when the user signs out elsewhere: ends the sessions of
+    /// the provider's session `sid`. Entra may leave `iss` out; when
+    /// present it must be this provider. Knowing a `sid` is all it takes,
+    /// as the specification has it: a `sid` is as unguessable as a session
+    /// id, and ending a session is all it can do.
+    pub async fn front_channel_logout(
+        &self,
+        query: Option<&str>,
+        html: bool,
+        id: &str,
+    ) -> Response<Body> {
+        #[derive(serde::Deserialize)]
+        struct Params {
+            sid: Option<String>,
+            iss: Option<String>,
+        }
+        let params: Params = serde_urlencoded::from_str(query.unwrap_or("")).unwrap_or(Params {
+            sid: None,
+            iss: None,
+        });
+        let Some(sid) = params.sid.filter(|s| !s.is_empty()) else {
+            return logout_refused(
+                "no_sid",
+                "The logout names no session (sid). Add the optional claim `sid` to the ID \
+                 token in Entra (Token configuration), so the provider's logouts can name it.",
+                html,
+                id,
+            );
+        };
+        if params
+            .iss
+            .as_deref()
+            .is_some_and(|iss| !self.oidc.accepts_issuer(iss))
+        {
+            return logout_refused(
+                "wrong_issuer",
+                "The logout comes from another provider than the one this gateway signs in with.",
+                html,
+                id,
+            );
+        }
+        match self.sessions.revoke(&Who::ProviderSession(sid)).await {
+            Ok(ended) => {
+                tracing::info!(target: AUDIT, request_id = id, ended, "signed out by the provider (front-channel)");
+                let mut page = Page::new(
+                    StatusCode::OK,
+                    "signed_out",
+                    "You are signed out",
+                    "Your session here has ended along with your sign-in at the provider.",
+                );
+                page.link = Some(("/".into(), "Sign in again"));
+                page.render(html, id)
+            }
+            Err(e) => logout_failed(&e, html, id),
+        }
+    }
+
+    /// Back-Channel Logout 1.0: the provider posts a signed logout token
+    /// (`logout_token`, form-encoded) naming a session (`sid`) or a user
+    /// (`sub`); each token is used once (`jti`). Answers 200, or 400 with
+    /// the reason (§2.8).
+    pub async fn back_channel_logout(&self, req: Request<Body>, id: &str) -> Response<Body> {
+        let invalid = |detail: String| {
+            tracing::info!(target: AUDIT, request_id = id, reason = %detail, "logout token refused");
+            pages::json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": "invalid_request", "error_description": detail }),
+            )
+        };
+        if req.method() != Method::POST {
+            return invalid("a logout token is POSTed".into());
+        }
+        let read = tokio::time::timeout(
+            self.body_deadline,
+            read_limited(req.into_body(), MAX_CALLBACK_BODY),
+        );
+        let Ok(Some(body)) = read.await else {
+            return invalid("the body did not arrive whole and in time".into());
+        };
+        #[derive(serde::Deserialize)]
+        struct Form {
+            logout_token: String,
+        }
+        let Ok(form) = serde_urlencoded::from_bytes::<Form>(&body) else {
+            return invalid("no logout_token in the form".into());
+        };
+        let claims = match self.oidc.verify_logout_token(&form.logout_token).await {
+            Ok(claims) => claims,
+            Err(e) => return invalid(e.to_string()),
+        };
+        let jti = claims.jti.as_deref().unwrap_or_default();
+        let marker = format!("logout\0{}\0{jti}", claims.iss);
+        let skew = self.config().clock_skew.as_secs();
+        let who = match (&claims.sid, &claims.sub) {
+            (Some(sid), _) => Who::ProviderSession(sid.clone()),
+            (None, Some(sub)) => Who::Subject(sub.clone()),
+            (None, None) => unreachable!("verified: a sub or a sid"),
+        };
+        let ended = match self
+            .sessions
+            .first_use(marker.as_bytes(), claims.exp + skew)
+            .await
+        {
+            Ok(true) => self.sessions.revoke(&who).await,
+            Ok(false) => return invalid("this logout token was used before (jti)".into()),
+            Err(e) => Err(e),
+        };
+        match ended {
+            Ok(ended) => {
+                tracing::info!(target: AUDIT, request_id = id, ended, "signed out by the provider (back-channel)");
+                pages::json(StatusCode::OK, serde_json::json!({ "ended": ended }))
+            }
+            Err(e) => logout_failed(&e, false, id),
+        }
+    }
+
     /// A signed-in user the route's policy refuses: who they are signed
     /// in as, why, and a way to sign in as someone else.
     pub fn forbidden(
@@ -510,6 +631,36 @@ impl SignIn {
             .get(http::header::ORIGIN)
             .and_then(|o| o.to_str().ok())
             .is_some_and(|o| o == self.public_url.to_string())
+    }
+}
+
+fn logout_refused(
+    code: &'static str,
+    detail: &'static str,
+    html: bool,
+    id: &str,
+) -> Response<Body> {
+    Page::new(
+        StatusCode::BAD_REQUEST,
+        code,
+        "Logout not understood",
+        detail,
+    )
+    .render(html, id)
+}
+
+/// A provider's logout that could not end sessions: without a store
+/// there are none to end; with one, it failed.
+fn logout_failed(error: &AdminError, html: bool, id: &str) -> Response<Body> {
+    match error {
+        AdminError::NoStore => Page::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "no_session_store",
+            "Logouts from the provider need a session store",
+            error.to_string(),
+        )
+        .render(html, id),
+        AdminError::Store(_) => pages::problem(pages::STORE_UNAVAILABLE, html, id),
     }
 }
 

@@ -24,7 +24,7 @@ use super::settings::{ClientAuth, OidcConfig, ResponseMode};
 use crate::auth::session::LoginState;
 use crate::idp::credential::AssertionError;
 use crate::idp::jwks::{Jwks, JwksError};
-use crate::idp::token::{Claims, IssuerMatch, TokenError, Verifier};
+use crate::idp::token::{Claims, IssuerMatch, LogoutClaims, TokenError, Verifier};
 use crate::ops::metrics::Metrics;
 use crate::outbound::{self, FetchError, HttpClient};
 
@@ -350,6 +350,21 @@ impl Oidc {
         let claims = Arc::new(verified?);
         self.bearers.insert(token.to_owned(), claims.clone()).await;
         Ok(claims)
+    }
+
+    /// Verifies a back-channel logout token the provider posted.
+    pub async fn verify_logout_token(&self, token: &str) -> Result<LogoutClaims, TokenError> {
+        let provider = self.provider.get().ok_or(TokenError::Other(
+            "the provider has not been reached yet".into(),
+        ))?;
+        provider.verifier.logout_token(token).await
+    }
+
+    /// Whether `iss` names this provider (a front-channel logout's).
+    pub fn accepts_issuer(&self, iss: &str) -> bool {
+        self.provider
+            .get()
+            .is_some_and(|p| p.verifier.issuer.accepts(iss))
     }
 
     fn validated(&self, kind: &'static str, valid: bool) {

@@ -17,6 +17,10 @@ use crate::idp::jwks::{Jwks, JwksError, Source};
 
 /// Claims every ID token must carry (OIDC Core §2).
 const REQUIRED: &[&str] = &["iss", "sub", "aud", "exp", "iat"];
+/// A logout token may name a session (`sid`) instead of a user (`sub`).
+const LOGOUT_REQUIRED: &[&str] = &["iss", "aud", "exp", "iat"];
+/// The event a logout token carries (Back-Channel Logout 1.0 §2.4).
+const BACKCHANNEL_LOGOUT_EVENT: &str = "http://schemas.openid.net/event/backchannel-logout";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -62,6 +66,8 @@ pub enum TokenError {
     AppOnly,
     #[error("the token's tenant (tid) is not its issuer's")]
     TenantMismatch,
+    #[error("the token is not a logout token: {0}")]
+    NotALogoutToken(&'static str),
     #[error("the token is not valid: {0}")]
     Other(String),
 }
@@ -89,6 +95,9 @@ pub struct Claims {
     pub scp: Option<String>,
     /// `app` on Entra's app-only tokens (an optional claim).
     pub idtyp: Option<String>,
+    /// The provider's session: what its logout messages name. An optional
+    /// claim in Entra (Token configuration → Add optional claim → sid).
+    pub sid: Option<String>,
     /// Set by the bearer check: a service principal's own token.
     #[serde(skip)]
     pub app_only: bool,
@@ -97,6 +106,46 @@ pub struct Claims {
     #[serde(rename = "_claim_names")]
     pub claim_names: Option<serde_json::Map<String, serde_json::Value>>,
 }
+
+/// A logout token's claims (OpenID Connect Back-Channel Logout 1.0 §2.4).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogoutClaims {
+    pub iss: String,
+    pub sub: Option<String>,
+    pub sid: Option<String>,
+    pub jti: Option<String>,
+    pub exp: u64,
+    pub iat: u64,
+    pub tid: Option<String>,
+    pub events: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Must be absent: a token with a nonce is an ID token.
+    pub nonce: Option<serde_json::Value>,
+}
+
+/// What `verify` checks beyond the signature, in either kind of token.
+trait Issued: serde::de::DeserializeOwned {
+    fn iss(&self) -> &str;
+    fn tid(&self) -> Option<&str>;
+    fn iat(&self) -> u64;
+}
+
+macro_rules! issued {
+    ($($claims:ty),*) => {$(
+        impl Issued for $claims {
+            fn iss(&self) -> &str {
+                &self.iss
+            }
+            fn tid(&self) -> Option<&str> {
+                self.tid.as_deref()
+            }
+            fn iat(&self) -> u64 {
+                self.iat
+            }
+        }
+    )*};
+}
+
+issued!(Claims, LogoutClaims);
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
@@ -142,6 +191,24 @@ pub enum IssuerMatch {
     /// Entra multi-tenant: `https://login.microsoftonline.com/{tenantid}/v2.0`
     /// with the token's own `tid` substituted.
     Template(String),
+}
+
+impl IssuerMatch {
+    /// Whether `iss` (without a token to read a `tid` from, as a
+    /// front-channel logout names it) is this provider's.
+    pub fn accepts(&self, iss: &str) -> bool {
+        match self {
+            IssuerMatch::Exact(issuer) => iss == issuer,
+            IssuerMatch::Template(template) => {
+                let (before, after) = template
+                    .split_once("{tenantid}")
+                    .expect("a template names {tenantid}");
+                iss.strip_prefix(before)
+                    .and_then(|rest| rest.strip_suffix(after))
+                    .is_some_and(|tenant| !tenant.is_empty() && !tenant.contains('/'))
+            }
+        }
+    }
 }
 
 pub struct Verifier {
@@ -191,8 +258,8 @@ impl Verifier {
     }
 
     async fn verify_issued(&self, token: &str) -> Result<Claims, TokenError> {
-        let claims = self
-            .verify(token, Source::TokenEndpoint, &[&self.audience])
+        let claims: Claims = self
+            .verify(token, Source::TokenEndpoint, &[&self.audience], REQUIRED)
             .await?;
         // OIDC Core §3.1.3.7 (4, 5): with several audiences, `azp` must
         // name us.
@@ -212,7 +279,9 @@ impl Verifier {
     /// `oidc.bearer_app_tokens`; an ID token (no `scp`) never.
     pub async fn bearer(&self, token: &str) -> Result<Claims, TokenError> {
         let audiences: Vec<&str> = self.bearer_audiences.iter().map(String::as_str).collect();
-        let mut claims = self.verify(token, Source::Client, &audiences).await?;
+        let mut claims: Claims = self
+            .verify(token, Source::Client, &audiences, REQUIRED)
+            .await?;
         let app_only = claims.idtyp.as_deref() == Some("app")
             || (claims.scp.is_none() && claims.roles.is_some());
         if app_only {
@@ -233,12 +302,40 @@ impl Verifier {
         Ok(claims)
     }
 
-    async fn verify(
+    /// Verifies a logout token the provider posted (Back-Channel Logout
+    /// 1.0 §2.6): signed like an ID token, for this client, with the
+    /// logout event, a `jti`, a `sub` or a `sid`, and no nonce. Whoever
+    /// posted it chose its `kid`: unknown keys refetch at a limited rate.
+    pub async fn logout_token(&self, token: &str) -> Result<LogoutClaims, TokenError> {
+        let claims: LogoutClaims = self
+            .verify(token, Source::Client, &[&self.audience], LOGOUT_REQUIRED)
+            .await?;
+        let event = claims
+            .events
+            .as_ref()
+            .and_then(|events| events.get(BACKCHANNEL_LOGOUT_EVENT));
+        if !event.is_some_and(serde_json::Value::is_object) {
+            return Err(TokenError::NotALogoutToken("no back-channel logout event"));
+        }
+        if claims.nonce.is_some() {
+            return Err(TokenError::NotALogoutToken("it carries a nonce"));
+        }
+        if claims.jti.is_none() {
+            return Err(TokenError::NotALogoutToken("it has no jti"));
+        }
+        if claims.sub.is_none() && claims.sid.is_none() {
+            return Err(TokenError::NotALogoutToken("it names neither sub nor sid"));
+        }
+        Ok(claims)
+    }
+
+    async fn verify<T: Issued>(
         &self,
         token: &str,
         source: Source,
         audiences: &[&str],
-    ) -> Result<Claims, TokenError> {
+        required: &[&str],
+    ) -> Result<T, TokenError> {
         // A header naming an algorithm the library does not know (`none`)
         // fails to parse: say which algorithm was refused.
         let header =
@@ -264,27 +361,27 @@ impl Verifier {
         validation.leeway = self.skew.as_secs();
         validation.validate_nbf = true;
         validation.set_audience(audiences);
-        validation.set_required_spec_claims(REQUIRED);
+        validation.set_required_spec_claims(required);
         if let IssuerMatch::Exact(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
         }
-        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+        let claims = jsonwebtoken::decode::<T>(token, &key.decoding, &validation)
             .map_err(|e| self.explain(e, token))?
             .claims;
 
         if let IssuerMatch::Template(template) = &self.issuer {
-            let tid = claims.tid.as_deref().ok_or(TokenError::NoTenant)?;
-            if claims.iss != template.replace("{tenantid}", tid) {
-                return Err(TokenError::Issuer(claims.iss));
+            let tid = claims.tid().ok_or(TokenError::NoTenant)?;
+            if claims.iss() != template.replace("{tenantid}", tid) {
+                return Err(TokenError::Issuer(claims.iss().to_owned()));
             }
         }
-        if let (Some(issuer_tenant), Some(tid)) = (&self.issuer_tenant, &claims.tid) {
+        if let (Some(issuer_tenant), Some(tid)) = (&self.issuer_tenant, claims.tid()) {
             if !issuer_tenant.eq_ignore_ascii_case(tid) {
                 return Err(TokenError::TenantMismatch);
             }
         }
         if !self.allowed_tenants.is_empty() {
-            let tid = claims.tid.as_deref().ok_or(TokenError::NoTenant)?;
+            let tid = claims.tid().ok_or(TokenError::NoTenant)?;
             if !self
                 .allowed_tenants
                 .iter()
@@ -295,7 +392,7 @@ impl Verifier {
         }
         // jsonwebtoken never checks `iat`; a token from the future is as
         // suspicious as an expired one.
-        if claims.iat > now() + self.skew.as_secs() {
+        if claims.iat() > now() + self.skew.as_secs() {
             return Err(TokenError::IssuedInFuture);
         }
         Ok(claims)
@@ -422,6 +519,105 @@ mod tests {
 
     async fn check(v: &Verifier, token: &str) -> Result<Claims, TokenError> {
         v.id_token(token, "n-1").await
+    }
+
+    fn logout(changes: serde_json::Value) -> serde_json::Value {
+        let mut c = json!({
+            "iss": ISSUER, "aud": CLIENT, "sub": "s", "sid": "sid-1", "tid": "tid-1",
+            "iat": now(), "exp": now() + 120, "jti": "j-1",
+            "events": { BACKCHANNEL_LOGOUT_EVENT: {} },
+        });
+        for (k, v) in changes.as_object().unwrap() {
+            if v.is_null() {
+                c.as_object_mut().unwrap().remove(k);
+            } else {
+                c[k] = v.clone();
+            }
+        }
+        c
+    }
+
+    #[tokio::test]
+    async fn logout_tokens_must_be_signed_logout_events_for_us() {
+        let key = rsa();
+        let v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
+        let token = |claims: serde_json::Value| sign(&key, Some("k1"), &claims);
+        let good = v.logout_token(&token(logout(json!({})))).await.unwrap();
+        assert_eq!(
+            (good.sid.as_deref(), good.jti.as_deref()),
+            (Some("sid-1"), Some("j-1"))
+        );
+        // A user alone, or a session alone, is enough.
+        assert!(v
+            .logout_token(&token(logout(json!({"sid": null}))))
+            .await
+            .is_ok());
+        assert!(v
+            .logout_token(&token(logout(json!({"sub": null}))))
+            .await
+            .is_ok());
+
+        for (changes, wanted) in [
+            (json!({"events": null}), "event"),
+            (json!({"events": {"http://example/other": {}}}), "event"),
+            (
+                json!({"events": {BACKCHANNEL_LOGOUT_EVENT: "yes"}}),
+                "event",
+            ),
+            (json!({"nonce": "n-1"}), "nonce"),
+            (json!({"jti": null}), "jti"),
+            (json!({"sub": null, "sid": null}), "neither"),
+            (json!({"aud": "another-app"}), "another application"),
+            (json!({"iss": "https://evil.example/v2.0"}), "evil.example"),
+            (json!({"exp": now() - 3600}), "expired"),
+            (json!({"exp": null}), "well-formed"),
+        ] {
+            let err = v
+                .logout_token(&token(logout(changes.clone())))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains(wanted), "{changes}: {err}");
+        }
+        // An ID token is not a logout token, and a forged one is refused.
+        assert!(v.logout_token(&token(claims())).await.is_err());
+        let forged = sign(&rsa(), Some("k1"), &logout(json!({})));
+        assert!(matches!(
+            v.logout_token(&forged).await,
+            Err(TokenError::Signature)
+        ));
+    }
+
+    #[test]
+    fn front_channel_issuers_are_matched_exactly_or_by_template() {
+        let exact = IssuerMatch::Exact(ISSUER.into());
+        assert!(exact.accepts(ISSUER));
+        assert!(!exact.accepts("https://login.microsoftonline.com/tid-2/v2.0"));
+        let template =
+            IssuerMatch::Template("https://login.microsoftonline.com/{tenantid}/v2.0".into());
+        assert!(template.accepts("https://login.microsoftonline.com/tid-2/v2.0"));
+        for refused in [
+            "https://login.microsoftonline.com//v2.0",
+            "https://login.microsoftonline.com/a/b/v2.0",
+            "https://login.microsoftonline.com.evil.example/t/v2.0",
+            "https://login.microsoftonline.com/t/v2.0/extra",
+            "",
+        ] {
+            assert!(!template.accepts(refused), "{refused}");
+        }
+    }
+
+    proptest::proptest! {
+        /// An `iss` from a query string: any text is judged without a
+        /// panic, and the template accepts only its own shape.
+        #[test]
+        fn any_front_channel_issuer_is_judged(iss in "\\PC{0,80}") {
+            let template =
+                IssuerMatch::Template("https://login.microsoftonline.com/{tenantid}/v2.0".into());
+            if template.accepts(&iss) {
+                proptest::prop_assert!(iss.starts_with("https://login.microsoftonline.com/"));
+                proptest::prop_assert!(iss.ends_with("/v2.0"));
+            }
+        }
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! The gateway's own endpoints under `gateway_prefix`: liveness,
-//! readiness (and the session store's health), sign-out and the
-//! signed-out page.
+//! readiness (and the session store's health), sign-out, the signed-out
+//! page, and the provider's logouts (front- and back-channel).
 
 use std::sync::atomic::Ordering;
 
@@ -17,11 +17,11 @@ impl Gateway {
     pub(super) async fn own_endpoint(
         &self,
         endpoint: &str,
-        req: &Request<Body>,
+        req: Request<Body>,
         html: bool,
         id: &str,
     ) -> Response<Body> {
-        let method = req.method();
+        let method = req.method().clone();
         let readable = method == Method::GET || method == Method::HEAD;
         let draining = self.draining.load(Ordering::Relaxed);
         let signin_ready = self.signin.as_ref().is_none_or(SignIn::is_ready);
@@ -45,7 +45,13 @@ impl Gateway {
             }
             ("ready", _) if readable && draining => pages::problem(pages::DRAINING, html, id),
             ("ready", _) if readable => pages::problem(pages::PROVIDER_NOT_READY, html, id),
-            ("sign_out", Some(signin)) => signin.sign_out(method, req.headers(), html, id).await,
+            ("sign_out", Some(signin)) => signin.sign_out(&method, req.headers(), html, id).await,
+            ("front_channel_logout", Some(signin)) if readable => {
+                signin
+                    .front_channel_logout(req.uri().query(), html, id)
+                    .await
+            }
+            ("back_channel_logout", Some(signin)) => signin.back_channel_logout(req, id).await,
             ("signed_out", Some(signin)) if readable => signin.signed_out_page(html, id),
             _ => pages::problem(pages::NOT_FOUND, html, id),
         }

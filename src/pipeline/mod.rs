@@ -169,7 +169,7 @@ impl Gateway {
 
         // 3. The gateway's own endpoints.
         if let Some(endpoint) = path.strip_prefix(&self.gateway_prefix) {
-            let response = Box::pin(self.own_endpoint(endpoint, &req, html, id)).await;
+            let response = Box::pin(self.own_endpoint(endpoint, req, html, id)).await;
             seen.done(&self.own_metrics, response.status());
             return response;
         }

@@ -31,7 +31,8 @@ pub struct Options<'a> {
     /// More keys of `[oidc]` and `[session]`.
     pub oidc: &'a str,
     pub session: &'a str,
-    /// Environment of the provider process.
+    /// Environment of the provider process; `{origin}` in a value stands
+    /// for the gateway's.
     pub provider_env: Vec<(String, String)>,
     /// Environment of the gateway process, on top of the test defaults.
     pub env: Vec<(&'a str, &'a str)>,
@@ -68,6 +69,10 @@ impl Stack {
         let upstream = Upstream::start("console").await;
         let port = closed_port().port();
         let origin = format!("https://localhost:{port}");
+        let provider_env: Vec<(String, String)> = provider_env
+            .into_iter()
+            .map(|(k, v)| (k, v.replace("{origin}", &origin)))
+            .collect();
         let provider = Provider::start(
             &ca,
             &format!("{origin}/api/oidc/callback"),

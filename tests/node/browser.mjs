@@ -14,6 +14,10 @@
 //   {"sign_out": true}               the gateway's sign-out button, then the
 //                                    provider's logout confirmation
 //                                    → {status, url, text}
+//   {"provider_sign_out": url}       the provider's own sign-out (its
+//                                    end_session URL) and its confirmation,
+//                                    as when the user signs out elsewhere
+//                                    → {status, url, text}
 //   {"cancel": true}                 the provider's "Cancel" link on its
 //                                    login page → {status, url, text}
 //   {"replay_callback": true}        load the last sign-in callback URL
@@ -113,6 +117,10 @@ try {
           page.click('button[name="logout"]'),
         ]);
       }
+      results.push(await snapshot(page, tracked));
+    } else if (step.provider_sign_out) {
+      await page.goto(step.provider_sign_out, { waitUntil: 'load' });
+      await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), page.click('button[name="logout"]')]);
       results.push(await snapshot(page, tracked));
     } else if (step.cancel) {
       await Promise.all([

@@ -78,6 +78,11 @@ const provider = new Provider(issuer, {
     response_types: ['code'],
     grant_types: ['authorization_code', 'refresh_token', 'client_credentials', 'urn:openid:params:grant-type:ciba'],
     backchannel_token_delivery_mode: 'poll',
+    // BACKCHANNEL_LOGOUT_URI: the provider posts a logout token there when
+    // the user signs out at the provider, and its ID tokens carry `sid`.
+    ...(env.BACKCHANNEL_LOGOUT_URI
+      ? { backchannel_logout_uri: env.BACKCHANNEL_LOGOUT_URI, backchannel_logout_session_required: true }
+      : {}),
         token_endpoint_auth_method: clientAuth,
   }],
   jwks: { keys: [signingKey] },
@@ -107,6 +112,13 @@ const provider = new Provider(issuer, {
     return grant;
   },
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // The gateway under test listens on loopback, which oidc-provider's
+  // guard against server-side request forgery refuses to call: this test
+  // provider calls it (its back-channel logouts) all the same.
+  fetch: (url, options) => {
+    delete options.dispatcher;
+    return fetch(url, options);
+  },
   // ROTATE_REFRESH=1: every refresh returns a new refresh token and spends
   // the old one; one used twice revokes the grant (oidc-provider's replay
   // detection), as a provider that rotates refresh tokens would.
@@ -121,6 +133,7 @@ const provider = new Provider(issuer, {
       getResourceServerInfo: async () => ({ scope: 'api', audience: env.CLIENT_ID, accessTokenFormat: 'jwt' }),
     },
     rpInitiatedLogout: { enabled: true },
+    backchannelLogout: { enabled: true },
     ciba: {
       enabled: true,
       deliveryModes: ['poll'],

@@ -219,27 +219,15 @@ async fn an_admin_lists_and_revokes_a_users_sessions() {
             .command(&["sessions", "revoke", "--user", "IVAN@contoso.example"]);
     assert!(status.success(), "{err}");
     assert!(out.contains("2 session(s) ended"), "{out}");
-    let status_with = |cookie: String| async move {
-        send(
-            stack.gateway.addr,
-            get("/x")
-                .header("cookie", cookie)
-                .header("accept", "application/json")
-                .body(empty())
-                .unwrap(),
-        )
-        .await
-        .status()
-    };
     assert_eq!(
-        status_with(cookies[0].clone()).await,
+        status_with(&stack, &cookies[0]).await,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        status_with(cookies[1].clone()).await,
+        status_with(&stack, &cookies[1]).await,
         StatusCode::UNAUTHORIZED
     );
-    assert_eq!(status_with(cookies[2].clone()).await, StatusCode::OK);
+    assert_eq!(status_with(&stack, &cookies[2]).await, StatusCode::OK);
     stack
         .gateway
         .log_line(|l| l["fields"]["message"] == "sessions revoked" && l["fields"]["count"] == 2)
@@ -261,7 +249,7 @@ async fn an_admin_lists_and_revokes_a_users_sessions() {
             "{authorization:?}"
         );
     }
-    assert_eq!(status_with(cookies[2].clone()).await, StatusCode::OK);
+    assert_eq!(status_with(&stack, &cookies[2]).await, StatusCode::OK);
     let response = send_plain(
         admin,
         http::Request::delete("/sessions?all=true")
@@ -272,7 +260,7 @@ async fn an_admin_lists_and_revokes_a_users_sessions() {
     .await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
-        status_with(cookies[2].clone()).await,
+        status_with(&stack, &cookies[2]).await,
         StatusCode::UNAUTHORIZED
     );
 }
@@ -386,4 +374,172 @@ async fn an_unreachable_token_endpoint_is_not_asked_by_every_request() {
     }
     let after = token_requests(&stack.gateway.scrape().await);
     assert_eq!(after - before, 1, "one try for five requests");
+}
+
+/// The provider configured to log out back-channel to this gateway (and
+/// so to put `sid` in its ID tokens), trusting the gateway's test
+/// certificate; the ID token passed on, to read the `sid` from.
+async fn stack_with_provider_logouts() -> Stack {
+    Stack::with(Options {
+        tables: "[headers]\nid_token = \"X-Id-Token\"",
+        provider_env: vec![
+            (
+                "BACKCHANNEL_LOGOUT_URI".into(),
+                "{origin}/oauth2/back_channel_logout".into(),
+            ),
+            // The provider's own outbound call to the gateway's
+            // self-signed test certificate.
+            ("NODE_TLS_REJECT_UNAUTHORIZED".into(), "0".into()),
+        ],
+        ..Options::default()
+    })
+    .await
+}
+
+/// `user` signed in: the session cookie and the ID token the upstream got.
+async fn signed_in_with_id_token(stack: &Stack, user: &str) -> (String, String) {
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": user }, { "cookies": true }]),
+    )
+    .await;
+    let id_token = echo_of(&results[1])
+        .header("x-id-token")
+        .expect("the ID token was passed on")
+        .to_owned();
+    (session_cookie(&results[2]), id_token)
+}
+
+async fn status_with(stack: &Stack, cookie: &str) -> StatusCode {
+    send(
+        stack.gateway.addr,
+        get("/x")
+            .header("cookie", cookie)
+            .header("accept", "application/json")
+            .body(empty())
+            .unwrap(),
+    )
+    .await
+    .status()
+}
+
+/// Signed out at the provider itself (as from another app of the tenant):
+/// the provider posts a logout token, and the session ends here, copies
+/// of its cookie included.
+#[tokio::test]
+async fn a_sign_out_at_the_provider_ends_the_session_here() {
+    let stack = stack_with_provider_logouts().await;
+    let end_session = stack
+        .provider
+        .issuer
+        .replace("/v2.0", "/oauth2/v2.0/logout");
+    let results = browser(
+        &stack.origin,
+        json!([
+            { "goto": stack.url("/") },
+            { "login": "erin" },
+            { "cookies": true },
+            { "provider_sign_out": end_session }
+        ]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-user"),
+        Some("erin@contoso.example")
+    );
+    let cookie = session_cookie(&results[2]);
+    let ended = stack
+        .gateway
+        .log_line(|l| l["fields"]["message"] == "signed out by the provider (back-channel)")
+        .await;
+    assert_eq!(ended["fields"]["ended"], 1, "{ended}");
+    assert_eq!(status_with(&stack, &cookie).await, StatusCode::UNAUTHORIZED);
+}
+
+/// What Entra's "Front-channel logout URL" receives: the `sid` of the
+/// provider's session (and maybe its `iss`).
+#[tokio::test]
+async fn a_front_channel_logout_ends_the_sessions_of_its_sid() {
+    let stack = stack_with_provider_logouts().await;
+    let (cookie, id_token) = signed_in_with_id_token(&stack, "frank").await;
+    use base64::Engine;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(id_token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let sid = claims["sid"].as_str().expect("the ID token carries sid");
+    let logout = |query: String| {
+        let addr = stack.gateway.addr;
+        async move {
+            send(
+                addr,
+                get(&format!("/oauth2/front_channel_logout?{query}"))
+                    .header("accept", "text/html")
+                    .body(empty())
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let encode = |v: &str| {
+        percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+
+    // Another provider's, or one naming no session: refused, and the
+    // session goes on.
+    let response = logout(format!(
+        "iss={}&sid={}",
+        encode("https://evil.example/v2.0"),
+        encode(sid)
+    ))
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = logout(format!("iss={}", encode(&stack.provider.issuer))).await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert!(body_string(response).await.contains("optional claim"));
+    assert_eq!(status_with(&stack, &cookie).await, StatusCode::OK);
+
+    let response = logout(format!(
+        "iss={}&sid={}",
+        encode(&stack.provider.issuer),
+        encode(sid)
+    ))
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert_eq!(status_with(&stack, &cookie).await, StatusCode::UNAUTHORIZED);
+    // Entra may leave `iss` out.
+    let response = logout(format!("sid={}", encode(sid))).await;
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// The back-channel endpoint at the wire: anything but a signed logout
+/// token from the provider is a 400 that ends nothing.
+#[tokio::test]
+async fn forged_back_channel_logouts_end_nothing() {
+    let stack = stack_with_provider_logouts().await;
+    let (cookie, id_token) = signed_in_with_id_token(&stack, "gina").await;
+    // An ID token of the provider's, genuinely signed: not a logout token.
+    let forms = [
+        format!("logout_token={id_token}"),
+        "logout_token=eyJhbGciOiJub25lIn0.eyJzaWQiOiJ4In0.".to_owned(),
+        "token=nothing".to_owned(),
+        String::new(),
+    ];
+    for form in forms {
+        let response = send(
+            stack.gateway.addr,
+            http::Request::post("/oauth2/back_channel_logout")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(full(form.clone()))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{form}");
+        let body: Value = serde_json::from_str(&body_string(response).await).unwrap();
+        assert_eq!(body["error"], "invalid_request", "{form}");
+    }
+    assert_eq!(status_with(&stack, &cookie).await, StatusCode::OK);
 }

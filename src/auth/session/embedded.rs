@@ -18,6 +18,7 @@ use crate::clock::now;
 type Records = TableDefinition<'static, &'static [u8], (u64, &'static [u8], &'static [u8])>;
 const SESSIONS: Records = TableDefinition::new("sessions");
 const LOGINS: Records = TableDefinition::new("logins");
+const SEEN: Records = TableDefinition::new("seen");
 /// tag -> keys of the sessions carrying it.
 const TAGS: MultimapTableDefinition<&[u8], &[u8]> = MultimapTableDefinition::new("tags");
 
@@ -25,6 +26,7 @@ fn definition(table: Table) -> Records {
     match table {
         Table::Sessions => SESSIONS,
         Table::Logins => LOGINS,
+        Table::Seen => SEEN,
     }
 }
 
@@ -51,6 +53,7 @@ impl Embedded {
             let tx = db.begin_write()?;
             tx.open_table(SESSIONS)?;
             tx.open_table(LOGINS)?;
+            tx.open_table(SEEN)?;
             tx.open_multimap_table(TAGS)?;
             tx.commit()?;
             Ok(())
@@ -108,6 +111,33 @@ impl Embedded {
             }
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    pub async fn put_new(
+        &self,
+        table: Table,
+        key: StoreKey,
+        new: Record,
+    ) -> Result<bool, StoreError> {
+        self.run(move |db| {
+            let tx = db.begin_write()?;
+            let fresh = {
+                let mut records = tx.open_table(definition(table))?;
+                let live = records
+                    .get(key.0.as_slice())?
+                    .is_some_and(|v| record(v.value()).expires_at > now());
+                if !live {
+                    records.insert(
+                        key.0.as_slice(),
+                        (new.expires_at, [].as_slice(), new.sealed.as_slice()),
+                    )?;
+                }
+                !live
+            };
+            tx.commit()?;
+            Ok(fresh)
         })
         .await
     }
@@ -185,7 +215,7 @@ impl Embedded {
             let mut swept = 0;
             {
                 let mut tags = tx.open_multimap_table(TAGS)?;
-                for table in [SESSIONS, LOGINS] {
+                for table in [SESSIONS, LOGINS, SEEN] {
                     let mut records = tx.open_table(table)?;
                     let expired: Vec<(Vec<u8>, Record)> = records
                         .extract_if(.., |_, (expires_at, _, _)| expires_at <= now)?

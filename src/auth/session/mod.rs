@@ -111,6 +111,10 @@ pub struct Session {
     /// cached, so later requests of this session copy them.
     #[serde(skip)]
     pub identity_headers: OnceLock<IdentityValues>,
+    /// The provider's session, when its ID token said (`sid`): logouts
+    /// from the provider name it.
+    #[serde(default)]
+    pub sid: Option<String>,
     /// Where a server-side session is stored; `None` for a new one and
     /// in cookie mode.
     #[serde(skip)]
@@ -134,9 +138,15 @@ impl Session {
             signed_in_at: now(),
             last_seen: now(),
             identity_headers: OnceLock::new(),
+            sid: None,
             key: None,
             fate: Fate::default(),
         }
+    }
+
+    /// The provider's session this one belongs to.
+    pub fn with_sid(self, sid: Option<String>) -> Session {
+        Session { sid, ..self }
     }
 
     /// The same session with new tokens, kept where it was.
@@ -149,6 +159,7 @@ impl Session {
     ) -> Session {
         Session {
             signed_in_at: self.signed_in_at,
+            sid: self.sid.clone(),
             key: self.key,
             ..Session::new(identity, id_token, refresh_token, expires_at)
         }
@@ -164,6 +175,7 @@ impl Session {
             signed_in_at: self.signed_in_at,
             last_seen: now(),
             identity_headers: OnceLock::new(),
+            sid: self.sid.clone(),
             key: self.key,
             fate: Fate::default(),
         }
@@ -229,6 +241,9 @@ pub struct Listed {
     pub signed_in_at: u64,
     pub last_seen: u64,
     pub expires_at: u64,
+    /// Whether its ID token named the provider's session (`sid`), which
+    /// front-channel logout needs.
+    pub provider_session: bool,
 }
 
 /// What `begin_renewal` found.
@@ -255,6 +270,10 @@ pub enum Who {
     User(String),
     /// One session by its listed handle.
     Session(String),
+    /// Every session of the provider's user `sub` (a logout token's).
+    Subject(String),
+    /// The sessions of the provider's session `sid` (a logout's).
+    ProviderSession(String),
     All,
 }
 
@@ -744,7 +763,7 @@ impl Sessions {
         let json = serde_json::to_string(session).expect("a session serializes");
         Record {
             expires_at: self.expiry(session),
-            tags: stored.tags_of(&session.identity.user_id, &session.identity.username, 0..1),
+            tags: stored.session_tags(session),
             sealed: self.seal_record(Table::Sessions, key, json),
         }
     }
@@ -805,6 +824,26 @@ impl Sessions {
         }
     }
 
+    /// `true` the first time `marker` is seen before `expires_at` (a
+    /// logout token's `jti`: a replayed one is refused), across every
+    /// instance sharing the store.
+    pub async fn first_use(&self, marker: &[u8], expires_at: u64) -> Result<bool, AdminError> {
+        let Kept::InStore(stored) = &self.kept else {
+            return Err(AdminError::NoStore);
+        };
+        let record = Record {
+            expires_at,
+            tags: Vec::new(),
+            sealed: Vec::new(),
+        };
+        let first = stored
+            .store
+            .put_new(Table::Seen, StoreKey::of(marker), record)
+            .await
+            .inspect_err(|e| stored.failed(e))?;
+        Ok(first)
+    }
+
     /// Whether the store answers; `None` in cookie mode.
     pub async fn store_health(&self) -> Option<Result<(), StoreError>> {
         let Kept::InStore(stored) = &self.kept else {
@@ -833,10 +872,8 @@ impl Sessions {
         };
         let records = match user {
             Some(user) => {
-                stored
-                    .store
-                    .tagged(stored.tags_of(user, user, 0..self.keys.len()))
-                    .await?
+                let marks = [Mark::ObjectId(user), Mark::Upn(user)];
+                stored.store.tagged(stored.lookup_tags(&marks)).await?
             }
             None => stored.store.sessions().await?,
         };
@@ -853,6 +890,7 @@ impl Sessions {
                     signed_in_at: session.signed_in_at,
                     last_seen: session.last_seen,
                     expires_at: record.expires_at,
+                    provider_session: session.sid.is_some(),
                 })
             })
             .collect();
@@ -869,14 +907,16 @@ impl Sessions {
         let Kept::InStore(stored) = &self.kept else {
             return Err(AdminError::NoStore);
         };
-        let mut records = match who {
-            Who::User(user) => {
-                stored
-                    .store
-                    .tagged(stored.tags_of(user, user, 0..self.keys.len()))
-                    .await?
-            }
-            Who::Session(_) | Who::All => stored.store.sessions().await?,
+        let marks = match who {
+            Who::User(user) => vec![Mark::ObjectId(user), Mark::Upn(user)],
+            Who::Subject(sub) => vec![Mark::Subject(sub)],
+            Who::ProviderSession(sid) => vec![Mark::ProviderSession(sid)],
+            Who::Session(_) | Who::All => Vec::new(),
+        };
+        let mut records = if marks.is_empty() {
+            stored.store.sessions().await?
+        } else {
+            stored.store.tagged(stored.lookup_tags(&marks)).await?
         };
         if let Who::Session(handle) = who {
             records.retain(|(key, _)| key.handle() == handle.to_ascii_lowercase());
@@ -1098,21 +1138,27 @@ impl Stored {
         }
     }
 
-    /// The tags that find a user's sessions, by object id and by UPN (any
-    /// case), under the secrets `secrets` (the first tags new sessions;
-    /// look-ups try every secret still accepted).
-    fn tags_of(&self, user_id: &str, username: &str, secrets: std::ops::Range<usize>) -> Vec<Tag> {
-        let username = username.to_lowercase();
-        self.tag_keys[secrets]
+    /// The tags of a new or renewed session, under the first secret.
+    fn session_tags(&self, session: &Session) -> Vec<Tag> {
+        let identity = &session.identity;
+        let mut marks = vec![
+            Mark::ObjectId(&identity.user_id),
+            Mark::Upn(&identity.username),
+            Mark::Subject(&identity.subject),
+        ];
+        marks.extend(session.sid.as_deref().map(Mark::ProviderSession));
+        marks
             .iter()
-            .flat_map(|key| {
-                [("oid", user_id), ("upn", username.as_str())].map(|(kind, value)| {
-                    let mut message = format!("authgate session tag\0{kind}\0").into_bytes();
-                    message.extend_from_slice(value.as_bytes());
-                    let tag = hmac::sign(key, &message);
-                    Tag::try_from(tag.as_ref()).expect("HMAC-SHA256 is 32 bytes")
-                })
-            })
+            .map(|mark| tag(&self.tag_keys[0], mark))
+            .collect()
+    }
+
+    /// The tags that find sessions by `marks`, under every secret still
+    /// accepted (a session tagged before a rotation is found after it).
+    fn lookup_tags(&self, marks: &[Mark<'_>]) -> Vec<Tag> {
+        self.tag_keys
+            .iter()
+            .flat_map(|key| marks.iter().map(move |mark| tag(key, mark)))
             .collect()
     }
 
@@ -1127,6 +1173,35 @@ impl Stored {
         self.errors.inc();
         tracing::error!(%error, "session store");
     }
+}
+
+/// What a tag finds sessions by.
+enum Mark<'a> {
+    ObjectId(&'a str),
+    /// Any case.
+    Upn(&'a str),
+    Subject(&'a str),
+    /// The provider's session id (`sid`), which its logout messages name.
+    ProviderSession(&'a str),
+}
+
+/// A keyed hash of `mark`: the store never holds a name or an id in the
+/// clear.
+fn tag(key: &hmac::Key, mark: &Mark<'_>) -> Tag {
+    let upn;
+    let (kind, value) = match mark {
+        Mark::ObjectId(oid) => ("oid", *oid),
+        Mark::Upn(name) => {
+            upn = name.to_lowercase();
+            ("upn", upn.as_str())
+        }
+        Mark::Subject(sub) => ("sub", *sub),
+        Mark::ProviderSession(sid) => ("sid", *sid),
+    };
+    let mut message = format!("authgate session tag\0{kind}\0").into_bytes();
+    message.extend_from_slice(value.as_bytes());
+    let tag = hmac::sign(key, &message);
+    Tag::try_from(tag.as_ref()).expect("HMAC-SHA256 is 32 bytes")
 }
 
 /// The store key of the id in a session or login cookie.
@@ -1601,6 +1676,26 @@ mod tests {
             let mut junk = HeaderMap::new();
             junk.insert(COOKIE, "__Host-authgate=%00;;".parse().unwrap());
             assert!(matches!(jar.read(&junk).await, Found::Unusable));
+        }
+
+        #[tokio::test]
+        async fn a_marker_is_used_once_while_it_lives_even_across_a_restart() {
+            let dir = tempfile::tempdir().unwrap();
+            let jar = open(dir.path(), &[KEY_A]);
+            assert!(jar.first_use(b"jti-1", now() + 60).await.unwrap());
+            assert!(!jar.first_use(b"jti-1", now() + 60).await.unwrap());
+            assert!(jar.first_use(b"jti-2", now() + 60).await.unwrap());
+            drop(jar);
+            let jar = open(dir.path(), &[KEY_A]);
+            assert!(!jar.first_use(b"jti-1", now() + 60).await.unwrap());
+            // One whose time is up is no longer remembered.
+            assert!(jar.first_use(b"jti-old", now() - 1).await.unwrap());
+            assert!(jar.first_use(b"jti-old", now() + 60).await.unwrap());
+            // Without a store there is nowhere to remember it.
+            assert!(matches!(
+                sessions(&[KEY_A]).first_use(b"jti-3", now() + 60).await,
+                Err(AdminError::NoStore)
+            ));
         }
 
         #[tokio::test]

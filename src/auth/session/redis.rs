@@ -121,6 +121,25 @@ impl Redis {
             .map_err(|e| self.failed(e))
     }
 
+    pub async fn put_new(
+        &self,
+        table: Table,
+        key: StoreKey,
+        record: Record,
+    ) -> Result<bool, StoreError> {
+        let set: Option<String> = self
+            .query(
+                redis::cmd("SET")
+                    .arg(record_key(table, key))
+                    .arg(encode(&record))
+                    .arg("NX")
+                    .arg("EXAT")
+                    .arg(record.expires_at),
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
     pub async fn take(&self, table: Table, key: StoreKey) -> Result<Option<Record>, StoreError> {
         let value: Option<Vec<u8>> = self
             .query(redis::cmd("GETDEL").arg(record_key(table, key)))

@@ -46,6 +46,8 @@ pub type Tag = [u8; 32];
 pub enum Table {
     Sessions,
     Logins,
+    /// Markers of what may be used once (logout tokens' `jti`).
+    Seen,
 }
 
 impl Table {
@@ -53,6 +55,7 @@ impl Table {
         match self {
             Table::Sessions => "sessions",
             Table::Logins => "logins",
+            Table::Seen => "seen",
         }
     }
 }
@@ -105,6 +108,19 @@ impl Store {
         match self {
             Store::Embedded(db) => db.put(table, key, record).await,
             Store::Redis(db) => db.put(table, key, record).await,
+        }
+    }
+
+    /// Puts `record` only where no live one is: `false` when one was.
+    pub async fn put_new(
+        &self,
+        table: Table,
+        key: StoreKey,
+        record: Record,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(db) => db.put_new(table, key, record).await,
+            Store::Redis(db) => db.put_new(table, key, record).await,
         }
     }
 
