@@ -80,6 +80,15 @@ impl StateDir {
         }
     }
 
+    /// The secret kept in `name`, if one was made; nothing is created.
+    pub fn kept_secret(&self, name: &str) -> Result<Option<String>, StateError> {
+        match std::fs::read_to_string(self.0.join(name)) {
+            Ok(kept) => Ok(Some(kept.trim().to_owned()).filter(|k| !k.is_empty())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(self.error("read a kept secret", source)),
+        }
+    }
+
     fn error(&self, action: &'static str, source: std::io::Error) -> StateError {
         StateError {
             path: self.0.clone(),
@@ -105,6 +114,13 @@ mod tests {
         assert_eq!(mode(&state.path().join(SESSION_SECRET_FILE)), 0o600);
         assert_eq!(mode(state.path()), 0o700);
         assert_ne!(state.secret(ADMIN_TOKEN_FILE).unwrap(), first);
+        assert_eq!(
+            state.kept_secret(SESSION_SECRET_FILE).unwrap().as_deref(),
+            Some(first.as_str())
+        );
+        let elsewhere = StateDir::new(dir.path().join("none"));
+        assert_eq!(elsewhere.kept_secret(ADMIN_TOKEN_FILE).unwrap(), None);
+        assert!(!elsewhere.path().exists(), "looking created it");
     }
 
     #[test]

@@ -171,6 +171,7 @@ pub mod client {
     use hyper_util::rt::TokioIo;
 
     use crate::config::Config;
+    use crate::state::ADMIN_TOKEN_FILE;
 
     #[derive(Debug, thiserror::Error)]
     pub enum ClientError {
@@ -178,6 +179,11 @@ pub mod client {
         NoAdminListener,
         #[error(transparent)]
         Token(#[from] crate::state::StateError),
+        #[error(
+            "no admin token: admin_token is unset and the gateway has not made one in {0} yet \
+             (has it run with this configuration and state_dir?)"
+        )]
+        NoToken(String),
         #[error("cannot reach the gateway's admin listener at {addr} (is authgate running with this configuration?): {source}")]
         Connect {
             addr: std::net::SocketAddr,
@@ -202,7 +208,17 @@ pub mod client {
                 IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
             });
         }
-        let token = super::token(config)?;
+        // Read, never made here: a command run as another user must not
+        // create state_dir files the gateway cannot read.
+        let token = match &config.admin_token {
+            Some(token) => token.clone(),
+            None => config
+                .state_dir
+                .kept_secret(ADMIN_TOKEN_FILE)?
+                .ok_or_else(|| {
+                    ClientError::NoToken(config.state_dir.path().display().to_string())
+                })?,
+        };
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|source| ClientError::Connect { addr, source })?;

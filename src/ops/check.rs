@@ -2,7 +2,9 @@
 //! lacks. Each check says pass or fail and, when it fails, what to do:
 //! the certificate, the public URL (and the redirect URI to register),
 //! the issuer, discovery and keys, the app's credential as the token
-//! endpoint judges it, and every upstream.
+//! endpoint judges it, every upstream, the session store, and (asking
+//! the running gateway) whether ID tokens carry what the provider's
+//! logouts need.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,11 +14,14 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::CertificateError;
 use serde::Serialize;
 
+use crate::auth::session::{SessionConfig, StoreKind};
 use crate::config::Config;
 use crate::idp::explain;
 use crate::idp::provider::{Oidc, SignInError};
 use crate::net::tls;
+use crate::ops::admin;
 use crate::outbound;
+use crate::state::SESSIONS_FILE;
 
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -77,7 +82,96 @@ pub async fn run(config: &Config) -> Vec<Finding> {
         }
     }
     findings.extend(upstreams(config).await);
+    if let Some(session) = &config.session {
+        findings.push(session_store(config, session).await);
+        findings.push(provider_logout(config).await);
+    }
     findings
+}
+
+async fn session_store(config: &Config, session: &SessionConfig) -> Finding {
+    const CHECK: &str = "sessions";
+    if let Some(answered) = crate::auth::session::ping_redis(session).await {
+        return match answered {
+            Ok(()) => Finding::pass(CHECK, "kept in Redis, which answers"),
+            Err(e) => Finding::fail(
+                CHECK,
+                e.to_string(),
+                "check session.redis_url (host, port, database, credentials), that this host \
+                 reaches it, and for rediss:// session.redis_ca",
+            ),
+        };
+    }
+    match session.store {
+        StoreKind::Cookie => Finding::pass(
+            CHECK,
+            "kept in their cookies: a copied cookie works until it expires, and sign-outs at \
+             the provider or `authgate sessions revoke` cannot end it (session.store = \
+             \"embedded\" keeps sessions server-side)",
+        ),
+        _ => {
+            let dir = config.state_dir.path();
+            // Where the directory is yet to be made, its parent must take it.
+            let probe = if dir.exists() {
+                dir
+            } else {
+                dir.parent().unwrap_or(dir)
+            };
+            let writable = std::fs::metadata(probe).is_ok_and(|m| !m.permissions().readonly());
+            if writable {
+                Finding::pass(
+                    CHECK,
+                    format!("kept in {}", dir.join(SESSIONS_FILE).display()),
+                )
+            } else {
+                Finding::fail(
+                    CHECK,
+                    format!("state_dir {} cannot be written", dir.display()),
+                    "make state_dir a directory the gateway's user can write (the container's \
+                     /state volume, systemd's StateDirectory=)",
+                )
+            }
+        }
+    }
+}
+
+/// Entra names the session it signs out (front-channel logout) by the ID
+/// token's `sid`, an optional claim: the running gateway's live sessions
+/// tell whether it arrives.
+async fn provider_logout(config: &Config) -> Finding {
+    const CHECK: &str = "provider logout";
+    let listed = match admin::client::call(config, http::Method::GET, &[]).await {
+        Ok(answer) => answer["sessions"].as_array().cloned().unwrap_or_default(),
+        Err(e) => {
+            return Finding::pass(
+                CHECK,
+                format!("not checked: the running gateway did not say ({e})"),
+            )
+        }
+    };
+    let without = listed
+        .iter()
+        .filter(|s| s["provider_session"] == false)
+        .count();
+    match (listed.len(), without) {
+        (0, _) => Finding::pass(CHECK, "not checked yet: no one is signed in"),
+        (_, 0) => Finding::pass(
+            CHECK,
+            format!(
+                "the ID tokens of all {} live sessions carry sid",
+                listed.len()
+            ),
+        ),
+        (all, without) => Finding::fail(
+            CHECK,
+            format!(
+                "{without} of {all} live sessions came with no sid in their ID token: a sign-out \
+                 elsewhere (Entra's front-channel logout) cannot end them"
+            ),
+            "in Entra, Token configuration → Add optional claim → ID → sid; each user's next \
+             sign-in carries it",
+        ),
+    }
 }
 
 fn public_url(config: &Config) -> Finding {

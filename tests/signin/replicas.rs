@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::common::peers::{browser, Redis};
 use crate::common::stack::*;
 use crate::common::*;
-use crate::sessions::token_requests;
+use crate::sessions::{check_finding, token_requests};
 use http::StatusCode;
 use serde_json::json;
 
@@ -204,6 +204,13 @@ async fn a_redis_outage_costs_signed_in_routes_a_503_until_it_is_back() {
         "{errors}"
     );
 
+    let finding = check_finding(&stack.gateway, "sessions");
+    assert_eq!(finding["ok"], false, "{finding}");
+    assert!(
+        finding["fix"].as_str().unwrap().contains("redis_url"),
+        "{finding}"
+    );
+
     // Back, and the gateway reconnects by itself.
     redis.restart();
     answers_within(addr, &cookie, StatusCode::OK, Duration::from_secs(5)).await;
@@ -302,4 +309,6 @@ async fn sessions_kept_in_redis_over_tls_with_a_private_ca() {
     .await;
     let body: serde_json::Value = serde_json::from_str(&body_string(response).await).unwrap();
     assert_eq!(body["session_store"], "ok", "{body}");
+    let finding = check_finding(&stack.gateway, "sessions");
+    assert_eq!(finding["ok"], true, "{finding}");
 }

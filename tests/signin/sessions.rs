@@ -410,6 +410,52 @@ async fn signed_in_with_id_token(stack: &Stack, user: &str) -> (String, String) 
     (session_cookie(&results[2]), id_token)
 }
 
+/// The finding `name` of `authgate check --json` run beside `gateway`.
+pub(crate) fn check_finding(gateway: &Gateway, name: &str) -> Value {
+    let (_, out, err) = gateway.command(&["check", "--json"]);
+    let findings: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == name)
+        .unwrap_or_else(|| panic!("no `{name}` finding in {findings:#}"))
+        .clone()
+}
+
+/// Without the optional claim `sid`, Entra's front-channel logout cannot
+/// name the session: the doctor says so once someone has signed in.
+#[tokio::test]
+async fn the_doctor_tells_when_id_tokens_lack_sid() {
+    let stack = Stack::start("").await;
+    let finding = check_finding(&stack.gateway, "provider logout");
+    assert_eq!(finding["ok"], true, "{finding}");
+    assert!(
+        finding["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no one is signed in"),
+        "{finding}"
+    );
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/") }, { "login": "hank" }]),
+    )
+    .await;
+    assert_eq!(results[1]["status"], 200);
+    let finding = check_finding(&stack.gateway, "provider logout");
+    assert_eq!(finding["ok"], false, "{finding}");
+    assert!(
+        finding["fix"].as_str().unwrap().contains("sid"),
+        "{finding}"
+    );
+    let store = check_finding(&stack.gateway, "sessions");
+    assert!(
+        store["detail"].as_str().unwrap().contains("sessions.redb"),
+        "{store}"
+    );
+}
+
 async fn status_with(stack: &Stack, cookie: &str) -> StatusCode {
     send(
         stack.gateway.addr,
@@ -470,6 +516,12 @@ async fn a_front_channel_logout_ends_the_sessions_of_its_sid() {
     )
     .unwrap();
     let sid = claims["sid"].as_str().expect("the ID token carries sid");
+    let finding = check_finding(&stack.gateway, "provider logout");
+    assert_eq!(finding["ok"], true, "{finding}");
+    assert!(
+        finding["detail"].as_str().unwrap().contains("carry sid"),
+        "{finding}"
+    );
     let logout = |query: String| {
         let addr = stack.gateway.addr;
         async move {

@@ -450,23 +450,9 @@ impl Sessions {
                 let path = state.prepare()?.join(SESSIONS_FILE);
                 Store::Embedded(Embedded::open(&path)?)
             }
-            (StoreKind::Redis, redis) => {
-                let redis = redis.as_ref().expect("validated: redis_url is set");
-                let ca = match &redis.ca {
-                    Some(path) => {
-                        Some(std::fs::read(path).map_err(|source| StoreError::RedisCa {
-                            path: path.clone(),
-                            source,
-                        })?)
-                    }
-                    None => None,
-                };
-                Store::Redis(Redis::new(&RedisSettings {
-                    url: &redis.url,
-                    password: redis.password.as_deref(),
-                    ca,
-                })?)
-            }
+            (StoreKind::Redis, redis) => Store::Redis(redis_of(
+                redis.as_ref().expect("validated: redis_url is set"),
+            )?),
         };
         sessions.kept = Kept::InStore(Stored::new(store, &config, metrics));
         Ok(sessions)
@@ -1173,6 +1159,34 @@ impl Stored {
         self.errors.inc();
         tracing::error!(%error, "session store");
     }
+}
+
+fn redis_of(config: &RedisConfig) -> Result<Redis, StoreError> {
+    let ca = match &config.ca {
+        Some(path) => Some(std::fs::read(path).map_err(|source| StoreError::RedisCa {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    Redis::new(&RedisSettings {
+        url: &config.url,
+        password: config.password.as_deref(),
+        ca,
+    })
+}
+
+/// Whether the configured Redis answers, for `authgate check`; `None`
+/// with another store.
+pub async fn ping_redis(config: &SessionConfig) -> Option<Result<(), StoreError>> {
+    let redis = config
+        .redis
+        .as_ref()
+        .filter(|_| config.store == StoreKind::Redis)?;
+    Some(match redis_of(redis) {
+        Ok(redis) => redis.ping().await,
+        Err(e) => Err(e),
+    })
 }
 
 /// What a tag finds sessions by.
