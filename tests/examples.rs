@@ -66,6 +66,7 @@ fn every_example_is_valid_yaml() {
         "examples/docker-compose.yml",
         "examples/kubernetes/deployment.yaml",
         "examples/kubernetes/workload-identity.yaml",
+        "examples/kubernetes/workload-identity-patch.yaml",
         "examples/kubernetes/authgate-config.yaml",
         "examples/kubernetes/secret.yaml",
         "examples/kubernetes/replicas.yaml",
@@ -155,7 +156,7 @@ fn the_kubernetes_examples_configure_a_valid_gateway() {
         .into_iter()
         .filter(|(k, _)| k != "AUTHGATE_OIDC_CLIENT_SECRET_FILE")
         .collect();
-    federated.extend(settings("examples/kubernetes/workload-identity.yaml"));
+    federated.extend(settings("examples/kubernetes/workload-identity-patch.yaml"));
     let token = tempfile::NamedTempFile::new().unwrap();
     federated.push((
         "AZURE_FEDERATED_TOKEN_FILE".into(),
