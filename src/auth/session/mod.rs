@@ -1752,6 +1752,8 @@ mod tests {
             let pair = prop_oneof![
                 "[a-z]{1,6}=[a-zA-Z0-9%]{0,12}",
                 "__Host-authgate(\\.[0-9]|-login-[a-z]{1,4})?=[a-zA-Z0-9]{0,20}",
+                // Shaped like a stored session's or login's id.
+                "__Host-authgate(-login-[a-z]{1,4})?=[A-Za-z0-9_-]{43}",
                 "[ -~]{0,12}",
             ];
             proptest::collection::vec(pair, 0..8).prop_map(|p| p.join("; "))
@@ -1783,6 +1785,38 @@ mod tests {
                     .collect();
                 prop_assert_eq!(passed, expected.join("; "));
             }
+        }
+
+        /// The same headers against the embedded store: read, taken as a
+        /// login, ended; never a panic, never a session.
+        #[test]
+        fn any_cookie_header_is_read_safely_from_the_store() {
+            let dir = tempfile::tempdir().unwrap();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .build()
+                .unwrap();
+            let jar = Sessions::open(
+                &config(StoreKind::Embedded, &[KEY_A]),
+                &StateDir::new(dir.path()),
+                &Metrics::default(),
+            )
+            .unwrap();
+            let mut runner = proptest::test_runner::TestRunner::default();
+            runner
+                .run(&cookie_header(), |header| {
+                    let Ok(value) = HeaderValue::from_str(&header) else {
+                        return Ok(());
+                    };
+                    let mut headers = HeaderMap::new();
+                    headers.insert(COOKIE, value);
+                    let found = runtime.block_on(jar.read(&headers));
+                    prop_assert!(!matches!(found, Found::Valid(_)), "{header}");
+                    let login = runtime.block_on(jar.take_login(&headers, "state")).unwrap();
+                    prop_assert!(login.is_none(), "{header}");
+                    Ok(())
+                })
+                .unwrap();
         }
     }
 }
