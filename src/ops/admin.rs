@@ -247,3 +247,100 @@ pub mod client {
         Ok(json)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::session::{SessionConfig, StoreKind};
+    use crate::state::StateDir;
+    use std::time::Duration;
+
+    const TOKEN: &str = "an-admin-token-of-some-length";
+
+    fn admin(dir: &std::path::Path) -> Admin {
+        let config = SessionConfig {
+            store: StoreKind::Embedded,
+            cache_ttl: Duration::from_secs(5),
+            secrets: vec![vec![3; 32]],
+            refresh_before: Duration::from_secs(300),
+            cookie_name: "__Host-authgate".into(),
+            idle_timeout: Duration::from_secs(3600),
+            lifetime: Duration::from_secs(7200),
+            redis: None,
+        };
+        let metrics = Metrics::default();
+        Admin {
+            sessions: Some(Sessions::open(&config, &StateDir::new(dir), &metrics).unwrap()),
+            metrics,
+            token: TOKEN.into(),
+        }
+    }
+
+    async fn status(admin: &Admin, method: &str, uri: &str, authorization: Option<&str>) -> u16 {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(value) = authorization {
+            request = request.header(AUTHORIZATION, value);
+        }
+        admin
+            .answer(request.body(()).unwrap())
+            .await
+            .status()
+            .as_u16()
+    }
+
+    /// What anyone who reaches the listener may send: without the exact
+    /// token nothing about sessions answers, and a request that does not
+    /// say exactly whose sessions to end ends none.
+    #[tokio::test]
+    async fn the_session_endpoints_want_the_token_and_an_unambiguous_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = admin(dir.path());
+        let bearer = format!("Bearer {TOKEN}");
+        for authorization in [
+            None,
+            Some("Bearer "),
+            Some("Bearer an-admin-token"),
+            Some(&format!("Bearer {TOKEN}x")),
+            Some(&format!("Basic {TOKEN}")),
+            Some(TOKEN),
+        ] {
+            for method in ["GET", "DELETE"] {
+                assert_eq!(
+                    status(&admin, method, "/sessions?all=true", authorization).await,
+                    401,
+                    "{method} with {authorization:?}"
+                );
+            }
+        }
+        for query in [
+            "",
+            "?all=false",
+            "?all=yes",
+            "?all=true&user=alice",
+            "?user=alice&session=abc",
+            "?user=a&user=b",
+        ] {
+            let uri = format!("/sessions{query}");
+            assert_eq!(
+                status(&admin, "DELETE", &uri, Some(&bearer)).await,
+                400,
+                "{uri}"
+            );
+        }
+        assert_eq!(
+            status(&admin, "POST", "/sessions", Some(&bearer)).await,
+            405
+        );
+        assert_eq!(
+            status(&admin, "GET", "/sessions/../metrics", Some(&bearer)).await,
+            404
+        );
+        assert_eq!(status(&admin, "GET", "/sessions", Some(&bearer)).await, 200);
+        assert_eq!(
+            status(&admin, "DELETE", "/sessions?all=true", Some(&bearer)).await,
+            200
+        );
+        // Metrics need no token.
+        assert_eq!(status(&admin, "GET", "/metrics", None).await, 200);
+    }
+}

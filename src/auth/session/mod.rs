@@ -167,18 +167,12 @@ impl Session {
 
     /// This session, seen now.
     fn seen_now(&self) -> Session {
-        Session {
-            identity: self.identity.clone(),
-            id_token: self.id_token.clone(),
-            refresh_token: self.refresh_token.clone(),
-            expires_at: self.expires_at,
-            signed_in_at: self.signed_in_at,
-            last_seen: now(),
-            identity_headers: OnceLock::new(),
-            sid: self.sid.clone(),
-            key: self.key,
-            fate: Fate::default(),
-        }
+        self.renewed(
+            self.identity.clone(),
+            self.id_token.clone(),
+            self.refresh_token.clone(),
+            self.expires_at,
+        )
     }
 }
 
@@ -621,13 +615,10 @@ impl Sessions {
         }
         stored.lookups.inc();
         // Boxed: a store's future inline would grow every request's.
-        let record = match Box::pin(stored.store.get(Table::Sessions, key)).await {
+        let record = match stored.checked(Box::pin(stored.store.get(Table::Sessions, key)).await) {
             Ok(Some(record)) => record,
             Ok(None) => return Found::Unusable,
-            Err(e) => {
-                stored.failed(&e);
-                return Found::Unavailable;
-            }
+            Err(_) => return Found::Unavailable,
         };
         let Some(mut session) = self.open_record::<Session>(Table::Sessions, key, &record) else {
             tracing::debug!(session = key.handle(), "a stored session did not open");
@@ -733,10 +724,7 @@ impl Sessions {
         };
         session.key = Some(key);
         let record = self.record(&session, key, stored);
-        if let Err(e) = stored.store.put(Table::Sessions, key, record).await {
-            stored.failed(&e);
-            return Err(e);
-        }
+        stored.checked(stored.store.put(Table::Sessions, key, record).await)?;
         let session = Arc::new(session);
         if let Some(old) = stored.opened.get(&key) {
             old.fate.supersede();
@@ -761,22 +749,16 @@ impl Sessions {
         let (Kept::InStore(stored), Some(key)) = (&self.kept, session.key) else {
             return Ok(Renewal::Go(RenewalLock { held: None }));
         };
-        let Some(token) = stored
-            .store
-            .lock(key)
-            .await
-            .inspect_err(|e| stored.failed(e))?
-        else {
+        let Some(token) = stored.checked(stored.store.lock(key).await)? else {
             return Ok(Renewal::Busy);
         };
         let lock = RenewalLock {
             held: Some((key, token)),
         };
-        let latest = match stored.store.get(Table::Sessions, key).await {
+        let latest = match stored.checked(stored.store.get(Table::Sessions, key).await) {
             Ok(latest) => latest,
             Err(e) => {
                 self.end_renewal(lock).await;
-                stored.failed(&e);
                 return Err(e);
             }
         };
@@ -804,9 +786,7 @@ impl Sessions {
     pub async fn end_renewal(&self, lock: RenewalLock) {
         if let (Kept::InStore(stored), Some((key, token))) = (&self.kept, lock.held) {
             // A lock not released expires on its own.
-            if let Err(e) = stored.store.unlock(key, &token).await {
-                stored.failed(&e);
-            }
+            let _ = stored.checked(stored.store.unlock(key, &token).await);
         }
     }
 
@@ -825,9 +805,8 @@ impl Sessions {
         let first = stored
             .store
             .put_new(Table::Seen, StoreKey::of(marker), record)
-            .await
-            .inspect_err(|e| stored.failed(e))?;
-        Ok(first)
+            .await;
+        Ok(stored.checked(first)?)
     }
 
     /// Whether the store answers; `None` in cookie mode.
@@ -847,7 +826,9 @@ impl Sessions {
             return Ok(());
         };
         stored.forget(key);
-        stored.store.take(Table::Sessions, key).await.map(drop)
+        stored
+            .checked(stored.store.take(Table::Sessions, key).await)
+            .map(drop)
     }
 
     /// The live server-side sessions, of one user (UPN or object id) or
@@ -856,13 +837,8 @@ impl Sessions {
         let Kept::InStore(stored) = &self.kept else {
             return Err(AdminError::NoStore);
         };
-        let records = match user {
-            Some(user) => {
-                let marks = [Mark::ObjectId(user), Mark::Upn(user)];
-                stored.store.tagged(stored.lookup_tags(&marks)).await?
-            }
-            None => stored.store.sessions().await?,
-        };
+        let who = user.map_or(Who::All, |user| Who::User(user.to_owned()));
+        let records = stored.records_of(&who).await?;
         let mut listed: Vec<Listed> = records
             .iter()
             .filter_map(|(key, record)| {
@@ -893,24 +869,13 @@ impl Sessions {
         let Kept::InStore(stored) = &self.kept else {
             return Err(AdminError::NoStore);
         };
-        let marks = match who {
-            Who::User(user) => vec![Mark::ObjectId(user), Mark::Upn(user)],
-            Who::Subject(sub) => vec![Mark::Subject(sub)],
-            Who::ProviderSession(sid) => vec![Mark::ProviderSession(sid)],
-            Who::Session(_) | Who::All => Vec::new(),
-        };
-        let mut records = if marks.is_empty() {
-            stored.store.sessions().await?
-        } else {
-            stored.store.tagged(stored.lookup_tags(&marks)).await?
-        };
-        if let Who::Session(handle) = who {
-            records.retain(|(key, _)| key.handle() == handle.to_ascii_lowercase());
-        }
         let mut ended = 0;
-        for (key, _) in records {
+        for (key, _) in stored.records_of(who).await? {
             stored.forget(key);
-            if stored.store.take(Table::Sessions, key).await?.is_some() {
+            if stored
+                .checked(stored.store.take(Table::Sessions, key).await)?
+                .is_some()
+            {
                 ended += 1;
             }
         }
@@ -1023,10 +988,7 @@ impl Sessions {
                     tags: Vec::new(),
                     sealed: self.seal_record(Table::Logins, key, json),
                 };
-                if let Err(e) = stored.store.put(Table::Logins, key, record).await {
-                    stored.failed(&e);
-                    return Err(e);
-                }
+                stored.checked(stored.store.put(Table::Logins, key, record).await)?;
                 URL_SAFE_NO_PAD.encode(id)
             }
         };
@@ -1067,13 +1029,9 @@ impl Sessions {
                 let Some(key) = store_key_of(&value) else {
                     return Ok(None);
                 };
-                match stored.store.take(Table::Logins, key).await {
-                    Ok(record) => record.and_then(|r| self.open_record(Table::Logins, key, &r)),
-                    Err(e) => {
-                        stored.failed(&e);
-                        return Err(e);
-                    }
-                }
+                stored
+                    .checked(stored.store.take(Table::Logins, key).await)?
+                    .and_then(|r| self.open_record(Table::Logins, key, &r))
             }
         };
         Ok(login.filter(|l| l.state == state && now() < l.started_at + LOGIN_TTL.as_secs()))
@@ -1158,6 +1116,28 @@ impl Stored {
     fn failed(&self, error: &StoreError) {
         self.errors.inc();
         tracing::error!(%error, "session store");
+    }
+
+    /// `result` of a store call, its failure counted and logged: every
+    /// call goes through here, so callers only decide what to answer.
+    fn checked<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        result.inspect_err(|e| self.failed(e))
+    }
+
+    /// The live records of `who`'s sessions.
+    async fn records_of(&self, who: &Who) -> Result<Vec<(StoreKey, Record)>, StoreError> {
+        let marks = match who {
+            Who::User(user) => vec![Mark::ObjectId(user), Mark::Upn(user)],
+            Who::Subject(sub) => vec![Mark::Subject(sub)],
+            Who::ProviderSession(sid) => vec![Mark::ProviderSession(sid)],
+            Who::Session(handle) => {
+                let mut all = self.checked(self.store.sessions().await)?;
+                all.retain(|(key, _)| key.handle() == handle.to_ascii_lowercase());
+                return Ok(all);
+            }
+            Who::All => return self.checked(self.store.sessions().await),
+        };
+        self.checked(self.store.tagged(self.lookup_tags(&marks)).await)
     }
 }
 
