@@ -144,17 +144,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         Some(addr) => Some(bind("http_redirect_listen", addr).await?),
         None => None,
     };
-    let admin = match config.admin_listen {
-        Some(addr) => Some(bind("admin_listen", addr).await?),
-        None => None,
-    };
     if let Some(sessions) = &sessions {
         tokio::spawn(sessions.clone().sweep_periodically());
     }
-    let admin_answers = ops::admin::Admin {
-        metrics: metrics.clone(),
-        sessions,
-        token: ops::admin::token(&config)?,
+    // Its token is made (or read) only when there is a listener to want it.
+    let admin = match config.admin_listen {
+        Some(addr) => Some((
+            bind("admin_listen", addr).await?,
+            Arc::new(ops::admin::Admin {
+                metrics: metrics.clone(),
+                sessions,
+                token: ops::admin::token(&config)?,
+            }),
+        )),
+        None => None,
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
@@ -163,7 +166,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     if let Some(addr) = redirect.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, to = %config.public_url, "redirecting plain HTTP");
     }
-    if let Some(addr) = admin.as_ref().and_then(|l| l.local_addr().ok()) {
+    if let Some(addr) = admin.as_ref().and_then(|(l, _)| l.local_addr().ok()) {
         tracing::info!(%addr, "serving metrics at /metrics");
         tracing::info!(%addr, "serving session administration at /sessions");
     }
@@ -205,8 +208,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             }
         },
         async {
-            if let Some(listener) = admin {
-                let admin = Arc::new(admin_answers);
+            if let Some((listener, admin)) = admin {
                 let answer = move |req| {
                     let admin = admin.clone();
                     async move { admin.answer(req).await }
