@@ -25,10 +25,11 @@ use crate::auth::session::{RedisConfig, SessionConfig, StoreKind};
 use crate::forward::routes::{Access, RouteConfig, UpstreamUrl};
 use crate::forward::ProxyConfig;
 use crate::idp::{ClientAuth, OidcConfig, ResponseMode};
+use crate::net::acme::{self, AcmeSettings, ChallengeKind, ExternalAccount};
 use crate::net::tls::TlsConfig;
 use crate::net::{Limits, Timeouts};
 use crate::ops::logging::LogConfig;
-use crate::state::{StateDir, SESSION_SECRET_FILE};
+use crate::state::{StateDir, ACME_CERT_FILE, ACME_KEY_FILE, SESSION_SECRET_FILE};
 
 /// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
 /// whose name starts with one of these targets a key inside it.
@@ -319,6 +320,13 @@ struct RawTls {
     #[serde(with = "humantime_serde")]
     reload_check: Duration,
     hsts: String,
+    acme: bool,
+    acme_directory: String,
+    acme_contact: Vec<String>,
+    acme_eab_kid: Option<String>,
+    acme_eab_hmac_key: Option<String>,
+    acme_ca: Option<PathBuf>,
+    acme_challenge: Option<ChallengeKind>,
 }
 
 impl Default for RawTls {
@@ -328,6 +336,13 @@ impl Default for RawTls {
             key: None,
             reload_check: Duration::from_secs(10),
             hsts: "max-age=31536000".into(),
+            acme: false,
+            acme_directory: acme::LETS_ENCRYPT.into(),
+            acme_contact: Vec::new(),
+            acme_eab_kid: None,
+            acme_eab_hmac_key: None,
+            acme_ca: None,
+            acme_challenge: None,
         }
     }
 }
@@ -629,6 +644,118 @@ fn read_secret_files(table: &mut toml::Table, origins: &mut Origins) -> Result<(
 }
 
 impl RawConfig {
+    /// `tls.acme_*`, for `public_url`'s host and the extra hosts.
+    fn acme_settings(
+        &self,
+        origins: &Origins,
+        public_url: &PublicUrl,
+        extra_hosts: &[String],
+        listen: SocketAddr,
+        http_redirect_listen: Option<SocketAddr>,
+    ) -> Result<AcmeSettings, ConfigError> {
+        let tls = &self.tls;
+        let directory = tls.acme_directory.trim();
+        let uri = Uri::from_str(directory).ok();
+        if uri.as_ref().and_then(Uri::scheme) != Some(&Scheme::HTTPS)
+            || uri.as_ref().and_then(Uri::host).is_none()
+        {
+            return Err(origins.invalid(
+                "tls.acme_directory",
+                directory,
+                "the https:// URL of an ACME directory, such as \
+                 https://acme-v02.api.letsencrypt.org/directory (Let's Encrypt) or \
+                 https://acme-staging-v02.api.letsencrypt.org/directory (its staging)",
+            ));
+        }
+        let contact = tls
+            .acme_contact
+            .iter()
+            .enumerate()
+            .map(|(i, value)| {
+                let address = value.trim().trim_start_matches("mailto:");
+                let parts: Vec<&str> = address.split('@').collect();
+                let plain = |c: char| !c.is_whitespace() && !matches!(c, ',' | '<' | '>');
+                match parts[..] {
+                    [user, domain]
+                        if !user.is_empty()
+                            && domain.contains('.')
+                            && address.chars().all(plain) =>
+                    {
+                        Ok(format!("mailto:{address}"))
+                    }
+                    _ => Err(origins.invalid(
+                        &format!("tls.acme_contact[{i}]"),
+                        value,
+                        "an e-mail address for the CA's expiry and incident notices, \
+                         such as admin@example.com",
+                    )),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let eab = match (&tls.acme_eab_kid, &tls.acme_eab_hmac_key) {
+            (None, None) => None,
+            (Some(kid), Some(key)) => {
+                use base64::Engine;
+                let hmac_key = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(key.trim().trim_end_matches('='))
+                    .ok()
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| {
+                        origins.error(
+                            "tls.acme_eab_hmac_key",
+                            "is not base64url: expected the HMAC key exactly as the CA gives it",
+                        )
+                    })?;
+                Some(ExternalAccount {
+                    kid: kid.trim().to_owned(),
+                    hmac_key,
+                })
+            }
+            (Some(_), None) => {
+                return Err(origins.error(
+                    "tls.acme_eab_hmac_key",
+                    "missing: `tls.acme_eab_kid` is set, and the CA gives both",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(origins.error(
+                    "tls.acme_eab_kid",
+                    "missing: `tls.acme_eab_hmac_key` is set, and the CA gives both",
+                ))
+            }
+        };
+        if let Some(ca) = &tls.acme_ca {
+            require_readable(origins, "tls.acme_ca", ca)?;
+        }
+        // TLS-ALPN-01 needs nothing on port 80; HTTP-01 is the one left
+        // when port 80 is served here and HTTPS is not on 443.
+        let challenge = tls.acme_challenge.unwrap_or(match http_redirect_listen {
+            Some(_) if listen.port() != 443 => ChallengeKind::Http01,
+            _ => ChallengeKind::TlsAlpn01,
+        });
+        if challenge == ChallengeKind::Http01 && http_redirect_listen.is_none() {
+            return Err(origins.error(
+                "tls.acme_challenge",
+                "`http-01` is answered on `http_redirect_listen` (port 80 to the CA): set it, \
+                 or use `tls-alpn-01`",
+            ));
+        }
+        let mut names = vec![public_url.host().to_ascii_lowercase()];
+        for host in extra_hosts {
+            if !names.contains(host) {
+                names.push(host.clone());
+            }
+        }
+        Ok(AcmeSettings {
+            directory: directory.to_owned(),
+            contact,
+            eab,
+            ca: tls.acme_ca.clone(),
+            challenge,
+            names,
+        })
+    }
+
     fn validate(self, origins: &Origins) -> Result<Config, ConfigError> {
         let mut warnings = Vec::new();
         let listen = parse_socket_addr(origins, "listen", &self.listen)?;
@@ -650,7 +777,7 @@ impl RawConfig {
             ));
         }
 
-        let extra_hosts = self
+        let extra_hosts: Vec<String> = self
             .extra_hosts
             .iter()
             .enumerate()
@@ -728,13 +855,38 @@ impl RawConfig {
                     })?,
             ),
         };
+        let acme = self.tls.acme.then(|| {
+            self.acme_settings(
+                origins,
+                &public_url,
+                &extra_hosts,
+                listen,
+                http_redirect_listen,
+            )
+        });
         let tls = match (self.tls.cert, self.tls.key) {
+            (Some(_), _) | (_, Some(_)) if acme.is_some() => {
+                return Err(origins.error(
+                    "tls.acme",
+                    "`tls.acme = true` obtains the certificate itself: remove `tls.cert` and \
+                     `tls.key`, or set `tls.acme = false` to serve those files",
+                ))
+            }
+            (None, None) if acme.is_some() => TlsConfig {
+                cert: self.state_dir.join(ACME_CERT_FILE),
+                key: self.state_dir.join(ACME_KEY_FILE),
+                may_self_sign: false,
+                reload_check: self.tls.reload_check,
+                hsts,
+                acme: acme.transpose()?,
+            },
             (None, None) => TlsConfig {
                 cert: DEFAULT_CERT.into(),
                 key: DEFAULT_KEY.into(),
                 may_self_sign: true,
                 reload_check: self.tls.reload_check,
                 hsts,
+                acme: None,
             },
             (Some(cert), Some(key)) => {
                 require_readable(origins, "tls.cert", &cert)?;
@@ -745,6 +897,7 @@ impl RawConfig {
                     may_self_sign: false,
                     reload_check: self.tls.reload_check,
                     hsts,
+                    acme: None,
                 }
             }
             (Some(_), None) => {
@@ -1240,6 +1393,128 @@ mod tests {
 
     fn error_of(toml: &str, env: &[(&str, &str)]) -> String {
         load(toml, env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn acme_settings_are_derived_and_checked() {
+        let acme = |toml: &str, env: &[(&str, &str)]| load(toml, env).map(|c| (c.tls, c.state_dir));
+        let (tls, state) = acme(
+            "public_url = \"https://Console.Example.com\"\nextra_hosts = [\"console.example.com\", \"rd.example.com\"]\n\
+             state_dir = \"/var/lib/authgate\"\n[tls]\nacme = true\nacme_contact = [\"admin@example.com\", \"mailto:ops@example.com\"]\n",
+            &[],
+        )
+        .unwrap();
+        let settings = tls.acme.unwrap();
+        assert_eq!(settings.names, ["console.example.com", "rd.example.com"]);
+        assert_eq!(
+            settings.contact,
+            ["mailto:admin@example.com", "mailto:ops@example.com"]
+        );
+        assert_eq!(settings.directory, acme::LETS_ENCRYPT);
+        assert_eq!(settings.challenge, ChallengeKind::TlsAlpn01);
+        assert!(settings.eab.is_none());
+        assert_eq!(tls.cert, state.path().join(ACME_CERT_FILE));
+        assert_eq!(tls.key, state.path().join(ACME_KEY_FILE));
+
+        // The default challenge follows the ports; the environment sets it too.
+        let challenge = |toml: &str| {
+            acme(toml, &[("AUTHGATE_TLS_ACME", "true")])
+                .unwrap()
+                .0
+                .acme
+                .unwrap()
+                .challenge
+        };
+        assert_eq!(
+            challenge("http_redirect_listen = \"0.0.0.0:80\"\n"),
+            ChallengeKind::Http01
+        );
+        assert_eq!(
+            challenge("listen = \"0.0.0.0:443\"\nhttp_redirect_listen = \"0.0.0.0:80\"\n"),
+            ChallengeKind::TlsAlpn01
+        );
+        assert_eq!(
+            challenge(
+                "http_redirect_listen = \"0.0.0.0:80\"\n[tls]\nacme_challenge = \"tls-alpn-01\"\n"
+            ),
+            ChallengeKind::TlsAlpn01
+        );
+
+        let eab = acme(
+            "[tls]\nacme = true\nacme_eab_kid = \"kid-1\"\nacme_eab_hmac_key = \"c2VjcmV0LWtleQ\"\n",
+            &[],
+        )
+        .unwrap()
+        .0
+        .acme
+        .unwrap()
+        .eab
+        .unwrap();
+        assert_eq!(
+            (eab.kid.as_str(), eab.hmac_key.as_slice()),
+            ("kid-1", &b"secret-key"[..])
+        );
+        assert!(!format!("{eab:?}").contains("secret"));
+    }
+
+    #[test]
+    fn acme_mistakes_name_the_key() {
+        let cases = [
+            (
+                "[tls]\nacme = true\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+                "`tls.acme`",
+                "remove `tls.cert`",
+            ),
+            (
+                "[tls]\nacme = true\nacme_challenge = \"http-01\"\n",
+                "`tls.acme_challenge`",
+                "http_redirect_listen",
+            ),
+            (
+                "[tls]\nacme = true\nacme_challenge = \"dns-01\"\n",
+                "tls.acme_challenge",
+                "http-01",
+            ),
+            (
+                "[tls]\nacme = true\nacme_directory = \"http://ca.example/dir\"\n",
+                "`tls.acme_directory`",
+                "https://",
+            ),
+            (
+                "[tls]\nacme = true\nacme_contact = [\"admin\"]\n",
+                "`tls.acme_contact[0]`",
+                "e-mail address",
+            ),
+            (
+                "[tls]\nacme = true\nacme_eab_kid = \"kid\"\n",
+                "`tls.acme_eab_hmac_key`",
+                "missing",
+            ),
+            (
+                "[tls]\nacme = true\nacme_eab_hmac_key = \"a2V5\"\n",
+                "`tls.acme_eab_kid`",
+                "missing",
+            ),
+            (
+                "[tls]\nacme = true\nacme_eab_kid = \"k\"\nacme_eab_hmac_key = \"not base64!\"\n",
+                "`tls.acme_eab_hmac_key`",
+                "base64url",
+            ),
+            (
+                "[tls]\nacme = true\nacme_ca = \"/nonexistent/ca.pem\"\n",
+                "`tls.acme_ca`",
+                "cannot read",
+            ),
+        ];
+        for (toml, key, expected) in cases {
+            let error = error_of(toml, &[]);
+            assert!(
+                error.contains(key) && error.contains(expected),
+                "{toml}: {error}"
+            );
+        }
+        // A bad HMAC key is not echoed.
+        assert!(!error_of(cases[7].0, &[]).contains("not base64!"));
     }
 
     const SIGN_IN: &str = "[oidc]\nissuer = \"https://login.microsoftonline.com/11111111-2222-3333-4444-555555555555/v2.0\"\n\

@@ -4,7 +4,7 @@
 //!
 //! | step | folder | what it owns |
 //! |---|---|---|
-//! | accept, TLS | [`net`] | listeners, worker threads, the TLS configuration and its reload, hyper's server settings, the plain-HTTP listeners |
+//! | accept, TLS | [`net`] | listeners, worker threads, the TLS configuration and its reload, certificates from an ACME CA, hyper's server settings, the plain-HTTP listeners |
 //! | route | [`pipeline`] | [`pipeline::Gateway::handle`], the request read top to bottom; the gateway's own endpoints; the access log |
 //! | authenticate, authorize | [`auth`] | sessions and their cookies, bearer tokens, the sign-in flow, who the caller is, route policy |
 //! | (verify) | [`idp`] | the identity provider: discovery, signing keys, token verification, the app's credential, Entra's error explanations |
@@ -65,6 +65,8 @@ pub enum StartError {
     Sessions(#[from] auth::session::OpenError),
     #[error(transparent)]
     State(#[from] state::StateError),
+    #[error(transparent)]
+    Acme(#[from] net::acme::AcmeStartError),
     #[error("cannot listen on `{key}` = {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -82,7 +84,8 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    if config.tls.may_self_sign
+    if config.tls.acme.is_none()
+        && config.tls.may_self_sign
         && net::tls::ensure_self_signed(
             &config.tls.cert,
             &config.tls.key,
@@ -98,18 +101,12 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         );
     }
     let metrics = metrics::Metrics::default();
-    let watcher = net::tls::CertWatcher::new(
-        config.tls.cert.clone(),
-        config.tls.key.clone(),
-        config.tls.reload_check,
-        metrics.certificate_expiry.clone(),
-    )
-    .map_err(StartError::Signals)?;
-    let first = net::tls::load(&config.tls.cert, &config.tls.key)?;
-    net::tls::record_expiry(&first, &metrics.certificate_expiry);
-    let cert = net::tls::ReloadableCert::new(first);
-    let acceptor =
-        TlsAcceptor::from(net::tls::server_config(cert.clone()).map_err(StartError::TlsConfig)?);
+    let certificates = Certificates::new(&config, &metrics)?;
+    let acceptor = TlsAcceptor::from(
+        net::tls::server_config(certificates.resolver(), config.tls.acme.is_some())
+            .map_err(StartError::TlsConfig)?,
+    );
+    let acme_answers = certificates.acme_answers();
     let oidc = match &config.oidc {
         Some(oidc_config) => {
             let http = outbound::client(oidc_config.ca.as_deref(), &config.timeouts)?;
@@ -161,7 +158,7 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     };
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Signals)?;
-    tokio::spawn(watcher.run(cert));
+    certificates.keep_current();
     tokio::spawn(memory::collect_periodically());
     if let Some(addr) = redirect.as_ref().and_then(|l| l.local_addr().ok()) {
         tracing::info!(%addr, to = %config.public_url, "redirecting plain HTTP");
@@ -195,7 +192,13 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     tokio::join!(
         async {
             if let Some(listener) = redirect {
-                let answer = move |req| std::future::ready(net::redirect(&origin, &req));
+                let answer = move |req: http::Request<hyper::body::Incoming>| {
+                    let acme = acme_answers.as_ref();
+                    std::future::ready(
+                        acme.and_then(|a| a.http_answer(req.uri().path()))
+                            .unwrap_or_else(|| net::redirect(&origin, &req)),
+                    )
+                };
                 net::run_plain(
                     listener,
                     &config.timeouts,
@@ -239,6 +242,65 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         plain_connections.drain(config.timeouts.shutdown_grace)
     );
     Ok(())
+}
+
+/// Where the served certificate comes from: files (reloaded when they
+/// change) or an ACME CA.
+enum Certificates {
+    Files {
+        watcher: net::tls::CertWatcher,
+        cert: Arc<net::tls::ReloadableCert>,
+    },
+    Acme(Box<net::acme::Acme>),
+}
+
+impl Certificates {
+    fn new(config: &Config, metrics: &metrics::Metrics) -> Result<Certificates, StartError> {
+        if let Some(acme) = &config.tls.acme {
+            return Ok(Certificates::Acme(Box::new(net::acme::Acme::new(
+                acme.clone(),
+                config.state_dir.clone(),
+                &config.timeouts,
+                metrics.clone(),
+            )?)));
+        }
+        let watcher = net::tls::CertWatcher::new(
+            config.tls.cert.clone(),
+            config.tls.key.clone(),
+            config.tls.reload_check,
+            metrics.certificate_expiry.clone(),
+        )
+        .map_err(StartError::Signals)?;
+        let first = net::tls::load(&config.tls.cert, &config.tls.key)?;
+        net::tls::record_expiry(&first, &metrics.certificate_expiry);
+        Ok(Certificates::Files {
+            watcher,
+            cert: net::tls::ReloadableCert::new(first),
+        })
+    }
+
+    fn resolver(&self) -> Arc<dyn rustls::server::ResolvesServerCert> {
+        match self {
+            Certificates::Files { cert, .. } => cert.clone(),
+            Certificates::Acme(acme) => acme.resolver(),
+        }
+    }
+
+    /// The HTTP-01 answers for the port-80 listener.
+    fn acme_answers(&self) -> Option<Arc<net::acme::Challenges>> {
+        match self {
+            Certificates::Files { .. } => None,
+            Certificates::Acme(acme) => Some(acme.challenges()),
+        }
+    }
+
+    /// Reloads or renews from now on, in the background.
+    fn keep_current(self) {
+        match self {
+            Certificates::Files { watcher, cert } => tokio::spawn(watcher.run(cert)),
+            Certificates::Acme(acme) => tokio::spawn(acme.run()),
+        };
+    }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {

@@ -231,6 +231,17 @@ fn print_summary(config: &Config) -> bool {
     }
     let tls = &config.tls;
     let cert_ok = match authgate::net::tls::load(&tls.cert, &tls.key) {
+        _ if tls.acme.is_some() => {
+            let acme = tls.acme.as_ref().expect("matched");
+            println!(
+                "  certificate   from the ACME CA {} for {} ({}), kept at {}",
+                acme.directory,
+                acme.names.join(", "),
+                acme.challenge,
+                tls.cert.display()
+            );
+            true
+        }
         Ok(_) => {
             println!("  certificate   {} (loads)", tls.cert.display());
             true

@@ -1,6 +1,7 @@
 //! `state_dir`: what the gateway keeps between runs (the embedded session
-//! store, and the session secret and admin token it generates when the
-//! configuration sets none). Readable by the gateway's user alone.
+//! store, the session secret and admin token it generates when the
+//! configuration sets none, the ACME account and certificate). Readable
+//! by the gateway's user alone.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -15,6 +16,13 @@ pub const SESSION_SECRET_FILE: &str = "session.secret";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The embedded session store.
 pub const SESSIONS_FILE: &str = "sessions.redb";
+/// The ACME account (its key and URL at the CA).
+pub const ACME_ACCOUNT_FILE: &str = "acme-account.json";
+/// The certificate chain ACME issued, and its key.
+pub const ACME_CERT_FILE: &str = "acme-certificate.pem";
+pub const ACME_KEY_FILE: &str = "acme-certificate.key";
+/// What ACME last did and will do next, for `authgate check`.
+pub const ACME_STATUS_FILE: &str = "acme-status.json";
 
 #[derive(Debug, thiserror::Error)]
 #[error("state_dir `{}`: cannot {action}: {source}", path.display())]
@@ -89,6 +97,39 @@ impl StateDir {
         }
     }
 
+    /// Where `name` is kept.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Replaces `name` with `content` (0600) as a whole: a crash leaves
+    /// the old file or the new one, never a mix.
+    pub fn write_private(&self, name: &str, content: &[u8]) -> Result<(), StateError> {
+        let path = self.prepare()?.join(name);
+        let partial = self.0.join(format!(".{name}.partial"));
+        let _ = std::fs::remove_file(&partial);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .and_then(|mut file| {
+                file.write_all(content)?;
+                file.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .map_err(|source| self.error("write a file", source))
+    }
+
+    /// The content of `name`, if it exists.
+    pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        match std::fs::read(self.0.join(name)) {
+            Ok(content) => Ok(Some(content)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(self.error("read a file", source)),
+        }
+    }
+
     fn error(&self, action: &'static str, source: std::io::Error) -> StateError {
         StateError {
             path: self.0.clone(),
@@ -121,6 +162,22 @@ mod tests {
         let elsewhere = StateDir::new(dir.path().join("none"));
         assert_eq!(elsewhere.kept_secret(ADMIN_TOKEN_FILE).unwrap(), None);
         assert!(!elsewhere.path().exists(), "looking created it");
+    }
+
+    #[test]
+    fn a_private_file_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("state"));
+        assert_eq!(state.read(ACME_STATUS_FILE).unwrap(), None);
+        state.write_private(ACME_STATUS_FILE, b"first").unwrap();
+        state.write_private(ACME_STATUS_FILE, b"second").unwrap();
+        assert_eq!(state.read(ACME_STATUS_FILE).unwrap().unwrap(), b"second");
+        let mode = std::fs::metadata(state.file(ACME_STATUS_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 1);
     }
 
     #[test]

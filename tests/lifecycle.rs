@@ -1,6 +1,9 @@
-//! Starting, reloading and stopping the real binary: certificates, signals,
-//! configuration errors and the command line.
+//! Starting, reloading and stopping the real binary: certificates (from
+//! files and from an ACME CA), signals, configuration errors and the
+//! command line.
 
+#[path = "lifecycle/acme.rs"]
+mod acme;
 mod common;
 
 use std::time::{Duration, Instant};

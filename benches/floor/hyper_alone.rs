@@ -45,7 +45,7 @@ fn run() -> Result<(), Box<dyn Error>> {
         return Err("usage: hyper-alone <cert.pem> <key.pem> <address:port>".into());
     };
     let key = tls::load(Path::new(cert), Path::new(key))?;
-    let acceptor = TlsAcceptor::from(tls::server_config(tls::ReloadableCert::new(key))?);
+    let acceptor = TlsAcceptor::from(tls::server_config(tls::ReloadableCert::new(key), false)?);
     let addr: SocketAddr = addr.parse()?;
     let cores = std::thread::available_parallelism()?.get();
     let workers: Vec<_> = net::bind_workers(addr, cores)?

@@ -253,9 +253,14 @@ impl Worker {
                     return tracing::debug!(%peer, "TLS handshake timed out");
                 }
             };
+        let alpn = tls.get_ref().1.alpn_protocol();
+        if alpn == Some(super::tls::ACME_TLS_ALPN) {
+            // A CA's validation: it has seen the certificate and closes.
+            return;
+        }
         // ALPN already chose the protocol, so no detection read (which has
         // no deadline, hyper issue 3962) is needed.
-        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let http2 = alpn == Some(b"h2");
         let gateway = self.gateway.clone();
         let client = Client::new(peer, http2);
         let activity = Activity::new();

@@ -1,8 +1,10 @@
 //! The network edge: listening sockets and their worker threads, TLS and
-//! its certificate reload, hyper's server settings, and the plain-HTTP
-//! listeners (the port-80 redirect, the admin listener). Everything a
+//! its certificate reload, certificates from an ACME CA, hyper's server
+//! settings, and the plain-HTTP listeners (the port-80 redirect, which
+//! also answers ACME's HTTP-01, and the admin listener). Everything a
 //! request meets before [`crate::pipeline`] sees it.
 
+pub mod acme;
 mod deadline;
 mod http;
 mod listener;

@@ -14,6 +14,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -27,6 +28,8 @@ pub struct TlsConfig {
     pub reload_check: Duration,
     /// `Strict-Transport-Security` for responses that lack one; `None`: off.
     pub hsts: Option<http::HeaderValue>,
+    /// The certificate comes from an ACME CA (kept at `cert` and `key`).
+    pub acme: Option<crate::net::acme::AcmeSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +52,10 @@ pub enum TlsError {
         key: PathBuf,
         source: rustls::Error,
     },
-    #[error("cannot generate a self-signed certificate: {0}")]
+    #[error("cannot generate a certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("a generated certificate is not usable: {0}")]
+    Generated(#[source] rustls::Error),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -64,13 +69,24 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Builds the server configuration around a reloadable certificate.
-pub fn server_config(cert: Arc<ReloadableCert>) -> Result<Arc<ServerConfig>, rustls::Error> {
+/// The protocol an ACME CA's TLS-ALPN-01 validation offers, alone
+/// (RFC 8737 §6.2); such a connection ends after the handshake.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Builds the server configuration around a certificate resolver;
+/// `acme` adds the ALPN protocol of TLS-ALPN-01 validation.
+pub fn server_config(
+    certs: Arc<dyn ResolvesServerCert>,
+    acme: bool,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_cert_resolver(cert);
+        .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(config))
 }
 
@@ -94,6 +110,27 @@ pub fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
         key: key.into(),
         source,
     })
+}
+
+/// A certificate rcgen made, for rustls. Made with its key, so no match
+/// is checked (that check parses the certificate as a client would, and
+/// refuses the critical extension of an ACME challenge certificate).
+pub fn certified(
+    cert: &rcgen::Certificate,
+    key: &rcgen::KeyPair,
+) -> Result<CertifiedKey, TlsError> {
+    let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = provider()
+        .key_provider
+        .load_private_key(private)
+        .map_err(TlsError::Generated)?;
+    Ok(CertifiedKey::new(vec![cert.der().clone()], signing))
+}
+
+/// A self-signed certificate for `names`, in memory.
+pub fn self_signed(names: &[String]) -> Result<CertifiedKey, TlsError> {
+    let generated = rcgen::generate_simple_self_signed(names.to_vec())?;
+    certified(&generated.cert, &generated.signing_key)
 }
 
 /// Writes a self-signed certificate for `host` when neither file exists.
@@ -152,7 +189,7 @@ impl ReloadableCert {
         })
     }
 
-    fn replace(&self, key: CertifiedKey) {
+    pub(crate) fn replace(&self, key: CertifiedKey) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(key);
     }
 }

@@ -1,10 +1,11 @@
 //! `authgate check`: the troubleshooting section RustDesk's Azure guide
 //! lacks. Each check says pass or fail and, when it fails, what to do:
-//! the certificate, the public URL (and the redirect URI to register),
-//! the issuer, discovery and keys, the app's credential as the token
-//! endpoint judges it, every upstream, the session store, and (asking
-//! the running gateway) whether ID tokens carry what the provider's
-//! logouts need.
+//! the certificate (with ACME: whether the CA can reach the challenge,
+//! its directory, the last order), the public URL (and the redirect URI
+//! to register), the issuer, discovery and keys, the app's credential as
+//! the token endpoint judges it, every upstream, the session store, and
+//! (asking the running gateway) whether ID tokens carry what the
+//! provider's logouts need.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use crate::auth::session::{SessionConfig, StoreKind};
 use crate::config::Config;
 use crate::idp::explain;
 use crate::idp::provider::{Oidc, SignInError};
+use crate::net::acme::{self, AcmeSettings, ChallengeKind};
 use crate::net::tls;
 use crate::ops::admin;
 use crate::outbound;
@@ -63,6 +65,15 @@ pub async fn run(config: &Config) -> Vec<Finding> {
     let mut findings = vec![Finding::pass("configuration", "valid")];
     findings.push(public_url(config));
     findings.push(certificate(config));
+    if let Some(acme) = &config.tls.acme {
+        findings.push(acme_reachable(
+            acme,
+            config.listen.port(),
+            config.http_redirect_listen.map(|a| a.port()),
+        ));
+        findings.push(acme_directory(config, acme).await);
+        findings.push(acme_status(config));
+    }
     if let Some(oidc_config) = &config.oidc {
         findings.push(issuer_shape(&oidc_config.issuer));
         match outbound::client(oidc_config.ca.as_deref(), &config.timeouts) {
@@ -198,9 +209,105 @@ fn public_url(config: &Config) -> Finding {
     }
 }
 
+/// Whether the CA can reach the challenge's port: it connects to 443
+/// (TLS-ALPN-01) or 80 (HTTP-01) of each name (RFC 8737 §3, RFC 8555
+/// §8.3), whatever the configuration says.
+fn acme_reachable(acme: &AcmeSettings, https: u16, plain: Option<u16>) -> Finding {
+    const CHECK: &str = "acme challenge";
+    let (needed, port) = match acme.challenge {
+        ChallengeKind::TlsAlpn01 => (443, Some(https)),
+        ChallengeKind::Http01 => (80, plain),
+    };
+    if port == Some(needed) {
+        return Finding::pass(
+            CHECK,
+            format!(
+                "{} is answered on port {needed}, where the CA connects",
+                acme.challenge
+            ),
+        );
+    }
+    let other = match acme.challenge {
+        ChallengeKind::TlsAlpn01 if plain == Some(80) => Some(ChallengeKind::Http01),
+        ChallengeKind::Http01 if https == 443 => Some(ChallengeKind::TlsAlpn01),
+        _ => None,
+    };
+    let shown = port.map_or("nowhere".to_owned(), |p| format!("on port {p}"));
+    let detail = format!(
+        "{} is answered {shown}, but the CA connects to port {needed} of {}",
+        acme.challenge,
+        acme.names.join(", ")
+    );
+    let fix = match other {
+        Some(other) => {
+            format!("set tls.acme_challenge = \"{other}\", which this configuration can answer")
+        }
+        None => {
+            "no challenge can succeed unless a port mapping or forward sends 443 here (listen) \
+                 or 80 to http_redirect_listen; listen on :443, or set http_redirect_listen on :80"
+                .into()
+        }
+    };
+    Finding::fail(CHECK, detail, fix)
+}
+
+/// The directory answers (no account or order is made).
+async fn acme_directory(config: &Config, acme: &AcmeSettings) -> Finding {
+    const CHECK: &str = "acme directory";
+    let fetched = match outbound::client(acme.ca.as_deref(), &config.timeouts) {
+        Ok(http) => outbound::get_json(&http, &acme.directory, UPSTREAM_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match fetched {
+        Ok(_) => Finding::pass(CHECK, format!("{} answers", acme.directory)),
+        Err(e) => Finding::fail(
+            CHECK,
+            e,
+            "check tls.acme_directory, the network path to it, and tls.acme_ca for a private CA",
+        ),
+    }
+}
+
+/// What the gateway last did with the CA, from the status it keeps.
+fn acme_status(config: &Config) -> Finding {
+    const CHECK: &str = "acme status";
+    let Some(status) = acme::Status::read(&config.state_dir) else {
+        return Finding::pass(CHECK, "no order yet: the gateway orders at its first start");
+    };
+    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "never".into());
+    let detail = format!(
+        "last issued {}, expires {}, next attempt {}",
+        show(&status.last_issued),
+        show(&status.expires),
+        show(&status.next_attempt),
+    );
+    match &status.last_error {
+        None => Finding::pass(CHECK, detail),
+        Some(error) => Finding::fail(
+            CHECK,
+            format!(
+                "{detail}; the last order failed at {}: {error}",
+                show(&status.last_error_at)
+            ),
+            "fix what the CA says (names resolving to this host, ports, tls.acme_eab_*), then \
+             reload the gateway (SIGHUP) to order again at once",
+        ),
+    }
+}
+
 fn certificate(config: &Config) -> Finding {
     let tls = &config.tls;
     let path = tls.cert.display();
+    if tls.acme.is_some() && !tls.cert.exists() {
+        return Finding::fail(
+            "certificate",
+            "none from the ACME CA yet: a self-signed stand-in is served until the first order \
+             completes",
+            "see the acme findings; the order runs at start and is retried",
+        );
+    }
     if tls.may_self_sign && !tls.cert.exists() {
         return Finding::fail(
             "certificate",
@@ -423,6 +530,43 @@ async fn upstreams(config: &Config) -> Vec<Finding> {
 mod tests {
     use super::*;
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    #[test]
+    fn acme_says_when_no_challenge_can_reach_this_host() {
+        let acme = |challenge| AcmeSettings {
+            directory: acme::LETS_ENCRYPT.into(),
+            contact: Vec::new(),
+            eab: None,
+            ca: None,
+            challenge,
+            names: vec!["console.example.com".into()],
+        };
+        let (alpn, http) = (acme(ChallengeKind::TlsAlpn01), acme(ChallengeKind::Http01));
+        // The RustDesk preset: both ports.
+        assert!(acme_reachable(&alpn, 443, Some(80)).ok);
+        assert!(acme_reachable(&http, 443, Some(80)).ok);
+        assert!(acme_reachable(&alpn, 443, None).ok);
+        // The other challenge would work: say which.
+        let finding = acme_reachable(&alpn, 8443, Some(80));
+        assert!(!finding.ok);
+        assert!(finding
+            .fix
+            .unwrap()
+            .contains("tls.acme_challenge = \"http-01\""));
+        let finding = acme_reachable(&http, 443, Some(8080));
+        assert!(finding.fix.unwrap().contains("\"tls-alpn-01\""));
+        // Neither.
+        for (settings, plain) in [(&alpn, None), (&alpn, Some(8080)), (&http, Some(8080))] {
+            let finding = acme_reachable(settings, 8443, plain);
+            assert!(!finding.ok);
+            assert!(
+                finding.detail.contains("console.example.com"),
+                "{}",
+                finding.detail
+            );
+            assert!(finding.fix.unwrap().contains("no challenge can succeed"));
+        }
+    }
 
     fn judged(chain: Vec<CertificateDer<'static>>) -> Finding {
         judge_chain("certs/tls.crt", &chain, "console.example.com")

@@ -45,7 +45,14 @@ pub async fn probe(config: &Config) -> Result<(), HealthError> {
 }
 
 async fn exchange(config: &Config) -> Result<(), HealthError> {
-    let pinned = crate::net::tls::load(&config.tls.cert, &config.tls.key)?.cert[0].clone();
+    let kept = crate::net::tls::load(&config.tls.cert, &config.tls.key);
+    // With ACME the served certificate changes under the probe (the
+    // self-signed stand-in, renewals): its own listener is trusted as is.
+    let pinned = match kept {
+        Ok(key) => Some(key.cert[0].clone()),
+        Err(_) if config.tls.acme.is_some() => None,
+        Err(e) => return Err(e.into()),
+    };
     let mut addr = config.listen;
     // A wildcard bind is reached over loopback.
     if addr.ip().is_unspecified() {
@@ -77,9 +84,10 @@ async fn exchange(config: &Config) -> Result<(), HealthError> {
     }
 }
 
-/// Accepts the one certificate read from the gateway's own files.
+/// Accepts the one certificate read from the gateway's own files (any,
+/// with ACME before the first certificate is kept).
 #[derive(Debug)]
-struct Pinned(CertificateDer<'static>);
+struct Pinned(Option<CertificateDer<'static>>);
 
 impl ServerCertVerifier for Pinned {
     fn verify_server_cert(
@@ -90,7 +98,7 @@ impl ServerCertVerifier for Pinned {
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.0.as_ref() {
+        if self.0.as_ref().is_none_or(|pinned| end_entity == pinned) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(

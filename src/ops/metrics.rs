@@ -52,6 +52,7 @@ pub struct Metrics {
     pub session_store_lookups: Counter,
     pub session_store_errors: Counter,
     pub certificate_expiry: Gauge<i64, AtomicI64>,
+    pub acme_orders: Family<Outcome, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -75,6 +76,7 @@ impl Default for Metrics {
             session_store_lookups: Counter::default(),
             session_store_errors: Counter::default(),
             certificate_expiry: Gauge::default(),
+            acme_orders: Family::default(),
         };
         registry.register(
             "requests",
@@ -130,6 +132,11 @@ impl Default for Metrics {
             "certificate_expiry_timestamp_seconds",
             "When the served certificate expires (Unix time)",
             metrics.certificate_expiry.clone(),
+        );
+        registry.register(
+            "acme_orders",
+            "Certificate orders to the ACME CA, by outcome (issued, failed)",
+            metrics.acme_orders.clone(),
         );
         Metrics {
             registry: Arc::new(registry),

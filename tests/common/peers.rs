@@ -1,10 +1,17 @@
-//! The real OpenID provider (npm `oidc-provider`, shaped like Entra) and
-//! the real headless Chromium, both driven by the scripts in `tests/node/`.
+//! The real peers the tests start: the OpenID provider (npm
+//! `oidc-provider`, shaped like Entra) and headless Chromium, both driven
+//! by the scripts in `tests/node/`, Debian's `redis-server` and `pebble`.
 
 use std::io::BufRead;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 
 use super::{TestCa, DEADLINE};
@@ -362,5 +369,148 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Debian's `pebble`, an ACME CA for tests, with a listener certificate
+/// from its own [`TestCa`] (what the gateway's `tls.acme_ca` trusts). It
+/// validates TLS-ALPN-01 on `tls_port` and HTTP-01 on `http_port` of
+/// `localhost`, requires external account binding with [`Pebble::EAB_KID`]
+/// and [`Pebble::EAB_HMAC_KEY`], issues certificates valid for
+/// [`Pebble::VALIDITY`], and lives under a shell like [`Redis`].
+pub struct Pebble {
+    child: Child,
+    pub directory: String,
+    management: u16,
+    pub tls_port: u16,
+    pub http_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Pebble {
+    pub const EAB_KID: &str = "authgate-test";
+    pub const EAB_HMAC_KEY: &str =
+        "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    pub const VALIDITY: Duration = Duration::from_secs(30);
+
+    /// The one CA this test binary's tests share. Its challenge ports are
+    /// fixed, so tests that order take turns through [`Pebble::turn`].
+    pub fn shared() -> &'static Pebble {
+        static SHARED: std::sync::OnceLock<Pebble> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Pebble::start)
+    }
+
+    /// Held while a test's gateway listens on the challenge ports.
+    pub async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+        static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        TURN.lock().await
+    }
+
+    fn start() -> Pebble {
+        let ca = TestCa::new();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.leaf_pem();
+        std::fs::write(dir.path().join("listener.crt"), cert).unwrap();
+        std::fs::write(dir.path().join("listener.key"), key).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), &ca.pem).unwrap();
+        let port = || super::closed_port().port();
+        let (acme, management, tls_port, http_port) = (port(), port(), port(), port());
+        let config = serde_json::json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{acme}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": dir.path().join("listener.crt"),
+            "privateKey": dir.path().join("listener.key"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": true,
+            "externalAccountMACKeys": { Self::EAB_KID: Self::EAB_HMAC_KEY },
+            "certificateValidityPeriod": Self::VALIDITY.as_secs(),
+        }});
+        let config_path = dir.path().join("pebble.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let script = format!(
+            "pebble -config '{}' >'{}/pebble.log' 2>&1 & server=$!; cat >/dev/null; kill $server; wait $server",
+            config_path.display(),
+            dir.path().display()
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("pebble (scripts/peers installs it)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", management)).is_err() {
+            assert!(started.elapsed() < DEADLINE, "pebble did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Pebble {
+            child,
+            directory: format!("https://localhost:{acme}/dir"),
+            management,
+            tls_port,
+            http_port,
+            dir,
+        }
+    }
+
+    /// The CA certificate its listener's certificate chains to.
+    pub fn listener_ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// The root its issued certificates chain to (PEM), from the
+    /// management interface.
+    pub async fn issuing_root(&self) -> String {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates({
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add_parsable_certificates(
+                CertificateDer::pem_file_iter(self.listener_ca())
+                    .unwrap()
+                    .map(Result::unwrap),
+            );
+            roots
+        })
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.management))
+            .await
+            .unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let response = send
+            .send_request(
+                Request::get("/roots/0")
+                    .header("host", "localhost")
+                    .body(super::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        super::body_string(response).await
+    }
+
+    /// What it logged, for a failing test's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }

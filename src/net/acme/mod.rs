@@ -1,0 +1,400 @@
+//! ACME (RFC 8555): obtains the certificate for `public_url`'s host (and
+//! `extra_hosts`) from a CA such as Let's Encrypt and renews it, proving
+//! control with TLS-ALPN-01 on the HTTPS listener or HTTP-01 on the
+//! port-80 listener. A new certificate is swapped in like a reloaded file;
+//! until the first one arrives a self-signed stand-in is served. The
+//! account, certificate and status are kept under `state_dir`.
+
+mod challenge;
+mod order;
+mod schedule;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{Account, AuthorizationStatus, CertificateIdentifier};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+pub use challenge::{Challenges, Resolver};
+
+use super::tls::{self, ReloadableCert, TlsError};
+use crate::ops::metrics::Metrics;
+use crate::state::{StateDir, StateError, ACME_CERT_FILE, ACME_KEY_FILE, ACME_STATUS_FILE};
+
+/// Let's Encrypt's production directory, the default.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// How the CA is to check that the gateway answers for the names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ChallengeKind {
+    /// A handshake on port 443 (RFC 8737).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// A plain-HTTP request on port 80 (RFC 8555 §8.3).
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl std::fmt::Display for ChallengeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChallengeKind::TlsAlpn01 => "tls-alpn-01",
+            ChallengeKind::Http01 => "http-01",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    pub directory: String,
+    /// `mailto:` URIs.
+    pub contact: Vec<String>,
+    pub eab: Option<ExternalAccount>,
+    /// Trusted for the directory's own TLS, besides the system's roots.
+    pub ca: Option<PathBuf>,
+    pub challenge: ChallengeKind,
+    /// `public_url`'s host first, then `extra_hosts`.
+    pub names: Vec<String>,
+}
+
+/// External account binding (RFC 8555 §7.3.4), as CAs such as ZeroSSL
+/// hand it out.
+#[derive(Clone)]
+pub struct ExternalAccount {
+    pub kid: String,
+    pub hmac_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ExternalAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalAccount")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    #[error("{}", said_by_ca(.0))]
+    Ca(#[from] instant_acme::Error),
+    #[error(
+        "the CA offers no {kind} challenge for {name}; set tls.acme_challenge to the other kind"
+    )]
+    NoChallenge { name: String, kind: ChallengeKind },
+    #[error("the CA's authorization for {name} is {status:?}")]
+    Authorization {
+        name: String,
+        status: AuthorizationStatus,
+    },
+    #[error("validation failed: {0}")]
+    Invalid(String),
+    #[error("cannot make a key or certificate request: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// What ACME last did and will do next, kept in `state_dir` for
+/// `authgate check` (times RFC 3339, UTC).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub directory: String,
+    pub names: Vec<String>,
+    pub last_issued: Option<String>,
+    pub expires: Option<String>,
+    pub next_attempt: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+}
+
+impl Status {
+    /// The status the gateway last wrote, if any.
+    pub fn read(state: &StateDir) -> Option<Status> {
+        serde_json::from_slice(&state.read(ACME_STATUS_FILE).ok()??).ok()
+    }
+}
+
+/// The certificate being served, as scheduling needs it.
+struct Held {
+    leaf: CertificateDer<'static>,
+    lifetime: schedule::Lifetime,
+}
+
+impl Held {
+    fn of(key: &CertifiedKey) -> Option<Held> {
+        let leaf = key.cert.first()?.clone();
+        let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        let at = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().try_into().unwrap_or(0))
+        };
+        let lifetime = schedule::Lifetime {
+            not_before: at(parsed.validity().not_before),
+            not_after: at(parsed.validity().not_after),
+        };
+        Some(Held { leaf, lifetime })
+    }
+}
+
+/// The task that keeps a certificate from the CA in `cert`.
+pub struct Acme {
+    settings: AcmeSettings,
+    state: StateDir,
+    http: order::Http,
+    challenges: Arc<Challenges>,
+    cert: Arc<ReloadableCert>,
+    metrics: Metrics,
+    held: Option<Held>,
+    account: Option<Account>,
+    /// Whether the CA answered a renewal information request: new orders
+    /// then name the certificate they replace (RFC 9773 §5).
+    renewal_info: bool,
+    status: Status,
+    /// SIGHUP: after a failure, try again at once.
+    hangup: Signal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeStartError {
+    #[error("tls.acme_ca: {0}")]
+    Client(#[from] crate::outbound::ClientError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+impl Acme {
+    /// Serves the certificate kept from an earlier run, or a self-signed
+    /// stand-in until the first order completes.
+    pub fn new(
+        settings: AcmeSettings,
+        state: StateDir,
+        timeouts: &super::Timeouts,
+        metrics: Metrics,
+    ) -> Result<Acme, AcmeStartError> {
+        let http = order::Http::new(&settings, timeouts)?;
+        let hangup = signal(SignalKind::hangup()).map_err(AcmeStartError::Signals)?;
+        let kept = match tls::load(&state.file(ACME_CERT_FILE), &state.file(ACME_KEY_FILE)) {
+            Ok(key) => Some(key),
+            Err(TlsError::Certificate { source, .. }) if is_missing(&source) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the kept ACME certificate does not load; ordering a new one");
+                None
+            }
+        };
+        let held = kept.as_ref().and_then(Held::of);
+        let first = match kept {
+            Some(key) => key,
+            None => {
+                tracing::warn!(
+                    host = settings.names[0],
+                    "no certificate from the ACME CA yet: serving a SELF-SIGNED one until \
+                     the first order completes"
+                );
+                tls::self_signed(&settings.names)?
+            }
+        };
+        tls::record_expiry(&first, &metrics.certificate_expiry);
+        let status = Status {
+            directory: settings.directory.clone(),
+            names: settings.names.clone(),
+            ..Status::read(&state).unwrap_or_default()
+        };
+        Ok(Acme {
+            settings,
+            state,
+            http,
+            challenges: Arc::default(),
+            cert: ReloadableCert::new(first),
+            metrics,
+            held,
+            account: None,
+            renewal_info: false,
+            status,
+            hangup,
+        })
+    }
+
+    /// The TLS listener's certificate resolver.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        Arc::new(Resolver {
+            cert: self.cert.clone(),
+            challenges: self.challenges.clone(),
+        })
+    }
+
+    /// The answers the port-80 listener gives for HTTP-01.
+    pub fn challenges(&self) -> Arc<Challenges> {
+        self.challenges.clone()
+    }
+
+    /// Orders when there is no certificate or its renewal is due, forever.
+    pub async fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            let (due, recheck) = match (&self.held, failures) {
+                (_, 1..) => (
+                    SystemTime::now() + schedule::retry_delay(failures, unit_random()),
+                    None,
+                ),
+                (None, _) => (SystemTime::now(), None),
+                (Some(_), _) => self.renewal_due().await,
+            };
+            self.status.next_attempt = Some(rfc3339(due));
+            self.save_status();
+            let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+            // The CA's window may move (RFC 9773 §4.3.2): ask again then.
+            let recheck = recheck.filter(|r| *r < wait);
+            tokio::select! {
+                _ = tokio::time::sleep(recheck.unwrap_or(wait)) => {
+                    if recheck.is_some() {
+                        continue;
+                    }
+                }
+                Some(()) = self.hangup.recv() => {
+                    if failures > 0 {
+                        tracing::info!("SIGHUP: ordering again now");
+                        failures = 0;
+                    }
+                    continue;
+                }
+            }
+            match self.obtain(failures == 0).await {
+                Ok(()) => {
+                    failures = 0;
+                    Metrics::outcome(&self.metrics.acme_orders, "issued");
+                }
+                Err(e) => {
+                    failures += 1;
+                    Metrics::outcome(&self.metrics.acme_orders, "failed");
+                    let serving = if self.held.is_some() {
+                        "the previous certificate"
+                    } else {
+                        "a self-signed certificate"
+                    };
+                    tracing::error!(
+                        error = %e,
+                        directory = %self.settings.directory,
+                        names = ?self.settings.names,
+                        "ACME order failed; still serving {serving}"
+                    );
+                    self.status.last_error = Some(e.to_string());
+                    self.status.last_error_at = Some(rfc3339(SystemTime::now()));
+                }
+            }
+        }
+    }
+
+    /// When the held certificate is to be replaced, and when to ask the CA
+    /// again if it gave a renewal window.
+    async fn renewal_due(&mut self) -> (SystemTime, Option<Duration>) {
+        let held = self.held.as_ref().expect("called with a certificate");
+        let lifetime = held.lifetime;
+        let id = CertificateIdentifier::try_from(&held.leaf).ok();
+        let window = match (self.account().await, id) {
+            (Ok(account), Some(id)) => match account.renewal_info(&id).await {
+                Ok((info, recheck)) => Some((
+                    schedule::Window {
+                        start: info.suggested_window.start.into(),
+                        end: info.suggested_window.end.into(),
+                    },
+                    recheck,
+                )),
+                Err(instant_acme::Error::Unsupported(_)) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "ACME renewal information unavailable");
+                    None
+                }
+            },
+            _ => None,
+        };
+        self.renewal_info = window.is_some();
+        (
+            schedule::renew_at(lifetime, window.map(|w| w.0), unit_random()),
+            window.map(|w| w.1),
+        )
+    }
+
+    async fn account(&mut self) -> Result<&Account, AcmeError> {
+        if self.account.is_none() {
+            self.account = Some(order::account(&self.settings, &self.state, &self.http).await?);
+        }
+        Ok(self.account.as_ref().expect("just set"))
+    }
+
+    /// One order, then the new certificate kept and served.
+    async fn obtain(&mut self, name_replaced: bool) -> Result<(), AcmeError> {
+        let replaces = self
+            .held
+            .as_ref()
+            .filter(|_| name_replaced && self.renewal_info)
+            .and_then(|held| CertificateIdentifier::try_from(&held.leaf).ok())
+            .map(CertificateIdentifier::into_owned);
+        let account = self.account().await?.clone();
+        let issued = order::issue(&account, &self.settings, &self.challenges, replaces).await?;
+        self.state
+            .write_private(ACME_KEY_FILE, issued.key.as_bytes())?;
+        self.state
+            .write_private(ACME_CERT_FILE, issued.chain.as_bytes())?;
+        let key = tls::load(
+            &self.state.file(ACME_CERT_FILE),
+            &self.state.file(ACME_KEY_FILE),
+        )?;
+        tls::record_expiry(&key, &self.metrics.certificate_expiry);
+        self.held = Held::of(&key);
+        let expires = self.held.as_ref().map(|h| rfc3339(h.lifetime.not_after));
+        self.cert.replace(key);
+        tracing::info!(
+            names = ?self.settings.names,
+            directory = %self.settings.directory,
+            expires = expires.as_deref().unwrap_or("?"),
+            "certificate obtained from the ACME CA"
+        );
+        self.status.last_issued = Some(rfc3339(SystemTime::now()));
+        self.status.expires = expires;
+        self.status.last_error = None;
+        self.status.last_error_at = None;
+        Ok(())
+    }
+
+    fn save_status(&self) {
+        let written = self.state.write_private(
+            ACME_STATUS_FILE,
+            &serde_json::to_vec_pretty(&self.status).expect("the status serializes"),
+        );
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "ACME status not kept");
+        }
+    }
+}
+
+/// "the CA refused: <its words> (<problem type>)", or what went wrong
+/// on the way to it.
+fn said_by_ca(error: &instant_acme::Error) -> String {
+    match error {
+        instant_acme::Error::Api(problem) => format!(
+            "the CA refused: {}",
+            problem.to_string().trim_start_matches("API error: ")
+        ),
+        other => format!("the CA: {other}"),
+    }
+}
+
+fn is_missing(error: &rustls_pki_types::pem::Error) -> bool {
+    matches!(error, rustls_pki_types::pem::Error::Io(e) if e.kind() == std::io::ErrorKind::NotFound)
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// A uniformly random number in [0, 1], for jitter.
+fn unit_random() -> f64 {
+    u64::from_le_bytes(crate::random_bytes::<8>()) as f64 / u64::MAX as f64
+}
