@@ -210,7 +210,7 @@ async fn http_01_is_answered_on_the_port_80_listener() {
     // HTTPS elsewhere than the CA's TLS port: only HTTP-01 can work, and
     // is chosen because the port-80 listener exists.
     let top = format!("http_redirect_listen = \"127.0.0.1:{}\"", pebble.http_port);
-    let gateway = Gateway::start(&config(pebble, &upstream, 0, &top, &good_key()));
+    let mut gateway = Gateway::start(&config(pebble, &upstream, 0, &top, &good_key()));
     let chain = wait_for_trusted(&gateway, pebble, &root).await;
     assert!(chain.len() >= 2);
 
@@ -242,6 +242,64 @@ async fn http_01_is_answered_on_the_port_80_listener() {
             .alpn_protocol(),
         Some(&b"http/1.1"[..])
     );
+
+    // A name added to the configuration is ordered at the next start, not
+    // at the kept certificate's renewal.
+    let path = gateway.dir.path().join("authgate.toml");
+    let more = format!(
+        "extra_hosts = [\"127.0.0.1\"]\n{}",
+        std::fs::read_to_string(&path).unwrap()
+    );
+    std::fs::write(&path, more).unwrap();
+    gateway.restart();
+    let started = Instant::now();
+    let renamed = loop {
+        if let Ok(now) = trusted_chain(gateway.addr, &root).await {
+            if now[0] != chain[0] {
+                break now;
+            }
+        }
+        // Well before the kept certificate's own renewal.
+        assert!(
+            started.elapsed() < Pebble::VALIDITY / 3,
+            "not reordered: {:?}",
+            gateway.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, leaf) = x509_parser::parse_x509_certificate(renamed[0].as_ref()).unwrap();
+    let names = leaf.subject_alternative_name().unwrap().unwrap();
+    let names = &names.value.general_names;
+    assert!(
+        names.iter().any(|n| matches!(
+            n,
+            x509_parser::extensions::GeneralName::IPAddress(&[127, 0, 0, 1])
+        )),
+        "{names:?}"
+    );
+
+    // With the CA down at a start, the kept certificate goes on serving
+    // (here while it is due for replacement: another directory).
+    let config = std::fs::read_to_string(&path).unwrap();
+    let down = format!("https://localhost:{}/dir", closed_port().port());
+    std::fs::write(&path, config.replace(&pebble.directory, &down)).unwrap();
+    gateway.restart();
+    let started = Instant::now();
+    let failed = "ACME order failed; still serving the previous certificate";
+    while !gateway
+        .logs()
+        .iter()
+        .any(|l| l["fields"]["message"] == failed)
+    {
+        assert!(
+            started.elapsed() < Pebble::VALIDITY / 3,
+            "no order: {:?}",
+            gateway.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let served = trusted_chain(gateway.addr, &root).await.unwrap();
+    assert_eq!(served[0], renamed[0]);
 }
 
 #[tokio::test]

@@ -77,6 +77,9 @@ impl std::fmt::Debug for ExternalAccount {
     }
 }
 
+/// Orders tried in a row while the CA refuses nonces.
+const BAD_NONCE_ATTEMPTS: u32 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
     #[error("{}", said_by_ca(.0))]
@@ -154,6 +157,9 @@ pub struct Acme {
     /// Whether the CA answered a renewal information request: new orders
     /// then name the certificate they replace (RFC 9773 §5).
     renewal_info: bool,
+    /// The kept certificate came from another directory or for other
+    /// names (say, staging before production): replaced at once.
+    stale: bool,
     status: Status,
     /// SIGHUP: after a failure, try again at once.
     hangup: Signal,
@@ -201,10 +207,13 @@ impl Acme {
             }
         };
         tls::record_expiry(&first, &metrics.certificate_expiry);
+        let previous = Status::read(&state).unwrap_or_default();
+        let stale = held.is_some()
+            && (previous.directory != settings.directory || previous.names != settings.names);
         let status = Status {
             directory: settings.directory.clone(),
             names: settings.names.clone(),
-            ..Status::read(&state).unwrap_or_default()
+            ..previous
         };
         Ok(Acme {
             settings,
@@ -216,6 +225,7 @@ impl Acme {
             held,
             account: None,
             renewal_info: false,
+            stale,
             status,
             hangup,
         })
@@ -244,6 +254,7 @@ impl Acme {
                     None,
                 ),
                 (None, _) => (SystemTime::now(), None),
+                _ if self.stale => (SystemTime::now(), None),
                 (Some(_), _) => self.renewal_due().await,
             };
             self.status.next_attempt = Some(rfc3339(due));
@@ -328,8 +339,23 @@ impl Acme {
         Ok(self.account.as_ref().expect("just set"))
     }
 
-    /// One order, then the new certificate kept and served.
+    /// One order, then the new certificate kept and served. A nonce the
+    /// CA refused is tried again at once, a few times (RFC 8555 §6.5: the
+    /// client retries; CAs refuse some nonces, Pebble on purpose).
     async fn obtain(&mut self, name_replaced: bool) -> Result<(), AcmeError> {
+        let mut attempts = 1;
+        loop {
+            match self.order_once(name_replaced).await {
+                Err(e) if e.is_bad_nonce() && attempts < BAD_NONCE_ATTEMPTS => {
+                    tracing::debug!(error = %e, "ACME nonce refused; ordering again");
+                    attempts += 1;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn order_once(&mut self, name_replaced: bool) -> Result<(), AcmeError> {
         let replaces = self
             .held
             .as_ref()
@@ -356,6 +382,7 @@ impl Acme {
             expires = expires.as_deref().unwrap_or("?"),
             "certificate obtained from the ACME CA"
         );
+        self.stale = false;
         self.status.last_issued = Some(rfc3339(SystemTime::now()));
         self.status.expires = expires;
         self.status.last_error = None;
@@ -371,6 +398,13 @@ impl Acme {
         if let Err(e) = written {
             tracing::warn!(error = %e, "ACME status not kept");
         }
+    }
+}
+
+impl AcmeError {
+    fn is_bad_nonce(&self) -> bool {
+        matches!(self, AcmeError::Ca(instant_acme::Error::Api(problem))
+            if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
     }
 }
 
@@ -397,4 +431,31 @@ fn rfc3339(at: SystemTime) -> String {
 /// A uniformly random number in [0, 1], for jitter.
 fn unit_random() -> f64 {
     u64::from_le_bytes(crate::random_bytes::<8>()) as f64 / u64::MAX as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(kind: &str) -> AcmeError {
+        let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": format!("urn:ietf:params:acme:error:{kind}"),
+            "detail": "JWS has an invalid anti-replay nonce",
+            "status": 400,
+        }))
+        .unwrap();
+        AcmeError::Ca(instant_acme::Error::Api(problem))
+    }
+
+    #[test]
+    fn only_a_refused_nonce_is_ordered_again_at_once() {
+        assert!(refused("badNonce").is_bad_nonce());
+        assert!(!refused("unauthorized").is_bad_nonce());
+        assert!(!AcmeError::Invalid("localhost: connection refused".into()).is_bad_nonce());
+        assert_eq!(
+            refused("unauthorized").to_string(),
+            "the CA refused: JWS has an invalid anti-replay nonce \
+             (urn:ietf:params:acme:error:unauthorized)"
+        );
+    }
 }
