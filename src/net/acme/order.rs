@@ -21,6 +21,8 @@ use crate::state::{StateDir, ACME_ACCOUNT_FILE};
 
 /// Each request to the CA; an order polls with its own deadline.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest answer read from the CA (a chain is a few KiB).
+const MAX_BODY: usize = 1024 * 1024;
 /// How long the CA may take to validate, then to issue.
 const VALIDATION_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -53,7 +55,9 @@ impl instant_acme::HttpClient for Http {
             let failed =
                 |message: String| instant_acme::Error::Other(format!("{uri}: {message}").into());
             match tokio::time::timeout(REQUEST_TIMEOUT, sent).await {
-                Ok(Ok(response)) => Ok(BytesResponse::from(response)),
+                Ok(Ok(response)) => Ok(BytesResponse::from(
+                    response.map(|body| http_body_util::Limited::new(body, MAX_BODY)),
+                )),
                 Ok(Err(e)) => Err(failed(outbound::error_chain(&e))),
                 Err(_) => Err(failed(format!("no answer within {REQUEST_TIMEOUT:?}"))),
             }
