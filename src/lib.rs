@@ -101,12 +101,6 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         );
     }
     let metrics = metrics::Metrics::default();
-    let certificates = Certificates::new(&config, &metrics)?;
-    let acceptor = TlsAcceptor::from(
-        net::tls::server_config(certificates.resolver(), config.tls.acme.is_some())
-            .map_err(StartError::TlsConfig)?,
-    );
-    let acme_answers = certificates.acme_answers();
     let oidc = match &config.oidc {
         Some(oidc_config) => {
             let http = outbound::client(oidc_config.ca.as_deref(), &config.timeouts)?;
@@ -125,6 +119,14 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         )?),
         _ => None,
     };
+    // With Redis, replicas share the ACME certificate too.
+    let shared = sessions.as_ref().and_then(auth::session::Sessions::shared);
+    let certificates = Certificates::new(&config, &metrics, shared)?;
+    let acceptor = TlsAcceptor::from(
+        net::tls::server_config(certificates.resolver(), config.tls.acme.is_some())
+            .map_err(StartError::TlsConfig)?,
+    );
+    let acme_answers = certificates.acme_answers();
     let gateway = pipeline::Gateway::new(&config, oidc.clone(), sessions.clone(), metrics.clone())?;
     if let Some(oidc) = oidc {
         tokio::spawn(oidc.discover_until_ready());
@@ -255,13 +257,18 @@ enum Certificates {
 }
 
 impl Certificates {
-    fn new(config: &Config, metrics: &metrics::Metrics) -> Result<Certificates, StartError> {
+    fn new(
+        config: &Config,
+        metrics: &metrics::Metrics,
+        shared: Option<auth::session::Shared>,
+    ) -> Result<Certificates, StartError> {
         if let Some(acme) = &config.tls.acme {
             return Ok(Certificates::Acme(Box::new(net::acme::Acme::new(
                 acme.clone(),
                 config.state_dir.clone(),
                 &config.timeouts,
                 metrics.clone(),
+                shared,
             )?)));
         }
         let watcher = net::tls::CertWatcher::new(

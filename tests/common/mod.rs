@@ -159,6 +159,11 @@ impl Gateway {
     /// Another process with this one's configuration, environment and the
     /// files beside its configuration, on a port of its own: a replica.
     pub fn replica(&self) -> Gateway {
+        self.replica_on(closed_port())
+    }
+
+    /// A replica listening on `listen`.
+    pub fn replica_on(&self, listen: SocketAddr) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         for entry in std::fs::read_dir(self.dir.path()).unwrap() {
             let entry = entry.unwrap();
@@ -169,7 +174,7 @@ impl Gateway {
         let config = std::fs::read_to_string(self.dir.path().join("authgate.toml")).unwrap();
         let own = format!("listen = \"{}\"", self.addr);
         assert!(config.contains(&own), "no `{own}` in the configuration");
-        let config = config.replace(&own, &format!("listen = \"{}\"", closed_port()));
+        let config = config.replace(&own, &format!("listen = \"{listen}\""));
         let env: Vec<(&str, &str)> = self
             .env
             .iter()

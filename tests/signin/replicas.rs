@@ -2,10 +2,11 @@
 //! signed in at one is used at the other, ended at one and refused by the
 //! other within `session.cache_ttl`, and a Redis that goes away costs
 //! signed-in routes a clear 503, not the public ones, until it is back.
+//! They share their ACME certificate too (from Debian's `pebble`).
 
 use std::time::{Duration, Instant};
 
-use crate::common::peers::{browser, Redis};
+use crate::common::peers::{browser, Pebble, Redis};
 use crate::common::stack::*;
 use crate::common::*;
 use crate::sessions::{check_finding, token_requests};
@@ -311,4 +312,106 @@ async fn sessions_kept_in_redis_over_tls_with_a_private_ca() {
     assert_eq!(body["session_store"], "ok", "{body}");
     let finding = check_finding(&stack.gateway, "sessions");
     assert_eq!(finding["ok"], true, "{finding}");
+}
+
+/// The chain `addr` serves, if a client trusting only `root` accepts it
+/// for `localhost`.
+async fn trusted_leaf(addr: std::net::SocketAddr, root: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(root.as_bytes()).unwrap())
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .ok()?;
+    Some(stream.get_ref().1.peer_certificates()?[0].to_vec())
+}
+
+#[tokio::test]
+async fn replicas_order_one_certificate_and_answer_each_others_challenges() {
+    let _turn = Pebble::turn().await;
+    let pebble = Pebble::shared();
+    let root = pebble.issuing_root().await;
+    let redis_url = Redis::shared().database();
+    let session = redis_session(&redis_url);
+    let tls = format!(
+        "[tls]\nacme = true\nacme_directory = \"{}\"\nacme_ca = \"{}\"\n\
+         acme_eab_kid = \"{}\"\nacme_eab_hmac_key = \"{}\"\n",
+        pebble.directory,
+        pebble.listener_ca().display(),
+        Pebble::EAB_KID,
+        Pebble::EAB_HMAC_KEY,
+    );
+    let stack = Stack::with(Options {
+        session: &session,
+        tables: &tls,
+        ..Options::default()
+    })
+    .await;
+    // A orders; the CA validates on the port B listens on, so only B can
+    // answer, with what A shared.
+    let a = &stack.gateway;
+    a.log_line(|l| l["fields"]["message"] == "ordering a certificate from the ACME CA")
+        .await;
+    let tls_port = std::net::SocketAddr::from(([127, 0, 0, 1], pebble.tls_port));
+    let b = a.replica_on(tls_port);
+
+    let started = Instant::now();
+    let (at_a, at_b) = loop {
+        if let (Some(at_a), Some(at_b)) = (
+            trusted_leaf(a.addr, &root).await,
+            trusted_leaf(b.addr, &root).await,
+        ) {
+            break (at_a, at_b);
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "A {:?}\nB {:?}\npebble {}",
+            a.logs(),
+            b.logs(),
+            pebble.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(at_a, at_b, "the replicas serve different certificates");
+    a.metric("authgate_acme_orders_total{outcome=\"issued\"} 1")
+        .await;
+    b.log_line(|l| l["fields"]["message"] == "certificate adopted from another replica")
+        .await;
+    let ordered_at_b = b
+        .logs()
+        .iter()
+        .any(|l| l["fields"]["message"] == "ordering a certificate from the ACME CA");
+    assert!(!ordered_at_b, "B ordered too: {:?}", b.logs());
+
+    // What Redis holds of it is sealed: a dump has no key, no certificate.
+    let redis = Redis::shared();
+    let db = redis_url.rsplit('/').next().unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "-n", db])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let keys = cli(&["--scan", "--pattern", "authgate:shared:*"]);
+    // The account, the certificate, the (withdrawn) challenge answers.
+    assert_eq!(keys.lines().count(), 3, "{keys}");
+    for key in keys.lines() {
+        let value = cli(&["GET", key]);
+        assert!(!value.contains("BEGIN"), "{key} in the clear: {value}");
+        assert!(!value.contains("localhost"), "{key} in the clear: {value}");
+    }
 }

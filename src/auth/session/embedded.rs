@@ -19,6 +19,7 @@ type Records = TableDefinition<'static, &'static [u8], (u64, &'static [u8], &'st
 const SESSIONS: Records = TableDefinition::new("sessions");
 const LOGINS: Records = TableDefinition::new("logins");
 const SEEN: Records = TableDefinition::new("seen");
+const SHARED: Records = TableDefinition::new("shared");
 /// tag -> keys of the sessions carrying it.
 const TAGS: MultimapTableDefinition<&[u8], &[u8]> = MultimapTableDefinition::new("tags");
 
@@ -27,6 +28,7 @@ fn definition(table: Table) -> Records {
         Table::Sessions => SESSIONS,
         Table::Logins => LOGINS,
         Table::Seen => SEEN,
+        Table::Shared => SHARED,
     }
 }
 

@@ -16,6 +16,7 @@
 
 mod embedded;
 mod redis;
+mod shared;
 mod store;
 
 use std::borrow::Cow;
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use self::embedded::Embedded;
 use self::redis::{Redis, RedisSettings};
+pub use self::shared::Shared;
 pub use self::store::StoreError;
 use self::store::{Record, Store, StoreKey, Table, Tag};
 use crate::auth::identity::{Identity, IdentityValues};
@@ -292,6 +294,9 @@ pub enum OpenError {
     #[error("{} does not hold a session secret (32 bytes or more in base64)", .0.display())]
     KeptSecret(std::path::PathBuf),
 }
+
+/// A renewal lock outlives a replica that dies holding it this long.
+const RENEWAL_LOCK_TTL: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct Sessions {
@@ -749,7 +754,7 @@ impl Sessions {
         let (Kept::InStore(stored), Some(key)) = (&self.kept, session.key) else {
             return Ok(Renewal::Go(RenewalLock { held: None }));
         };
-        let Some(token) = stored.checked(stored.store.lock(key).await)? else {
+        let Some(token) = stored.checked(stored.store.lock(key, RENEWAL_LOCK_TTL).await)? else {
             return Ok(Renewal::Busy);
         };
         let lock = RenewalLock {

@@ -19,8 +19,6 @@ use crate::clock::now;
 /// Per command, and per connection attempt: a store that does not answer
 /// in this time is down, and the request gets a 503 rather than waiting.
 const TIMEOUT: Duration = Duration::from_secs(2);
-/// A renewal lock outlives a replica that dies holding it this long.
-const LOCK_TTL: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 pub struct Redis {
@@ -217,7 +215,7 @@ impl Redis {
 
     /// Takes the renewal lock of `key`: `Some(token)` when this replica
     /// holds it now.
-    pub async fn lock(&self, key: StoreKey) -> Result<Option<String>, StoreError> {
+    pub async fn lock(&self, key: StoreKey, ttl: Duration) -> Result<Option<String>, StoreError> {
         let token = hex(&crate::random_bytes::<16>());
         let taken: Option<String> = self
             .query(
@@ -226,7 +224,7 @@ impl Redis {
                     .arg(&token)
                     .arg("NX")
                     .arg("PX")
-                    .arg(LOCK_TTL.as_millis() as u64),
+                    .arg(ttl.as_millis() as u64),
             )
             .await?;
         Ok(taken.map(|_| token))

@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::embedded::Embedded;
 use super::redis::Redis;
@@ -48,6 +49,9 @@ pub enum Table {
     Logins,
     /// Markers of what may be used once (logout tokens' `jti`).
     Seen,
+    /// What replicas share besides sessions (the ACME account,
+    /// certificate and challenge answers), by name.
+    Shared,
 }
 
 impl Table {
@@ -56,6 +60,7 @@ impl Table {
             Table::Sessions => "sessions",
             Table::Logins => "logins",
             Table::Seen => "seen",
+            Table::Shared => "shared",
         }
     }
 }
@@ -148,14 +153,15 @@ impl Store {
         }
     }
 
-    /// Takes the lock that makes one instance at a time renew the session
-    /// at `key` (rotating refresh tokens are spent once): `Some(token)`
-    /// when taken. This process alone uses the embedded store, and renews
-    /// a refresh token once however many requests ask.
-    pub async fn lock(&self, key: StoreKey) -> Result<Option<String>, StoreError> {
+    /// Takes the lock that makes one instance at a time work on `key` (a
+    /// session's renewal: rotating refresh tokens are spent once; an ACME
+    /// order) for at most `ttl`: `Some(token)` when taken. This process
+    /// alone uses the embedded store, and works on a key once however
+    /// many ask.
+    pub async fn lock(&self, key: StoreKey, ttl: Duration) -> Result<Option<String>, StoreError> {
         match self {
             Store::Embedded(_) => Ok(Some(String::new())),
-            Store::Redis(db) => db.lock(key).await,
+            Store::Redis(db) => db.lock(key, ttl).await,
         }
     }
 

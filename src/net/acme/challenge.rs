@@ -3,24 +3,39 @@
 //! listener's resolver, and a key authorization for HTTP-01 (RFC 8555
 //! §8.3), answered by the port-80 listener.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use http::{Response, StatusCode};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use serde::{Deserialize, Serialize};
 
 use crate::net::tls::{self, ReloadableCert, TlsError, ACME_TLS_ALPN};
 
 /// Where HTTP-01 validation asks (RFC 8555 §8.3).
 const HTTP_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
+/// A TLS-ALPN-01 answer: the key authorization's digest, and the
+/// certificate made of it.
+type AlpnAnswer = (Vec<u8>, Arc<CertifiedKey>);
+
 #[derive(Debug, Default)]
 pub struct Challenges {
     /// By lower-case host name.
-    tls_alpn: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    tls_alpn: RwLock<HashMap<String, AlpnAnswer>>,
     /// Key authorizations by token.
     http: RwLock<HashMap<String, String>>,
+}
+
+/// The published answers, as replicas share them: every replica must
+/// answer, since the CA validates through whichever it reaches.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Answers {
+    /// Host name → the key authorization's SHA-256.
+    tls_alpn: BTreeMap<String, Vec<u8>>,
+    /// Token → key authorization.
+    http: BTreeMap<String, String>,
 }
 
 impl Challenges {
@@ -32,7 +47,42 @@ impl Challenges {
         let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
         params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
         let certified = tls::certified(&params.self_signed(&key)?, &key)?;
-        write(&self.tls_alpn).insert(name.to_ascii_lowercase(), Arc::new(certified));
+        write(&self.tls_alpn).insert(
+            name.to_ascii_lowercase(),
+            (digest.to_vec(), Arc::new(certified)),
+        );
+        Ok(())
+    }
+
+    /// What is published now.
+    pub(super) fn answers(&self) -> Answers {
+        Answers {
+            tls_alpn: read(&self.tls_alpn)
+                .iter()
+                .map(|(name, (digest, _))| (name.clone(), digest.clone()))
+                .collect(),
+            http: read(&self.http)
+                .iter()
+                .map(|(token, authorization)| (token.clone(), authorization.clone()))
+                .collect(),
+        }
+    }
+
+    /// Publishes what another replica published, and only that; a
+    /// certificate already made for the same digest is kept.
+    pub(super) fn mirror(&self, answers: Answers) -> Result<(), TlsError> {
+        let unchanged = |name: &String, digest: &Vec<u8>| {
+            read(&self.tls_alpn)
+                .get(name)
+                .is_some_and(|(kept, _)| kept == digest)
+        };
+        for (name, digest) in &answers.tls_alpn {
+            if !unchanged(name, digest) {
+                self.publish_tls_alpn(name, digest)?;
+            }
+        }
+        write(&self.tls_alpn).retain(|name, _| answers.tls_alpn.contains_key(name));
+        *write(&self.http) = answers.http.into_iter().collect();
         Ok(())
     }
 
@@ -52,12 +102,7 @@ impl Challenges {
     /// `None` for other paths (they are redirected to https).
     pub fn http_answer(&self, path: &str) -> Option<Response<crate::Body>> {
         let token = path.strip_prefix(HTTP_CHALLENGE_PATH)?;
-        let answer = self
-            .http
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(token)
-            .cloned();
+        let answer = read(&self.http).get(token).cloned();
         let (status, body) = match answer {
             Some(authorization) => (StatusCode::OK, authorization),
             None => (StatusCode::NOT_FOUND, "no such ACME challenge\n".to_owned()),
@@ -72,12 +117,14 @@ impl Challenges {
     }
 
     fn tls_alpn(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        self.tls_alpn
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        read(&self.tls_alpn)
             .get(&name.to_ascii_lowercase())
-            .cloned()
+            .map(|(_, certified)| certified.clone())
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
 }
 
 fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
@@ -140,6 +187,34 @@ mod tests {
         assert_eq!(status("/"), None);
         challenges.withdraw();
         assert_eq!(status(token_path), Some(StatusCode::NOT_FOUND));
+    }
+
+    #[test]
+    fn a_replica_mirrors_exactly_what_another_published() {
+        let orderer = Challenges::default();
+        orderer
+            .publish_tls_alpn("console.example.com", &[1; 32])
+            .unwrap();
+        orderer.publish_http("tok_en-1", AUTHORIZATION);
+        let answers = orderer.answers();
+        let shared: Answers =
+            serde_json::from_str(&serde_json::to_string(&answers).unwrap()).unwrap();
+        assert_eq!(shared, answers);
+
+        let follower = Challenges::default();
+        follower.publish_http("stale", "stale.thumbprint");
+        follower.mirror(shared).unwrap();
+        assert_eq!(follower.answers(), orderer.answers());
+        let made = follower.tls_alpn("console.example.com").unwrap();
+        // The same digest again keeps the certificate made for it.
+        follower.mirror(orderer.answers()).unwrap();
+        assert!(Arc::ptr_eq(
+            &made,
+            &follower.tls_alpn("console.example.com").unwrap()
+        ));
+        follower.mirror(Answers::default()).unwrap();
+        assert!(follower.tls_alpn("console.example.com").is_none());
+        assert_eq!(follower.answers(), Answers::default());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 pub use challenge::{Challenges, Resolver};
 
 use super::tls::{self, ReloadableCert, TlsError};
+use crate::auth::session::{Shared, StoreError};
 use crate::ops::metrics::Metrics;
 use crate::state::{StateDir, StateError, ACME_CERT_FILE, ACME_KEY_FILE, ACME_STATUS_FILE};
 
@@ -80,6 +81,19 @@ impl std::fmt::Debug for ExternalAccount {
 /// Orders tried in a row while the CA refuses nonces.
 const BAD_NONCE_ATTEMPTS: u32 = 3;
 
+/// With replicas sharing Redis: the challenge answers of the order under
+/// way, which every replica mirrors each `ANSWERS_POLL`; the orderer waits
+/// `ANSWERS_SPREAD` after publishing before the CA may validate.
+const SHARED_ANSWERS: &str = "acme:challenges";
+const ANSWERS_POLL: Duration = Duration::from_secs(1);
+const ANSWERS_SPREAD: Duration = Duration::from_secs(5);
+const ANSWERS_LIFETIME: Duration = Duration::from_secs(600);
+/// How often a replica looks for a certificate another one obtained.
+const SHARED_POLL: Duration = Duration::from_secs(5);
+/// One replica orders at a time; a lock outlives one that died ordering
+/// this long (an order takes seconds, its polls two minutes at most).
+const ORDER_LOCK_TTL: Duration = Duration::from_secs(300);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
     #[error("{}", said_by_ca(.0))]
@@ -101,6 +115,8 @@ pub enum AcmeError {
     State(#[from] StateError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("sharing with the other replicas: {0}")]
+    Shared(#[from] StoreError),
 }
 
 /// What ACME last did and will do next, kept in `state_dir` for
@@ -131,7 +147,10 @@ struct Held {
 
 impl Held {
     fn of(key: &CertifiedKey) -> Option<Held> {
-        let leaf = key.cert.first()?.clone();
+        Held::of_leaf(key.cert.first()?.clone())
+    }
+
+    fn of_leaf(leaf: CertificateDer<'static>) -> Option<Held> {
         let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
         let at = |t: x509_parser::time::ASN1Time| {
             SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().try_into().unwrap_or(0))
@@ -160,9 +179,34 @@ pub struct Acme {
     /// The kept certificate came from another directory or for other
     /// names (say, staging before production): replaced at once.
     stale: bool,
+    /// When the held certificate is due, and when to ask the CA again.
+    planned: Option<Planned>,
     status: Status,
     /// SIGHUP: after a failure, try again at once.
     hangup: Signal,
+    /// Replicas sharing Redis share the account, the certificate and the
+    /// challenge answers, and order one at a time.
+    shared: Option<Shared>,
+}
+
+struct Planned {
+    leaf: CertificateDer<'static>,
+    due: SystemTime,
+    ask_again: Option<SystemTime>,
+}
+
+/// How an order attempt ended well.
+enum Obtained {
+    Issued,
+    /// Another replica holds the order lock, or has just renewed.
+    ByPeer,
+}
+
+/// A certificate as replicas share it.
+#[derive(Serialize, Deserialize)]
+struct SharedCertificate {
+    chain: String,
+    key: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +227,7 @@ impl Acme {
         state: StateDir,
         timeouts: &super::Timeouts,
         metrics: Metrics,
+        shared: Option<Shared>,
     ) -> Result<Acme, AcmeStartError> {
         let http = order::Http::new(&settings, timeouts)?;
         let hangup = signal(SignalKind::hangup()).map_err(AcmeStartError::Signals)?;
@@ -226,8 +271,10 @@ impl Acme {
             account: None,
             renewal_info: false,
             stale,
+            planned: None,
             status,
             hangup,
+            shared,
         })
     }
 
@@ -246,8 +293,14 @@ impl Acme {
 
     /// Orders when there is no certificate or its renewal is due, forever.
     pub async fn run(mut self) {
+        if let Some(shared) = &self.shared {
+            tokio::spawn(mirror_answers(shared.clone(), self.challenges.clone()));
+        }
         let mut failures = 0u32;
         loop {
+            if self.shared.is_some() {
+                self.adopt_shared().await;
+            }
             let (due, recheck) = match (&self.held, failures) {
                 (_, 1..) => (
                     SystemTime::now() + schedule::retry_delay(failures, unit_random()),
@@ -260,8 +313,13 @@ impl Acme {
             self.status.next_attempt = Some(rfc3339(due));
             self.save_status();
             let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
-            // The CA's window may move (RFC 9773 §4.3.2): ask again then.
-            let recheck = recheck.filter(|r| *r < wait);
+            // The CA's window may move (RFC 9773 §4.3.2): ask again then;
+            // with replicas, look for their certificate meanwhile.
+            let recheck = match self.shared {
+                Some(_) => Some(recheck.map_or(SHARED_POLL, |r| r.min(SHARED_POLL))),
+                None => recheck,
+            }
+            .filter(|r| *r < wait);
             tokio::select! {
                 _ = tokio::time::sleep(recheck.unwrap_or(wait)) => {
                     if recheck.is_some() {
@@ -277,9 +335,13 @@ impl Acme {
                 }
             }
             match self.obtain(failures == 0).await {
-                Ok(()) => {
+                Ok(Obtained::Issued) => {
                     failures = 0;
                     Metrics::outcome(&self.metrics.acme_orders, "issued");
+                }
+                Ok(Obtained::ByPeer) => {
+                    failures = 0;
+                    tokio::time::sleep(SHARED_POLL).await;
                 }
                 Err(e) => {
                     failures += 1;
@@ -306,6 +368,16 @@ impl Acme {
     /// again if it gave a renewal window.
     async fn renewal_due(&mut self) -> (SystemTime, Option<Duration>) {
         let held = self.held.as_ref().expect("called with a certificate");
+        let now = SystemTime::now();
+        if let Some(planned) = &self.planned {
+            let asked_recently = planned.ask_again.is_none_or(|at| at > now);
+            if planned.leaf == held.leaf && asked_recently {
+                let recheck = planned
+                    .ask_again
+                    .map(|at| at.duration_since(now).unwrap_or_default());
+                return (planned.due, recheck);
+            }
+        }
         let lifetime = held.lifetime;
         let id = CertificateIdentifier::try_from(&held.leaf).ok();
         let window = match (self.account().await, id) {
@@ -326,15 +398,26 @@ impl Acme {
             _ => None,
         };
         self.renewal_info = window.is_some();
-        (
-            schedule::renew_at(lifetime, window.map(|w| w.0), unit_random()),
-            window.map(|w| w.1),
-        )
+        let due = schedule::renew_at(lifetime, window.map(|w| w.0), unit_random());
+        let recheck = window.map(|w| w.1);
+        self.planned = self.held.as_ref().map(|held| Planned {
+            leaf: held.leaf.clone(),
+            due,
+            ask_again: recheck.map(|r| now + r),
+        });
+        (due, recheck)
     }
 
     async fn account(&mut self) -> Result<&Account, AcmeError> {
         if self.account.is_none() {
-            self.account = Some(order::account(&self.settings, &self.state, &self.http).await?);
+            let account = order::account(
+                &self.settings,
+                &self.state,
+                &self.http,
+                self.shared.as_ref(),
+            )
+            .await?;
+            self.account = Some(account);
         }
         Ok(self.account.as_ref().expect("just set"))
     }
@@ -342,7 +425,38 @@ impl Acme {
     /// One order, then the new certificate kept and served. A nonce the
     /// CA refused is tried again at once, a few times (RFC 8555 §6.5: the
     /// client retries; CAs refuse some nonces, Pebble on purpose).
-    async fn obtain(&mut self, name_replaced: bool) -> Result<(), AcmeError> {
+    async fn obtain(&mut self, name_replaced: bool) -> Result<Obtained, AcmeError> {
+        let Some(shared) = self.shared.clone() else {
+            return self.order_retrying(name_replaced).await;
+        };
+        let lock = self.order_lock();
+        let Some(token) = shared.lock(&lock, ORDER_LOCK_TTL).await? else {
+            tracing::debug!("another replica is ordering the certificate");
+            return Ok(Obtained::ByPeer);
+        };
+        let before = self.held.as_ref().map(|h| h.leaf.clone());
+        self.adopt_shared().await;
+        let adopted = self.held.as_ref().map(|h| &h.leaf) != before.as_ref();
+        let result = if adopted {
+            Ok(Obtained::ByPeer)
+        } else {
+            self.order_retrying(name_replaced).await
+        };
+        let withdrawn = shared
+            .put(
+                SHARED_ANSWERS,
+                &challenge::Answers::default(),
+                ANSWERS_LIFETIME,
+            )
+            .await;
+        if let Err(e) = withdrawn {
+            tracing::warn!(error = %e, "ACME challenge answers not withdrawn from the other replicas");
+        }
+        shared.unlock(&lock, &token).await;
+        result
+    }
+
+    async fn order_retrying(&mut self, name_replaced: bool) -> Result<Obtained, AcmeError> {
         let mut attempts = 1;
         loop {
             match self.order_once(name_replaced).await {
@@ -350,9 +464,92 @@ impl Acme {
                     tracing::debug!(error = %e, "ACME nonce refused; ordering again");
                     attempts += 1;
                 }
-                done => return done,
+                done => return done.map(|()| Obtained::Issued),
             }
         }
+    }
+
+    /// The lock one replica holds while ordering for these names.
+    fn order_lock(&self) -> String {
+        format!("acme:order:{}", self.settings.names.join(","))
+    }
+
+    /// Where replicas share the certificate for this directory and these
+    /// names.
+    fn shared_certificate(&self) -> String {
+        format!(
+            "acme:certificate:{} {}",
+            self.settings.directory,
+            self.settings.names.join(",")
+        )
+    }
+
+    /// Serves the certificate another replica obtained, when it is newer
+    /// than the held one.
+    async fn adopt_shared(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        let found = shared
+            .get::<SharedCertificate>(&self.shared_certificate())
+            .await;
+        match found {
+            Ok(Some(found)) => {
+                if let Err(e) = self.install(&found.chain, &found.key, false) {
+                    tracing::warn!(error = %e, "the other replicas' certificate does not load");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot look for the other replicas' certificate"),
+        }
+    }
+
+    /// Keeps and serves `chain` and `key`, unless another replica's
+    /// (`ours` false) is what is served already, or older.
+    fn install(&mut self, chain: &str, key: &str, ours: bool) -> Result<(), AcmeError> {
+        if !ours {
+            use rustls_pki_types::pem::PemObject;
+            let offered = CertificateDer::pem_slice_iter(chain.as_bytes())
+                .next()
+                .and_then(Result::ok)
+                .and_then(Held::of_leaf);
+            let newer = match (&self.held, offered) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(held), Some(offered)) => {
+                    offered.leaf != held.leaf
+                        && offered.lifetime.not_after > held.lifetime.not_after
+                }
+            };
+            if !newer {
+                return Ok(());
+            }
+        }
+        self.state.write_private(ACME_KEY_FILE, key.as_bytes())?;
+        self.state.write_private(ACME_CERT_FILE, chain.as_bytes())?;
+        let certified = tls::load(
+            &self.state.file(ACME_CERT_FILE),
+            &self.state.file(ACME_KEY_FILE),
+        )?;
+        tls::record_expiry(&certified, &self.metrics.certificate_expiry);
+        self.held = Held::of(&certified);
+        let expires = self.held.as_ref().map(|h| rfc3339(h.lifetime.not_after));
+        self.cert.replace(certified);
+        let how = if ours {
+            "certificate obtained from the ACME CA"
+        } else {
+            "certificate adopted from another replica"
+        };
+        tracing::info!(
+            names = ?self.settings.names,
+            directory = %self.settings.directory,
+            expires = expires.as_deref().unwrap_or("?"),
+            "{how}"
+        );
+        self.stale = false;
+        self.status.last_issued = Some(rfc3339(SystemTime::now()));
+        self.status.expires = expires;
+        self.status.last_error = None;
+        self.status.last_error_at = None;
+        Ok(())
     }
 
     async fn order_once(&mut self, name_replaced: bool) -> Result<(), AcmeError> {
@@ -363,30 +560,34 @@ impl Acme {
             .and_then(|held| CertificateIdentifier::try_from(&held.leaf).ok())
             .map(CertificateIdentifier::into_owned);
         let account = self.account().await?.clone();
-        let issued = order::issue(&account, &self.settings, &self.challenges, replaces).await?;
-        self.state
-            .write_private(ACME_KEY_FILE, issued.key.as_bytes())?;
-        self.state
-            .write_private(ACME_CERT_FILE, issued.chain.as_bytes())?;
-        let key = tls::load(
-            &self.state.file(ACME_CERT_FILE),
-            &self.state.file(ACME_KEY_FILE),
-        )?;
-        tls::record_expiry(&key, &self.metrics.certificate_expiry);
-        self.held = Held::of(&key);
-        let expires = self.held.as_ref().map(|h| rfc3339(h.lifetime.not_after));
-        self.cert.replace(key);
         tracing::info!(
             names = ?self.settings.names,
-            directory = %self.settings.directory,
-            expires = expires.as_deref().unwrap_or("?"),
-            "certificate obtained from the ACME CA"
+            challenge = %self.settings.challenge,
+            "ordering a certificate from the ACME CA"
         );
-        self.stale = false;
-        self.status.last_issued = Some(rfc3339(SystemTime::now()));
-        self.status.expires = expires;
-        self.status.last_error = None;
-        self.status.last_error_at = None;
+        let issued = order::issue(
+            &account,
+            &self.settings,
+            &self.challenges,
+            self.shared.as_ref(),
+            replaces,
+        )
+        .await?;
+        self.install(&issued.chain, &issued.key, true)?;
+        if let Some(shared) = &self.shared {
+            let lifetime = self
+                .held
+                .as_ref()
+                .and_then(|h| h.lifetime.not_after.duration_since(SystemTime::now()).ok())
+                .unwrap_or_default();
+            let certificate = SharedCertificate {
+                chain: issued.chain,
+                key: issued.key,
+            };
+            shared
+                .put(&self.shared_certificate(), &certificate, lifetime)
+                .await?;
+        }
         Ok(())
     }
 
@@ -405,6 +606,22 @@ impl AcmeError {
     fn is_bad_nonce(&self) -> bool {
         matches!(self, AcmeError::Ca(instant_acme::Error::Api(problem))
             if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
+    }
+}
+
+/// Mirrors the answers the ordering replica shares, while the gateway
+/// runs (a look-up a second: the CA may come to this replica).
+async fn mirror_answers(shared: Shared, challenges: Arc<Challenges>) {
+    let mut ticks = tokio::time::interval(ANSWERS_POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        // A store failure is logged and counted by the store.
+        if let Ok(answers) = shared.get::<challenge::Answers>(SHARED_ANSWERS).await {
+            if let Err(e) = challenges.mirror(answers.unwrap_or_default()) {
+                tracing::warn!(error = %e, "cannot answer the other replica's ACME challenge");
+            }
+        }
     }
 }
 

@@ -15,12 +15,18 @@ use instant_acme::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{AcmeError, AcmeSettings, ChallengeKind, Challenges};
+use super::{
+    AcmeError, AcmeSettings, ChallengeKind, Challenges, ANSWERS_LIFETIME, ANSWERS_SPREAD,
+    SHARED_ANSWERS,
+};
+use crate::auth::session::Shared;
 use crate::outbound;
 use crate::state::{StateDir, ACME_ACCOUNT_FILE};
 
 /// Each request to the CA; an order polls with its own deadline.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a shared account is kept unused (ACME accounts do not expire).
+const ACCOUNT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Largest answer read from the CA (a chain is a few KiB).
 const MAX_BODY: usize = 1024 * 1024;
 /// How long the CA may take to validate, then to issue.
@@ -73,18 +79,30 @@ struct KeptAccount {
     credentials: AccountCredentials,
 }
 
-/// The account for the configured directory: the kept one, else a new one
-/// (with the contact and external account binding), kept at once.
+/// The account for the configured directory: the one kept here, else
+/// the one replicas share, else a new one (with the contact and external
+/// account binding), kept at once.
 pub(super) async fn account(
     settings: &AcmeSettings,
     state: &StateDir,
     http: &Http,
+    shared: Option<&Shared>,
 ) -> Result<Account, AcmeError> {
     let builder = || Account::builder_with_http(Box::new(http.clone()));
-    let kept = state
+    let ours = |kept: &KeptAccount| kept.directory == settings.directory;
+    let mut kept = state
         .read(ACME_ACCOUNT_FILE)?
         .and_then(|bytes| serde_json::from_slice::<KeptAccount>(&bytes).ok())
-        .filter(|kept| kept.directory == settings.directory);
+        .filter(ours);
+    if let (None, Some(shared)) = (&kept, shared) {
+        kept = shared
+            .get::<KeptAccount>(&shared_account(settings))
+            .await?
+            .filter(ours);
+        if let Some(kept) = &kept {
+            state.write_private(ACME_ACCOUNT_FILE, &account_json(kept))?;
+        }
+    }
     if let Some(kept) = kept {
         return Ok(builder().from_credentials(kept.credentials).await?);
     }
@@ -110,12 +128,22 @@ pub(super) async fn account(
         directory: settings.directory.clone(),
         credentials,
     };
-    state.write_private(
-        ACME_ACCOUNT_FILE,
-        &serde_json::to_vec(&kept).expect("credentials serialize"),
-    )?;
+    state.write_private(ACME_ACCOUNT_FILE, &account_json(&kept))?;
+    if let Some(shared) = shared {
+        shared
+            .put(&shared_account(settings), &kept, ACCOUNT_LIFETIME)
+            .await?;
+    }
     tracing::info!(directory = %settings.directory, account = account.id(), "ACME account created");
     Ok(account)
+}
+
+fn account_json(kept: &KeptAccount) -> Vec<u8> {
+    serde_json::to_vec(kept).expect("credentials serialize")
+}
+
+fn shared_account(settings: &AcmeSettings) -> String {
+    format!("acme:account:{}", settings.directory)
 }
 
 /// A certificate chain and its key, both PEM.
@@ -130,6 +158,7 @@ pub(super) async fn issue(
     account: &Account,
     settings: &AcmeSettings,
     challenges: &Challenges,
+    shared: Option<&Shared>,
     replaces: Option<CertificateIdentifier<'static>>,
 ) -> Result<Issued, AcmeError> {
     let identifiers: Vec<Identifier> = settings
@@ -174,6 +203,13 @@ pub(super) async fn issue(
             ChallengeKind::Http01 => published
                 .0
                 .publish_http(&challenge.token, key_authorization.as_str()),
+        }
+        if let Some(shared) = shared {
+            shared
+                .put(SHARED_ANSWERS, &challenges.answers(), ANSWERS_LIFETIME)
+                .await?;
+            // The CA may reach any replica: let each mirror the answer.
+            tokio::time::sleep(ANSWERS_SPREAD).await;
         }
         challenge.set_ready().await?;
     }
