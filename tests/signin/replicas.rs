@@ -415,3 +415,37 @@ async fn replicas_order_one_certificate_and_answer_each_others_challenges() {
         assert!(!value.contains("localhost"), "{key} in the clear: {value}");
     }
 }
+
+#[tokio::test]
+async fn a_failed_order_is_retried_on_time_while_replicas_look_for_certificates() {
+    let session = redis_session(&Redis::shared().database());
+    let tls = format!(
+        "[tls]\nacme = true\nacme_directory = \"https://localhost:{}/dir\"\n",
+        closed_port().port()
+    );
+    let stack = Stack::with(Options {
+        session: &session,
+        tables: &tls,
+        ..Options::default()
+    })
+    .await;
+    let gateway = &stack.gateway;
+    gateway
+        .log_line(|l| {
+            l["fields"]["message"] == "ACME order failed; still serving a self-signed certificate"
+        })
+        .await;
+    let status = gateway.dir.path().join("state/acme-status.json");
+    let next_attempt = || {
+        let status: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+        status["next_attempt"].as_str().unwrap().to_owned()
+    };
+    let planned = next_attempt();
+    // The replica looks for the others' certificate every 5 s; the retry
+    // (45 s to 75 s after the failure) must not move with each look.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(next_attempt(), planned);
+    let retry = humantime::parse_rfc3339(&planned).unwrap();
+    assert!(retry > std::time::SystemTime::now() + Duration::from_secs(30));
+}

@@ -182,6 +182,8 @@ pub struct Acme {
     /// When the held certificate is due, and when to ask the CA again.
     planned: Option<Planned>,
     status: Status,
+    /// The status as last written to `state_dir`.
+    status_written: Vec<u8>,
     /// SIGHUP: after a failure, try again at once.
     hangup: Signal,
     /// Replicas sharing Redis share the account, the certificate and the
@@ -273,6 +275,7 @@ impl Acme {
             stale,
             planned: None,
             status,
+            status_written: Vec::new(),
             hangup,
             shared,
         })
@@ -297,15 +300,15 @@ impl Acme {
             tokio::spawn(mirror_answers(shared.clone(), self.challenges.clone()));
         }
         let mut failures = 0u32;
+        // After a failure: when to try again (fixed once, so the looks
+        // for the other replicas' certificate do not push it back).
+        let mut retry_at = None;
         loop {
             if self.shared.is_some() {
                 self.adopt_shared().await;
             }
-            let (due, recheck) = match (&self.held, failures) {
-                (_, 1..) => (
-                    SystemTime::now() + schedule::retry_delay(failures, unit_random()),
-                    None,
-                ),
+            let (due, recheck) = match (&self.held, retry_at) {
+                (_, Some(at)) => (at, None),
                 (None, _) => (SystemTime::now(), None),
                 _ if self.stale => (SystemTime::now(), None),
                 (Some(_), _) => self.renewal_due().await,
@@ -327,7 +330,7 @@ impl Acme {
                     }
                 }
                 Some(()) = self.hangup.recv() => {
-                    if failures > 0 {
+                    if retry_at.take().is_some() {
                         tracing::info!("SIGHUP: ordering again now");
                         failures = 0;
                     }
@@ -336,15 +339,17 @@ impl Acme {
             }
             match self.obtain(failures == 0).await {
                 Ok(Obtained::Issued) => {
-                    failures = 0;
+                    (failures, retry_at) = (0, None);
                     Metrics::outcome(&self.metrics.acme_orders, "issued");
                 }
                 Ok(Obtained::ByPeer) => {
-                    failures = 0;
+                    (failures, retry_at) = (0, None);
                     tokio::time::sleep(SHARED_POLL).await;
                 }
                 Err(e) => {
                     failures += 1;
+                    retry_at =
+                        Some(SystemTime::now() + schedule::retry_delay(failures, unit_random()));
                     Metrics::outcome(&self.metrics.acme_orders, "failed");
                     let serving = if self.held.is_some() {
                         "the previous certificate"
@@ -591,13 +596,16 @@ impl Acme {
         Ok(())
     }
 
-    fn save_status(&self) {
-        let written = self.state.write_private(
-            ACME_STATUS_FILE,
-            &serde_json::to_vec_pretty(&self.status).expect("the status serializes"),
-        );
-        if let Err(e) = written {
-            tracing::warn!(error = %e, "ACME status not kept");
+    /// Writes the status when it changed (the loop comes by every few
+    /// seconds with replicas).
+    fn save_status(&mut self) {
+        let status = serde_json::to_vec_pretty(&self.status).expect("the status serializes");
+        if status == self.status_written {
+            return;
+        }
+        match self.state.write_private(ACME_STATUS_FILE, &status) {
+            Ok(()) => self.status_written = status,
+            Err(e) => tracing::warn!(error = %e, "ACME status not kept"),
         }
     }
 }
