@@ -289,7 +289,12 @@ fn bearer_tokens(c: &mut Criterion) {
         bearer_scopes: Vec::new(),
         bearer_app_tokens: false,
     };
-    let http = authgate::outbound::client(None, &Timeouts::default()).unwrap();
+    let http = authgate::outbound::client(
+        None,
+        &Timeouts::default(),
+        &authgate::outbound::Egress::direct(),
+    )
+    .unwrap();
     let oidc: Arc<Oidc> = Oidc::new(config, http, Metrics::default()).unwrap();
     runtime.block_on(oidc.discover_once()).unwrap();
     let mut serial = 0u64;

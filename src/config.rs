@@ -25,16 +25,19 @@ use crate::auth::session::{RedisConfig, SessionConfig, StoreKind};
 use crate::forward::routes::{Access, RouteConfig, UpstreamUrl};
 use crate::forward::ProxyConfig;
 use crate::idp::{ClientAuth, OidcConfig, ResponseMode};
+use hyper_util::client::proxy::matcher::Matcher;
+
 use crate::net::acme::{self, AcmeSettings, ChallengeKind, ExternalAccount};
 use crate::net::tls::TlsConfig;
 use crate::net::{Limits, Timeouts};
 use crate::ops::logging::LogConfig;
+use crate::outbound::{Egress, ProxyEnv};
 use crate::state::{StateDir, ACME_CERT_FILE, ACME_KEY_FILE, SESSION_SECRET_FILE};
 
 /// Sections of the file; an environment variable `AUTHGATE_<SECTION>_<KEY>`
 /// whose name starts with one of these targets a key inside it.
 const SECTIONS: &[&str] = &[
-    "tls", "proxy", "timeouts", "limits", "log", "oidc", "session", "headers", "policy",
+    "tls", "proxy", "outbound", "timeouts", "limits", "log", "oidc", "session", "headers", "policy",
 ];
 const ENV_PREFIX: &str = "AUTHGATE_";
 /// Environment variables that steer the command line, not the file.
@@ -123,6 +126,9 @@ pub struct Config {
     pub strict_host: bool,
     pub tls: TlsConfig,
     pub proxy: ProxyConfig,
+    /// How the gateway's own requests (provider, ACME CA) leave: direct
+    /// or through an HTTP proxy.
+    pub outbound: Egress,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub log: LogConfig,
@@ -179,6 +185,7 @@ struct RawConfig {
     strict_host: bool,
     tls: RawTls,
     proxy: RawProxy,
+    outbound: RawOutbound,
     timeouts: Timeouts,
     limits: Limits,
     log: LogConfig,
@@ -299,6 +306,7 @@ impl Default for RawConfig {
             strict_host: false,
             tls: RawTls::default(),
             proxy: RawProxy::default(),
+            outbound: RawOutbound::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
@@ -365,6 +373,14 @@ impl Default for RawProxy {
     }
 }
 
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawOutbound {
+    proxy: Option<String>,
+    no_proxy: Option<String>,
+    proxy_upstreams: bool,
+}
+
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
@@ -398,6 +414,8 @@ impl Config {
             source: Box::new(e),
         })?;
         let mut origins = Origins::default();
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let proxy_env = ProxyEnv::of(&env);
         let ignored = apply_env(&mut table, env, &mut origins)?;
         read_secret_files(&mut table, &mut origins)?;
         let raw: RawConfig =
@@ -406,7 +424,7 @@ impl Config {
                 let message = e.into_inner().message().to_owned();
                 origins.error(&key, message)
             })?;
-        let mut config = raw.validate(&origins)?;
+        let mut config = raw.validate(&origins, &proxy_env)?;
         config.warnings.extend(ignored.into_iter().map(|var| {
             format!("environment variable {var} is not a setting of authgate; ignored")
         }));
@@ -643,6 +661,61 @@ fn read_secret_files(table: &mut toml::Table, origins: &mut Origins) -> Result<(
     Ok(())
 }
 
+impl RawOutbound {
+    /// `outbound.proxy` (all destinations), else the environment's proxies;
+    /// `outbound.no_proxy`, else `NO_PROXY`.
+    fn egress(&self, origins: &Origins, env: &ProxyEnv) -> Result<Egress, ConfigError> {
+        let check = |value: &str, source: &str| {
+            let uri = Uri::from_str(value).ok();
+            let plain = uri.as_ref().and_then(Uri::scheme) == Some(&Scheme::HTTP)
+                && uri.as_ref().and_then(Uri::host).is_some();
+            // The value is not shown: it may carry credentials.
+            plain.then_some(()).ok_or_else(|| {
+                origins.error(
+                    "outbound.proxy",
+                    format!(
+                        "{source} is not an http:// proxy URL such as \
+                         http://proxy.example.com:3128 (credentials as \
+                         http://user:password@proxy.example.com:3128; a proxy spoken to \
+                         over https is not supported)"
+                    ),
+                )
+            })
+        };
+        let no = self
+            .no_proxy
+            .clone()
+            .or_else(|| env.no.as_ref().map(|(_, v)| v.clone()))
+            .unwrap_or_default();
+        let builder = match self.proxy.as_deref().map(str::trim) {
+            Some(proxy) if !proxy.is_empty() => {
+                check(proxy, "the value")?;
+                Matcher::builder().all(proxy.to_owned())
+            }
+            _ => {
+                let mut builder = Matcher::builder();
+                if env.http.is_none() && env.https.is_none() && env.all.is_none() {
+                    return Ok(Egress::direct());
+                }
+                if let Some((name, value)) = &env.http {
+                    check(value, &format!("the environment variable {name}"))?;
+                    builder = builder.http(value.clone());
+                }
+                if let Some((name, value)) = &env.https {
+                    check(value, &format!("the environment variable {name}"))?;
+                    builder = builder.https(value.clone());
+                }
+                if let Some((name, value)) = &env.all {
+                    check(value, &format!("the environment variable {name}"))?;
+                    builder = builder.all(value.clone());
+                }
+                builder
+            }
+        };
+        Ok(Egress::through(builder.no(no).build()))
+    }
+}
+
 impl RawConfig {
     /// `tls.acme_*`, for `public_url`'s host and the extra hosts.
     fn acme_settings(
@@ -753,11 +826,13 @@ impl RawConfig {
             ca: tls.acme_ca.clone(),
             challenge,
             names,
+            egress: Egress::direct(),
         })
     }
 
-    fn validate(self, origins: &Origins) -> Result<Config, ConfigError> {
+    fn validate(self, origins: &Origins, proxy_env: &ProxyEnv) -> Result<Config, ConfigError> {
         let mut warnings = Vec::new();
+        let outbound = self.outbound.egress(origins, proxy_env)?;
         let listen = parse_socket_addr(origins, "listen", &self.listen)?;
         let http_redirect_listen = self
             .http_redirect_listen
@@ -863,6 +938,10 @@ impl RawConfig {
                 listen,
                 http_redirect_listen,
             )
+            .map(|acme| AcmeSettings {
+                egress: outbound.clone(),
+                ..acme
+            })
         });
         let tls = match (self.tls.cert, self.tls.key) {
             (Some(_), _) | (_, Some(_)) if acme.is_some() => {
@@ -1026,7 +1105,13 @@ impl RawConfig {
                 ca: self.proxy.ca,
                 trusted_proxies,
                 preserve_host: self.proxy.preserve_host,
+                egress: if self.outbound.proxy_upstreams {
+                    outbound.clone()
+                } else {
+                    Egress::direct()
+                },
             },
+            outbound,
             timeouts: self.timeouts,
             limits: self.limits,
             log: self.log,
@@ -1515,6 +1600,61 @@ mod tests {
         }
         // A bad HMAC key is not echoed.
         assert!(!error_of(cases[7].0, &[]).contains("not base64!"));
+    }
+
+    #[test]
+    fn the_egress_proxy_is_read_as_curl_reads_it_and_the_key_wins() {
+        let provider: Uri = "https://login.microsoftonline.com/x".parse().unwrap();
+        let internal: Uri = "https://idp.internal/x".parse().unwrap();
+        let upstream: Uri = "http://127.0.0.1:21114/".parse().unwrap();
+        let egress = |toml: &str, env: &[(&str, &str)]| load(toml, env).unwrap().outbound;
+        assert_eq!(egress("", &[]).proxy_for(&provider), None);
+        // What a CGI client can set through a `Proxy:` header: curl
+        // ignores it, and so does authgate.
+        let httpoxy = egress("", &[("HTTP_PROXY", "http://attacker.example:1")]);
+        assert_eq!(httpoxy.proxy_for(&upstream), None);
+
+        let env = [
+            ("HTTPS_PROXY", "http://proxy.corp:3128"),
+            ("NO_PROXY", ".internal"),
+        ];
+        let from_env = egress("", &env);
+        assert_eq!(
+            from_env.proxy_for(&provider).as_deref(),
+            Some("http://proxy.corp:3128")
+        );
+        assert_eq!(from_env.proxy_for(&internal), None);
+
+        let keyed = load("[outbound]\nproxy = \"http://ops:pw@other:8080\"\n", &env).unwrap();
+        assert_eq!(
+            keyed.outbound.proxy_for(&provider).as_deref(),
+            Some("http://other:8080")
+        );
+        assert_eq!(keyed.outbound.proxy_for(&internal), None);
+        // Upstreams stay direct unless asked.
+        assert_eq!(keyed.proxy.egress.proxy_for(&upstream), None);
+        let upstreams_too = load(
+            "[outbound]\nproxy = \"http://other:8080\"\nproxy_upstreams = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(upstreams_too.proxy.egress.proxy_for(&upstream).is_some());
+    }
+
+    #[test]
+    fn a_bad_proxy_url_names_where_it_came_from_and_hides_its_value() {
+        let from_key = error_of(
+            "[outbound]\nproxy = \"https://ops:s3cret@proxy.corp\"\n",
+            &[],
+        );
+        assert!(
+            from_key.contains("`outbound.proxy`") && from_key.contains("http://"),
+            "{from_key}"
+        );
+        assert!(!from_key.contains("s3cret"), "{from_key}");
+        let from_env = error_of("", &[("https_proxy", "proxy.corp:3128")]);
+        assert!(from_env.contains("https_proxy"), "{from_env}");
+        assert!(!from_env.contains("proxy.corp"), "{from_env}");
     }
 
     const SIGN_IN: &str = "[oidc]\nissuer = \"https://login.microsoftonline.com/11111111-2222-3333-4444-555555555555/v2.0\"\n\

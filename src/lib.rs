@@ -11,8 +11,9 @@
 //! | forward | [`forward`] | routes, the upstream connection pool, forwarding and hop-by-hop headers, WebSocket tunnels |
 //!
 //! Beside the path: [`config`] reads, layers and validates the settings;
-//! [`outbound`] is the gateway's own HTTPS client (to the provider, and
-//! the connector upstreams use); `pages` is what the gateway answers
+//! [`outbound`] is the gateway's own HTTPS client (to the provider and
+//! the ACME CA, and the connector upstreams use), direct or through an
+//! egress proxy; `pages` is what the gateway answers
 //! itself; [`clock`] the one wall clock; [`state`] what is kept between
 //! runs under `state_dir`; [`ops`] metrics, logging, health, the `check`
 //! doctor, memory and the admin listener.
@@ -103,7 +104,11 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let metrics = metrics::Metrics::default();
     let oidc = match &config.oidc {
         Some(oidc_config) => {
-            let http = outbound::client(oidc_config.ca.as_deref(), &config.timeouts)?;
+            let http = outbound::client(
+                oidc_config.ca.as_deref(),
+                &config.timeouts,
+                &config.outbound,
+            )?;
             Some(idp::Oidc::new(oidc_config.clone(), http, metrics.clone())?)
         }
         None => {

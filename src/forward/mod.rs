@@ -30,6 +30,8 @@ pub struct ProxyConfig {
     pub ca: Option<PathBuf>,
     pub trusted_proxies: Vec<IpNet>,
     pub preserve_host: bool,
+    /// Direct unless `outbound.proxy_upstreams`.
+    pub egress: outbound::Egress,
 }
 
 pub use self::headers::{remove_connection_named, HEADERS_ADDED};
@@ -64,7 +66,7 @@ impl Proxy {
         timeouts: &Timeouts,
         websockets: Gauge,
     ) -> Result<Proxy, ClientError> {
-        let connector = outbound::connector(settings.ca.as_deref(), timeouts)?;
+        let connector = outbound::connector(settings.ca.as_deref(), timeouts, &settings.egress)?;
         Ok(Proxy {
             pool: upstream::Pool::new(connector, timeouts.idle),
             forwarding: Forwarding {

@@ -141,7 +141,12 @@ impl Jwks {
     /// leads nowhere): for tests.
     #[cfg(test)]
     pub async fn preloaded(set: KeySet) -> Jwks {
-        let http = crate::outbound::client(None, &crate::net::Timeouts::default()).unwrap();
+        let http = crate::outbound::client(
+            None,
+            &crate::net::Timeouts::default(),
+            &crate::outbound::Egress::direct(),
+        )
+        .unwrap();
         let jwks = Jwks::new("http://127.0.0.1:9/keys".into(), http, Metrics::default());
         let set = Arc::new(set);
         *jwks.last_good.lock().unwrap() = Some(set.clone());

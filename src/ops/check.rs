@@ -76,7 +76,22 @@ pub async fn run(config: &Config) -> Vec<Finding> {
     }
     if let Some(oidc_config) = &config.oidc {
         findings.push(issuer_shape(&oidc_config.issuer));
-        match outbound::client(oidc_config.ca.as_deref(), &config.timeouts) {
+        if let Some(proxy) = oidc_config
+            .issuer
+            .parse()
+            .ok()
+            .and_then(|issuer| config.outbound.proxy_for(&issuer))
+        {
+            findings.push(Finding::pass(
+                "egress proxy",
+                format!("the provider is reached through {proxy} (CONNECT)"),
+            ));
+        }
+        match outbound::client(
+            oidc_config.ca.as_deref(),
+            &config.timeouts,
+            &config.outbound,
+        ) {
             Ok(http) => match Oidc::new(
                 oidc_config.clone(),
                 http,
@@ -254,7 +269,7 @@ fn acme_reachable(acme: &AcmeSettings, https: u16, plain: Option<u16>) -> Findin
 /// The directory answers (no account or order is made).
 async fn acme_directory(config: &Config, acme: &AcmeSettings) -> Finding {
     const CHECK: &str = "acme directory";
-    let fetched = match outbound::client(acme.ca.as_deref(), &config.timeouts) {
+    let fetched = match outbound::client(acme.ca.as_deref(), &config.timeouts, &acme.egress) {
         Ok(http) => outbound::get_json(&http, &acme.directory, UPSTREAM_TIMEOUT)
             .await
             .map_err(|e| e.to_string()),
@@ -488,7 +503,11 @@ async fn provider(oidc: &Oidc, redirect_uri: &str) -> Vec<Finding> {
 }
 
 async fn upstreams(config: &Config) -> Vec<Finding> {
-    let http = match outbound::client(config.proxy.ca.as_deref(), &config.timeouts) {
+    let http = match outbound::client(
+        config.proxy.ca.as_deref(),
+        &config.timeouts,
+        &config.proxy.egress,
+    ) {
         Ok(http) => http,
         Err(e) => return vec![Finding::fail("upstreams", e.to_string(), "fix proxy.ca")],
     };
@@ -540,6 +559,7 @@ mod tests {
             ca: None,
             challenge,
             names: vec!["console.example.com".into()],
+            egress: crate::outbound::Egress::direct(),
         };
         let (alpn, http) = (acme(ChallengeKind::TlsAlpn01), acme(ChallengeKind::Http01));
         // The RustDesk preset: both ports.

@@ -514,3 +514,76 @@ impl Drop for Pebble {
         let _ = self.child.wait();
     }
 }
+
+/// Debian's `tinyproxy`, an HTTP proxy that tunnels `CONNECT` to any
+/// port and logs each request, so a test can tell what went through it.
+/// One per test binary, under a shell like [`Redis`].
+pub struct Tinyproxy {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Tinyproxy {
+    pub fn shared() -> &'static Tinyproxy {
+        static SHARED: std::sync::OnceLock<Tinyproxy> = std::sync::OnceLock::new();
+        SHARED.get_or_init(Tinyproxy::start)
+    }
+
+    fn start() -> Tinyproxy {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // It drops root for its own user, who must write the log.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let port = super::closed_port().port();
+        let user = if unsafe { libc::geteuid() } == 0 {
+            "User tinyproxy\nGroup tinyproxy\n"
+        } else {
+            ""
+        };
+        let config = format!(
+            "{user}Port {port}\nListen 127.0.0.1\nTimeout 60\nAllow 127.0.0.1\n\
+             LogFile \"{}/tinyproxy.log\"\nLogLevel Info\nMaxClients 100\n",
+            dir.path().display()
+        );
+        let config_path = dir.path().join("tinyproxy.conf");
+        std::fs::write(&config_path, config).unwrap();
+        let script = format!(
+            "tinyproxy -d -c '{}' & server=$!; cat >/dev/null; kill $server; wait $server",
+            config_path.display()
+        );
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy (scripts/peers installs it)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < DEADLINE, "tinyproxy did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Tinyproxy { child, port, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether it has tunnelled a connection to `authority` (host:port).
+    pub fn tunnelled_to(&self, authority: &str) -> bool {
+        self.log().contains(&format!("CONNECT {authority} "))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tinyproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}

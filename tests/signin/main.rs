@@ -9,6 +9,7 @@ mod api;
 mod boundary;
 mod browser;
 mod credentials;
+mod egress;
 mod operations;
 mod replicas;
 mod sessions;

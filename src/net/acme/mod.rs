@@ -60,6 +60,8 @@ pub struct AcmeSettings {
     pub challenge: ChallengeKind,
     /// `public_url`'s host first, then `extra_hosts`.
     pub names: Vec<String>,
+    /// How to reach the CA (`[outbound]`).
+    pub egress: crate::outbound::Egress,
 }
 
 /// External account binding (RFC 8555 §7.3.4), as CAs such as ZeroSSL

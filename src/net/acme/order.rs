@@ -45,7 +45,11 @@ impl Http {
         Ok(Http(
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .build(outbound::connector(settings.ca.as_deref(), timeouts)?),
+                .build(outbound::connector(
+                    settings.ca.as_deref(),
+                    timeouts,
+                    &settings.egress,
+                )?),
         ))
     }
 }

@@ -1,11 +1,17 @@
 //! The HTTPS client the gateway itself uses: pooled, keep-alive, rustls
 //! with the system roots plus an optional CA file, one instance per
-//! destination kind (upstreams, the identity provider).
+//! destination kind (upstreams, the identity provider, the ACME CA),
+//! direct or through an HTTP proxy ([`egress`]).
+
+pub mod egress;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use hyper_rustls::HttpsConnector;
+
+use self::egress::EgressConnector;
+pub use self::egress::{Egress, ProxyEnv};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -17,7 +23,7 @@ use rustls_pki_types::CertificateDer;
 use crate::net::Timeouts;
 use crate::Body;
 
-pub type Connector = HttpsConnector<HttpConnector>;
+pub type Connector = HttpsConnector<EgressConnector>;
 pub type HttpClient = Client<Connector, Body>;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +47,17 @@ pub fn system_roots() -> &'static [CertificateDer<'static>] {
 }
 
 /// Builds a client trusting the system's roots and, when given, the CA
-/// certificates in `ca` (PEM).
-pub fn client(ca: Option<&Path>, timeouts: &Timeouts) -> Result<HttpClient, ClientError> {
+/// certificates in `ca` (PEM), connecting as `egress` says.
+pub fn client(
+    ca: Option<&Path>,
+    timeouts: &Timeouts,
+    egress: &Egress,
+) -> Result<HttpClient, ClientError> {
     Ok(Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(timeouts.idle)
-        .build(connector(ca, timeouts)?))
+        .build(connector(ca, timeouts, egress)?))
 }
 
 /// The roots outbound connections trust: the system's and, when given,
@@ -97,7 +107,11 @@ pub fn tls_client_config(
 }
 
 /// The TLS-capable connector behind [`client`]; the CA file is read here.
-pub fn connector(ca: Option<&Path>, timeouts: &Timeouts) -> Result<Connector, ClientError> {
+pub fn connector(
+    ca: Option<&Path>,
+    timeouts: &Timeouts,
+    egress: &Egress,
+) -> Result<Connector, ClientError> {
     let tls = tls_client_config(verifier(root_store(ca)?)?)?;
 
     let mut http = HttpConnector::new();
@@ -108,7 +122,7 @@ pub fn connector(ca: Option<&Path>, timeouts: &Timeouts) -> Result<Connector, Cl
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http))
+        .wrap_connector(EgressConnector::new(http, egress.clone())))
 }
 
 /// Largest body accepted from the identity provider (discovery, keys,
