@@ -46,10 +46,6 @@ const ENV_NOT_KEYS: &[&str] = &["AUTHGATE_CONFIG"];
 const AZURE_TOKEN_FILE_VAR: &str = "AZURE_FEDERATED_TOKEN_FILE";
 const DEFAULT_CERT: &str = "certs/tls.crt";
 const DEFAULT_KEY: &str = "certs/tls.key";
-/// Entra's multi-tenant issuers: the discovery document says
-/// `https://login.microsoftonline.com/{tenantid}/v2.0`, tokens carry the
-/// user's own tenant.
-const MULTI_TENANT_PATHS: &[&str] = &["/common/v2.0", "/organizations/v2.0", "/consumers/v2.0"];
 /// Algorithms an ID token may be signed with; asymmetric only (RFC 8725:
 /// never `none`, never an HMAC keyed with a public key).
 const SIGNING_ALGORITHMS: &[&str] = &[
@@ -1127,18 +1123,16 @@ fn validate_oidc(
     origins: &Origins,
 ) -> Result<OidcConfig, ConfigError> {
     let issuer = raw.issuer.unwrap_or_default();
-    let Some((_, authority)) = parse_issuer(&issuer) else {
+    if parse_issuer(&issuer).is_none() {
         return Err(origins.invalid(
             "oidc.issuer",
             &issuer,
             "an https:// issuer URL such as https://login.microsoftonline.com/<tenant id>/v2.0",
         ));
-    };
-    let path = Uri::from_str(&issuer)
-        .map(|u| u.path().to_owned())
-        .unwrap_or_default();
-    let multi_tenant = authority.host().ends_with("microsoftonline.com")
-        && MULTI_TENANT_PATHS.contains(&path.trim_end_matches('/'));
+    }
+    // Entra's multi-tenant issuers, in every cloud: discovery says
+    // `https://<host>/{tenantid}/v2.0`, tokens carry the user's own tenant.
+    let multi_tenant = crate::idp::cloud::is_multi_tenant(&issuer);
     if multi_tenant && raw.allowed_tenants.is_empty() {
         return Err(origins.error(
             "oidc.allowed_tenants",

@@ -18,6 +18,7 @@ use crate::auth::session::{
     AdminError, Found, LastCookie, LoginState, Renewal, Session, Sessions, Who,
 };
 use crate::config::PublicUrl;
+use crate::idp::cloud::Cloud;
 use crate::idp::explain;
 use crate::idp::provider::{Oidc, RefreshError};
 use crate::idp::token::TokenError;
@@ -85,6 +86,10 @@ impl SignIn {
 
     fn config(&self) -> &OidcConfig {
         self.oidc.config()
+    }
+
+    fn cloud(&self) -> Cloud {
+        Cloud::of_issuer(&self.config().issuer)
     }
 
     pub fn is_callback(&self, path: &str) -> bool {
@@ -280,7 +285,8 @@ impl SignIn {
             Ok((url, login)) => (url, LoginState { shortened, ..login }),
             Err(e) => {
                 let mut response =
-                    explain::sign_in_error(&e, &self.config().redirect_uri).render(true, id);
+                    explain::sign_in_error(&e, &self.config().redirect_uri, &self.cloud())
+                        .render(true, id);
                 pages::append_cookies(&mut response, stale);
                 return response;
             }
@@ -339,8 +345,13 @@ impl SignIn {
         let mut response = if let Some(error) = &params.error {
             self.count("provider_error");
             tracing::warn!(target: AUDIT, request_id = id, error, "sign-in failed at the provider");
-            explain::provider_error(error, params.error_description.as_deref(), redirect_uri)
-                .render(html, id)
+            explain::provider_error(
+                error,
+                params.error_description.as_deref(),
+                redirect_uri,
+                &self.cloud(),
+            )
+            .render(html, id)
         } else if let Some(code) = &params.code {
             match self.oidc.finish(&login, code).await {
                 Ok(signed_in) => {
@@ -383,7 +394,7 @@ impl SignIn {
                 Err(e) => {
                     self.count("failed");
                     tracing::warn!(target: AUDIT, request_id = id, error = %e, "sign-in failed");
-                    explain::sign_in_error(&e, redirect_uri).render(html, id)
+                    explain::sign_in_error(&e, redirect_uri, &self.cloud()).render(html, id)
                 }
             }
         } else {

@@ -5,9 +5,11 @@
 //! Codes and meanings: Microsoft's "Microsoft Entra authentication and
 //! authorization error codes" (learn.microsoft.com/entra/identity-platform/
 //! reference-error-codes); every code can be looked up at
-//! `https://login.microsoftonline.com/error?code=<number>`.
+//! `https://<the cloud's login host>/error?code=<number>`.
 
 use http::StatusCode;
+
+use crate::idp::cloud::Cloud;
 
 use crate::idp::provider::SignInError;
 use crate::pages::Page;
@@ -48,7 +50,12 @@ const AADSTS: &[(&str, &str, &str)] = &[
 
 /// The explanation of an `error`/`error_description` the provider sent,
 /// either to the callback or from the token endpoint.
-pub fn provider_error(error: &str, description: Option<&str>, redirect_uri: &str) -> Page {
+pub fn provider_error(
+    error: &str,
+    description: Option<&str>,
+    redirect_uri: &str,
+    cloud: &Cloud,
+) -> Page {
     let description = description.unwrap_or("").trim();
     let code = aadsts_code(description);
     let known = code.and_then(|c| AADSTS.iter().find(|(k, _, _)| *k == c));
@@ -83,7 +90,8 @@ pub fn provider_error(error: &str, description: Option<&str>, redirect_uri: &str
     }
     if let Some(code) = code {
         page.advice.push(format!(
-            "Microsoft's description of this code: https://login.microsoftonline.com/error?code={code}"
+            "Microsoft's description of this code: https://{}/error?code={code}",
+            cloud.login_host()
         ));
     }
     if !description.is_empty() {
@@ -95,10 +103,10 @@ pub fn provider_error(error: &str, description: Option<&str>, redirect_uri: &str
 }
 
 /// What the gateway says when finishing a sign-in failed.
-pub fn sign_in_error(error: &SignInError, redirect_uri: &str) -> Page {
+pub fn sign_in_error(error: &SignInError, redirect_uri: &str, cloud: &Cloud) -> Page {
     match error {
         SignInError::Refused { error, description } => {
-            provider_error(error, description.as_deref(), redirect_uri)
+            provider_error(error, description.as_deref(), redirect_uri, cloud)
         }
         SignInError::NotReady | SignInError::Unreachable | SignInError::Exchange(_) => {
             let mut page = Page::new(
@@ -109,11 +117,11 @@ pub fn sign_in_error(error: &SignInError, redirect_uri: &str) -> Page {
                  Pages you are already signed in to keep working.",
             );
             page.advice.push("Try again in a minute.".into());
-            page.advice.push(
-                "If it persists, an admin should check that this host can reach login.microsoftonline.com \
-                 (DNS, firewall, proxy) and run `authgate check`."
-                    .into(),
-            );
+            page.advice.push(format!(
+                "If it persists, an admin should check that this host can reach {} \
+                 (DNS, firewall, proxy) and run `authgate check`.",
+                cloud.login_host()
+            ));
             page.link = Some(("/".into(), "Try again"));
             page
         }
@@ -173,6 +181,7 @@ mod tests {
             "invalid_request",
             Some("AADSTS50011: The redirect URI 'https://x/api/oidc/callback' specified in the request does not match.\r\nTrace ID: 1"),
             "https://console.example.com/api/oidc/callback",
+            &Cloud::Global,
         );
         assert_eq!(page.code, "AADSTS50011");
         assert!(page.detail.contains("redirect URI"));
@@ -182,8 +191,23 @@ mod tests {
     }
 
     #[test]
+    fn error_codes_are_explained_at_the_users_own_cloud() {
+        let issuer = "https://login.microsoftonline.us/7f3c1b2a-5d4e-4f60-9a8b-0c1d2e3f4a5b/v2.0";
+        let page = provider_error(
+            "invalid_client",
+            Some("AADSTS7000215: Invalid client secret provided."),
+            "https://console.example.gov/api/oidc/callback",
+            &Cloud::of_issuer(issuer),
+        );
+        assert!(page
+            .advice
+            .iter()
+            .any(|a| a.contains("https://login.microsoftonline.us/error?code=7000215")));
+    }
+
+    #[test]
     fn unknown_errors_still_say_what_came_back() {
-        let page = provider_error("access_denied", None, "https://h/cb");
+        let page = provider_error("access_denied", None, "https://h/cb", &Cloud::Global);
         assert_eq!(page.code, "access_denied");
         assert!(page.detail.contains("access_denied"));
         assert!(page.title.contains("cancelled"));

@@ -1,7 +1,9 @@
-//! The identity provider (Microsoft Entra ID, or any OpenID provider):
-//! discovery, the signing keys, ID and access token verification, the
-//! app's own credential, and the explanations of Entra's sign-in errors.
+//! The identity provider (Microsoft Entra ID in any of its clouds, or any
+//! OpenID provider): discovery, the signing keys, ID and access token
+//! verification, the app's own credential, and the explanations of
+//! Entra's sign-in errors.
 
+pub(crate) mod cloud;
 pub(crate) mod credential;
 pub(crate) mod explain;
 pub(crate) mod jwks;

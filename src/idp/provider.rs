@@ -64,6 +64,8 @@ pub enum DiscoveryError {
     Parse { uri: String, message: String },
     #[error("the discovery document names issuer `{found}`, but oidc.issuer is `{expected}` (they must match exactly, trailing slash included)")]
     Issuer { expected: String, found: String },
+    #[error("the discovery document names the multi-tenant issuer `{found}`: users of any tenant could sign in; list the tenant ids that may in oidc.allowed_tenants")]
+    TenantsNeeded { found: String },
     #[error(transparent)]
     Keys(#[from] JwksError),
 }
@@ -245,7 +247,13 @@ impl Oidc {
                     .and_then(|u| Url::parse(u).ok())
             });
         let found = metadata.issuer().as_str().to_owned();
-        let issuer = if self.config.multi_tenant && found.contains("{tenantid}") {
+        // Any discovery document with a `{tenantid}` issuer is
+        // multi-tenant, whatever host and path it was fetched from (US
+        // Government, China, External ID, a provider of its own).
+        let issuer = if found.contains("{tenantid}") {
+            if self.config.allowed_tenants.is_empty() {
+                return Err(DiscoveryError::TenantsNeeded { found });
+            }
             IssuerMatch::Template(found)
         } else if found == self.config.issuer {
             IssuerMatch::Exact(found)

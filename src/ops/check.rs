@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::auth::session::{SessionConfig, StoreKind};
 use crate::config::Config;
+use crate::idp::cloud::Cloud;
 use crate::idp::explain;
 use crate::idp::provider::{Oidc, SignInError};
 use crate::net::acme::{self, AcmeSettings, ChallengeKind};
@@ -435,30 +436,35 @@ fn verify_chain(chain: &[CertificateDer<'static>], host: &str) -> Result<(), rus
         .map(drop)
 }
 
-/// Entra issuers look like `https://login.microsoftonline.com/<tenant>/v2.0`.
+/// Entra issuers look like `https://<the cloud's login host>/<tenant>/v2.0`.
 fn issuer_shape(issuer: &str) -> Finding {
-    let Some(rest) = issuer.strip_prefix("https://login.microsoftonline.com/") else {
+    let cloud = Cloud::of_issuer(issuer);
+    if crate::idp::cloud::is_multi_tenant(issuer) {
         return Finding::pass(
             "issuer",
-            format!("{issuer} (not Microsoft Entra ID; generic OpenID Connect)"),
+            format!("{issuer}: {cloud}; several tenants, limited to oidc.allowed_tenants"),
         );
-    };
-    let mut parts = rest.trim_end_matches('/').split('/');
+    }
+    if !cloud.is_entra() {
+        return Finding::pass("issuer", format!("{issuer} ({cloud})"));
+    }
+    let path = issuer
+        .parse::<http::Uri>()
+        .map(|uri| uri.path().to_owned())
+        .unwrap_or_default();
+    let mut parts = path.trim_matches('/').split('/');
     let (tenant, version) = (parts.next().unwrap_or(""), parts.next());
     if version != Some("v2.0") || parts.next().is_some() {
         return Finding::fail(
             "issuer",
-            format!("{issuer} is not an Entra v2.0 issuer"),
-            "use https://login.microsoftonline.com/<Directory (tenant) ID>/v2.0",
+            format!("{issuer} is not an Entra v2.0 issuer ({cloud})"),
+            format!(
+                "use https://{}/<Directory (tenant) ID>/v2.0",
+                cloud.login_host()
+            ),
         );
     }
-    match tenant {
-        "common" | "organizations" | "consumers" => Finding::pass(
-            "issuer",
-            format!("{issuer}: several tenants, limited to oidc.allowed_tenants"),
-        ),
-        _ => Finding::pass("issuer", format!("{issuer}: tenant {tenant}")),
-    }
+    Finding::pass("issuer", format!("{issuer}: {cloud}; tenant {tenant}"))
 }
 
 async fn provider(oidc: &Oidc, redirect_uri: &str) -> Vec<Finding> {
@@ -486,7 +492,12 @@ async fn provider(oidc: &Oidc, redirect_uri: &str) -> Vec<Finding> {
             "the token endpoint accepted the app's credential",
         ),
         Err(SignInError::Refused { error, description }) => {
-            let page = explain::provider_error(&error, description.as_deref(), redirect_uri);
+            let page = explain::provider_error(
+                &error,
+                description.as_deref(),
+                redirect_uri,
+                &Cloud::of_issuer(&oidc.config().issuer),
+            );
             let detail = match description {
                 Some(d) => format!("{error}: {}", d.lines().next().unwrap_or("")),
                 None => error,

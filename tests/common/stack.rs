@@ -34,7 +34,8 @@ pub struct Options<'a> {
     /// Environment of the provider process; `{origin}` in a value stands
     /// for the gateway's.
     pub provider_env: Vec<(String, String)>,
-    /// Environment of the gateway process, on top of the test defaults.
+    /// Environment of the gateway process, on top of the test defaults;
+    /// `{provider}` in a value stands for the provider's origin.
     pub env: Vec<(&'a str, &'a str)>,
     /// Files written into the gateway's directory before it starts.
     pub files: Vec<(&'a str, Vec<u8>)>,
@@ -128,6 +129,12 @@ secret = "{SESSION_SECRET}"
                 upstream = upstream.url(),
             ),
         };
+        let provider_origin = format!("https://127.0.0.1:{}", provider.port);
+        let env: Vec<(&str, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k, v.replace("{provider}", &provider_origin)))
+            .collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let gateway = Gateway::start_with_env(dir, &config, &env);
         wait_ready(&gateway).await;
         Stack {

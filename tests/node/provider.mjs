@@ -173,11 +173,25 @@ const provider = new Provider(issuer, {
 });
 provider.proxy = false;
 
-// Entra serves discovery under the issuer's path.
+// Entra serves discovery under the issuer's path; its multi-tenant
+// `/organizations/v2.0` document names the issuer template
+// `https://<host>/{tenantid}/v2.0`, and tokens the user's own tenant.
 const discovery = `/${tenant}/v2.0/.well-known/openid-configuration`;
+const organizations = '/organizations/v2.0/.well-known/openid-configuration';
 const callback = provider.callback();
 server.on('request', (req, res) => {
   if (req.url === discovery) req.url = '/.well-known/openid-configuration';
+  if (req.url === organizations) {
+    req.url = '/.well-known/openid-configuration';
+    const end = res.end.bind(res);
+    res.end = (body) => {
+      const doc = JSON.parse(body.toString());
+      doc.issuer = `https://127.0.0.1:${port}/{tenantid}/v2.0`;
+      const templated = JSON.stringify(doc);
+      res.setHeader('content-length', Buffer.byteLength(templated));
+      return end(templated);
+    };
+  }
   callback(req, res);
 });
 

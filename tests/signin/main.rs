@@ -8,6 +8,7 @@ mod common;
 mod api;
 mod boundary;
 mod browser;
+mod clouds;
 mod credentials;
 mod egress;
 mod operations;
