@@ -634,6 +634,32 @@ pub async fn tls_connect(
     (tls, cert)
 }
 
+/// A TLS handshake by a client that trusts only the CA certificates in
+/// `roots` (PEM), asks for `localhost` and offers `alpn`.
+pub async fn trusted_handshake(
+    addr: SocketAddr,
+    roots: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    use rustls::pki_types::pem::PemObject;
+    let mut store = rustls::RootCertStore::empty();
+    store.add_parsable_certificates(
+        CertificateDer::pem_slice_iter(roots.as_bytes()).map(Result::unwrap),
+    );
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
 /// An HTTP/1.1 connection over TLS that can carry several requests.
 pub async fn http1(
     addr: SocketAddr,

@@ -3,15 +3,13 @@
 //! by the scripts in `tests/node/`, Debian's `redis-server` and `pebble`.
 
 use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 
 use super::{TestCa, DEADLINE};
@@ -463,26 +461,9 @@ impl Pebble {
     /// The root its issued certificates chain to (PEM), from the
     /// management interface.
     pub async fn issuing_root(&self) -> String {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates({
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(
-                CertificateDer::pem_file_iter(self.listener_ca())
-                    .unwrap()
-                    .map(Result::unwrap),
-            );
-            roots
-        })
-        .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.management))
-            .await
-            .unwrap();
-        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        let listener_ca = std::fs::read_to_string(self.listener_ca()).unwrap();
+        let management = SocketAddr::from(([127, 0, 0, 1], self.management));
+        let stream = super::trusted_handshake(management, &listener_ca, &[])
             .await
             .unwrap();
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

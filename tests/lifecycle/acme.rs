@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 
 use crate::common::peers::Pebble;
 use crate::common::*;
@@ -33,38 +32,13 @@ fn good_key() -> String {
     format!("acme_eab_hmac_key = \"{}\"", Pebble::EAB_HMAC_KEY)
 }
 
-/// A handshake by a client that trusts only `root`, asks for `localhost`
-/// and offers `alpn`.
-async fn handshake(
-    addr: std::net::SocketAddr,
-    root: &str,
-    alpn: &[&[u8]],
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(root.as_bytes()).unwrap())
-        .unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(tls))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-}
-
 /// The chain the gateway serves, if a client trusting only `root`
 /// accepts it.
 async fn trusted_chain(
     addr: std::net::SocketAddr,
     root: &str,
 ) -> std::io::Result<Vec<CertificateDer<'static>>> {
-    let stream = handshake(addr, root, &[b"http/1.1"]).await?;
+    let stream = trusted_handshake(addr, root, &[b"http/1.1"]).await?;
     Ok(stream.get_ref().1.peer_certificates().unwrap().to_vec())
 }
 
@@ -231,11 +205,11 @@ async fn http_01_is_answered_on_the_port_80_listener() {
     // A client posing as a TLS-ALPN-01 validation when none is under way
     // gets no certificate at all; one that offers it among others is an
     // ordinary client.
-    assert!(handshake(gateway.addr, &root, &[b"acme-tls/1"])
+    assert!(trusted_handshake(gateway.addr, &root, &[b"acme-tls/1"])
         .await
         .is_err());
     assert_eq!(
-        handshake(gateway.addr, &root, &[b"http/1.1", b"acme-tls/1"])
+        trusted_handshake(gateway.addr, &root, &[b"http/1.1", b"acme-tls/1"])
             .await
             .unwrap()
             .get_ref()

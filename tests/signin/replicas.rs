@@ -317,24 +317,7 @@ async fn sessions_kept_in_redis_over_tls_with_a_private_ca() {
 /// The chain `addr` serves, if a client trusting only `root` accepts it
 /// for `localhost`.
 async fn trusted_leaf(addr: std::net::SocketAddr, root: &str) -> Option<Vec<u8>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(root.as_bytes()).unwrap())
-        .unwrap();
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .ok()?;
+    let stream = trusted_handshake(addr, root, &[]).await.ok()?;
     Some(stream.get_ref().1.peer_certificates()?[0].to_vec())
 }
 
