@@ -247,7 +247,7 @@ pub async fn browser(origin: &str, steps: Value) -> Vec<Value> {
 /// when this test process's end of the pipe closes, so no server outlives
 /// the tests, however they end.
 pub struct Redis {
-    child: Option<Child>,
+    server: Option<Tied>,
     pub port: u16,
     durable: bool,
     /// Serves TLS only, with a certificate from this CA's leaf files.
@@ -265,7 +265,7 @@ impl Redis {
 
     pub fn start(durable: bool) -> Redis {
         let mut redis = Redis {
-            child: None,
+            server: None,
             port: super::closed_port().port(),
             durable,
             tls: false,
@@ -283,7 +283,7 @@ impl Redis {
         std::fs::write(dir.path().join("tls.key"), key).unwrap();
         std::fs::write(dir.path().join("ca.crt"), &ca.pem).unwrap();
         let mut redis = Redis {
-            child: None,
+            server: None,
             port: super::closed_port().port(),
             durable: false,
             tls: true,
@@ -311,15 +311,9 @@ impl Redis {
         };
         let script = format!(
             "redis-server {ports} --bind 127.0.0.1 --save '' {persistence} --dir '{dir}' \
-             --loglevel warning & server=$!; cat >/dev/null; kill $server; wait $server"
+             --loglevel warning"
         );
-        let child = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server (scripts/peers installs it)");
-        self.child = Some(child);
+        self.server = Some(Tied::spawn(&script, &[], "redis-server"));
         let started = Instant::now();
         while !self.answers() {
             assert!(started.elapsed() < DEADLINE, "redis-server did not start");
@@ -343,10 +337,7 @@ impl Redis {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            drop(child.stdin.take());
-            child.wait().unwrap();
-        }
+        self.server = None;
     }
 
     /// Started again on the same port.
@@ -364,12 +355,6 @@ impl Redis {
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// Debian's `pebble`, an ACME CA for tests, with a listener certificate
 /// from its own [`TestCa`] (what the gateway's `tls.acme_ca` trusts). It
 /// validates TLS-ALPN-01 on `tls_port` and HTTP-01 on `http_port` of
@@ -377,7 +362,7 @@ impl Drop for Redis {
 /// and [`Pebble::EAB_HMAC_KEY`], issues certificates valid for
 /// [`Pebble::VALIDITY`], and lives under a shell like [`Redis`].
 pub struct Pebble {
-    child: Child,
+    _server: Tied,
     pub directory: String,
     management: u16,
     pub tls_port: u16,
@@ -428,23 +413,14 @@ impl Pebble {
         let config_path = dir.path().join("pebble.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
         let script = format!(
-            "pebble -config '{}' >'{}/pebble.log' 2>&1 & server=$!; cat >/dev/null; kill $server; wait $server",
+            "pebble -config '{}' >'{}/pebble.log' 2>&1",
             config_path.display(),
             dir.path().display()
         );
-        let child = Command::new("sh")
-            .args(["-c", &script])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("pebble (scripts/peers installs it)");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", management)).is_err() {
-            assert!(started.elapsed() < DEADLINE, "pebble did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let server = Tied::spawn(&script, &[("PEBBLE_VA_NOSLEEP", "1")], "pebble");
+        assert!(listening(management), "pebble did not start");
         Pebble {
-            child,
+            _server: server,
             directory: format!("https://localhost:{acme}/dir"),
             management,
             tls_port,
@@ -489,18 +465,11 @@ impl Pebble {
     }
 }
 
-impl Drop for Pebble {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
-    }
-}
-
 /// Debian's `tinyproxy`, an HTTP proxy that tunnels `CONNECT` to any
 /// port and logs each request, so a test can tell what went through it.
 /// One per test binary, under a shell like [`Redis`].
 pub struct Tinyproxy {
-    child: Child,
+    _server: Tied,
     pub port: u16,
     dir: tempfile::TempDir,
 }
@@ -529,23 +498,14 @@ impl Tinyproxy {
         );
         let config_path = dir.path().join("tinyproxy.conf");
         std::fs::write(&config_path, config).unwrap();
-        let script = format!(
-            "tinyproxy -d -c '{}' & server=$!; cat >/dev/null; kill $server; wait $server",
-            config_path.display()
-        );
-        let child = Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tinyproxy (scripts/peers installs it)");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < DEADLINE, "tinyproxy did not start");
-            std::thread::sleep(Duration::from_millis(20));
+        let script = format!("tinyproxy -d -c '{}'", config_path.display());
+        let server = Tied::spawn(&script, &[], "tinyproxy");
+        assert!(listening(port), "tinyproxy did not start");
+        Tinyproxy {
+            _server: server,
+            port,
+            dir,
         }
-        Tinyproxy { child, port, dir }
     }
 
     pub fn url(&self) -> String {
@@ -562,9 +522,42 @@ impl Tinyproxy {
     }
 }
 
-impl Drop for Tinyproxy {
-    fn drop(&mut self) {
-        drop(self.child.stdin.take());
-        let _ = self.child.wait();
+/// A server under a shell that ends it when the shell's stdin closes: at
+/// drop, or when this test process ends, however it ends, so no server
+/// outlives the tests.
+struct Tied(Child);
+
+impl Tied {
+    /// `command`: the server in the foreground, as `sh -c` reads it.
+    fn spawn(command: &str, env: &[(&str, &str)], what: &str) -> Tied {
+        let script = format!("{command} & server=$!; cat >/dev/null; kill $server; wait $server");
+        let child = Command::new("sh")
+            .args(["-c", &script])
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what} (scripts/peers installs it): {e}"));
+        Tied(child)
     }
+}
+
+impl Drop for Tied {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether something listens on loopback's `port` within the deadline.
+fn listening(port: u16) -> bool {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > DEADLINE {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
