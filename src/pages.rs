@@ -239,11 +239,17 @@ pub fn full(body: impl Into<Bytes>) -> Body {
 /// A redirect the browser must not cache: sign-in steps, sign-out and the
 /// port-80 redirect all depend on state or configuration that can change.
 pub fn redirect(status: StatusCode, location: &str) -> Response<Body> {
-    let mut response = Response::new(full(Bytes::new()));
-    *response.status_mut() = status;
+    let mut response = empty(status);
     if let Ok(location) = HeaderValue::from_str(location) {
         response.headers_mut().insert(LOCATION, location);
     }
+    response
+}
+
+/// An answer with no body (a redirect, a forward-auth verdict).
+pub fn empty(status: StatusCode) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    *response.status_mut() = status;
     guard(response.headers_mut());
     response
 }

@@ -234,6 +234,18 @@ impl IdentityHeaders {
         }
     }
 
+    /// Sets every identity header `headers` lacks to an empty value: a
+    /// forward-auth answer names each, so that a proxy copying them over
+    /// the client's request overwrites whatever the client sent (Caddy 2.6
+    /// copies an absent header as the text of its own placeholder).
+    pub fn blank_missing(&self, headers: &mut HeaderMap) {
+        for name in self.all().into_iter().chain(self.id_token.as_ref()) {
+            if !headers.contains_key(name) {
+                headers.insert(name.clone(), HeaderValue::from_static(""));
+            }
+        }
+    }
+
     /// Sets the headers for `identity`.
     pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
         // Moved, not `apply`'s clones: a fresh value's first clone

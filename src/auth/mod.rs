@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, AUTHORIZATION};
-use http::{Method, Request, Response};
+use http::{HeaderMap, Method, Request, Response};
 
 use self::identity::Identity;
 use self::session::{LastCookie, Session};
@@ -56,6 +56,18 @@ pub struct Caller {
     pub cookies: Vec<HeaderValue>,
 }
 
+/// Whether a request to a route with `access` must prove who it is.
+pub fn needs_sign_in(access: Access, method: &Method, headers: &HeaderMap) -> bool {
+    match access {
+        Access::Public => false,
+        Access::Protected => true,
+        // The console checks its own tokens; CORS preflights carry none.
+        Access::UpstreamToken => {
+            !(method == Method::OPTIONS || headers.contains_key(AUTHORIZATION))
+        }
+    }
+}
+
 /// The authentication step of a request to a route with `access`:
 /// `Ok(None)` when the route lets the request through as it is,
 /// `Ok(Some(_))` for a signed-in caller, `Err(_)` the answer to send
@@ -68,15 +80,7 @@ pub async fn authenticate(
     html: bool,
     id: &str,
 ) -> Result<Option<Caller>, Response<Body>> {
-    let needs_sign_in = match access {
-        Access::Public => false,
-        Access::Protected => true,
-        // The console checks its own tokens; CORS preflights carry none.
-        Access::UpstreamToken => {
-            !(req.method() == Method::OPTIONS || req.headers().contains_key(AUTHORIZATION))
-        }
-    };
-    if !needs_sign_in {
+    if !needs_sign_in(access, req.method(), req.headers()) {
         return Ok(None);
     }
     let Some(signin) = signin else {

@@ -276,6 +276,14 @@ impl SignIn {
         } else {
             "/".to_owned()
         };
+        let mut response = self.start(return_to, id).await;
+        pages::append_cookies(&mut response, stale);
+        response
+    }
+
+    /// Sends the browser to the provider, to come back to `return_to`: a
+    /// path on `public_url`, or a URL the caller checked is ours.
+    pub async fn start(&self, return_to: String, id: &str) -> Response<Body> {
         let (return_to, shortened) = if self.sessions.is_stored() {
             (return_to, false)
         } else {
@@ -284,11 +292,8 @@ impl SignIn {
         let (url, login) = match self.oidc.start(return_to).await {
             Ok((url, login)) => (url, LoginState { shortened, ..login }),
             Err(e) => {
-                let mut response =
-                    explain::sign_in_error(&e, &self.config().redirect_uri, &self.cloud())
-                        .render(true, id);
-                pages::append_cookies(&mut response, stale);
-                return response;
+                return explain::sign_in_error(&e, &self.config().redirect_uri, &self.cloud())
+                    .render(true, id)
             }
         };
         let cross_site_post = self.config().response_mode == ResponseMode::FormPost;
@@ -297,7 +302,6 @@ impl SignIn {
             Err(_) => return pages::problem(pages::STORE_UNAVAILABLE, true, id),
         };
         let mut response = pages::redirect(StatusCode::FOUND, &url);
-        pages::append_cookies(&mut response, stale);
         response.headers_mut().append(SET_COOKIE, login_cookie);
         response
     }
@@ -379,7 +383,12 @@ impl SignIn {
                     }
                     match self.sessions.save(session, &parts.headers).await {
                         Ok((_, cookies)) => {
-                            let location = format!("{}{}", self.public_url, login.return_to);
+                            // A full URL was checked to be ours at the start.
+                            let location = if login.return_to.starts_with('/') {
+                                format!("{}{}", self.public_url, login.return_to)
+                            } else {
+                                login.return_to.clone()
+                            };
                             let mut response = if login.shortened {
                                 shortened_link(&login.return_to, html, id)
                             } else {

@@ -1,12 +1,13 @@
 //! The gateway's own endpoints under `gateway_prefix`: liveness,
-//! readiness (and the session store's health), sign-out, the signed-out
-//! page, and the provider's logouts (front- and back-channel).
+//! readiness (and the session store's health), forward-auth for a proxy
+//! in front and the sign-in start it sends browsers to, sign-out, the
+//! signed-out page, and the provider's logouts (front- and back-channel).
 
 use std::sync::atomic::Ordering;
 
 use http::{Method, Request, Response, StatusCode};
 
-use super::Gateway;
+use super::{Client, Gateway};
 use crate::auth::signin::SignIn;
 use crate::pages;
 use crate::Body;
@@ -18,6 +19,7 @@ impl Gateway {
         &self,
         endpoint: &str,
         req: Request<Body>,
+        client: &Client,
         html: bool,
         id: &str,
     ) -> Response<Body> {
@@ -45,6 +47,17 @@ impl Gateway {
             }
             ("ready", _) if readable && draining => pages::problem(pages::DRAINING, html, id),
             ("ready", _) if readable => pages::problem(pages::PROVIDER_NOT_READY, html, id),
+            ("auth", _) => Box::pin(self.forward_auth(req, client, html, id)).await,
+            ("start", Some(signin)) if readable => {
+                let rd = serde_urlencoded::from_str::<Vec<(String, String)>>(
+                    req.uri().query().unwrap_or(""),
+                )
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|(key, value)| (key == "rd").then_some(value));
+                let return_to = self.hosts.return_target(rd.as_deref().unwrap_or("/"));
+                signin.start(return_to, id).await
+            }
             ("sign_out", Some(signin)) => signin.sign_out(&method, req.headers(), html, id).await,
             ("front_channel_logout", Some(signin)) if readable => {
                 signin

@@ -7,8 +7,10 @@
 //! under `strict_host`.
 
 use http::header::{HeaderValue, HOST};
-use http::Request;
+use http::uri::Scheme;
+use http::{Request, Uri};
 
+use crate::auth::signin::safe_return_to;
 use crate::config::Config;
 
 pub(super) struct Hosts {
@@ -16,6 +18,7 @@ pub(super) struct Hosts {
     names: Vec<String>,
     /// `public_url`'s authority, the `Host` of a request for any other.
     public: HeaderValue,
+    scheme: Scheme,
     strict: bool,
 }
 
@@ -38,6 +41,7 @@ impl Hosts {
                 .collect(),
             public: HeaderValue::from_str(config.public_url.authority.as_str())
                 .expect("an authority is a header value"),
+            scheme: config.public_url.scheme.clone(),
             strict: config.strict_host,
         }
     }
@@ -71,7 +75,42 @@ impl Hosts {
         Verdict::Replaced
     }
 
-    fn is_ours(&self, host: &str) -> bool {
+    /// Where a browser may return after sign-in, from the `rd` a link or
+    /// a proxy in front named: a path (on `public_url`), or a URL on one
+    /// of the gateway's own hosts with `public_url`'s scheme. Anything
+    /// else, which would make sign-in an open redirect, becomes `/`.
+    pub fn return_target(&self, rd: &str) -> String {
+        if rd.starts_with('/') {
+            return safe_return_to(rd);
+        }
+        let Ok(uri) = rd.parse::<Uri>() else {
+            return "/".to_owned();
+        };
+        let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+            return "/".to_owned();
+        };
+        if *scheme != self.scheme
+            || authority.as_str().contains('@')
+            || !self.is_ours(authority.host())
+        {
+            return "/".to_owned();
+        }
+        let path = safe_return_to(uri.path_and_query().map_or("/", |p| p.as_str()));
+        if self
+            .public
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
+            path
+        } else {
+            format!(
+                "{scheme}://{}{path}",
+                authority.as_str().to_ascii_lowercase()
+            )
+        }
+    }
+
+    pub fn is_ours(&self, host: &str) -> bool {
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -128,7 +167,64 @@ mod tests {
         }
     }
 
+    fn hosts() -> Hosts {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authgate.toml");
+        std::fs::write(
+            &path,
+            "access = \"public\"\npublic_url = \"https://console.example.com\"\n\
+             extra_hosts = [\"rd.example.com\"]\nupstream = \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        Hosts::new(&Config::load(&path, true, []).unwrap())
+    }
+
+    #[test]
+    fn sign_in_returns_only_to_the_gateways_own_hosts() {
+        let hosts = hosts();
+        for (rd, target) in [
+            ("/console?page=2", "/console?page=2"),
+            (
+                "https://console.example.com/console?a=1&b=2",
+                "/console?a=1&b=2",
+            ),
+            ("https://Console.Example.com/x", "/x"),
+            ("https://console.example.com", "/"),
+            ("https://rd.example.com/x?y", "https://rd.example.com/x?y"),
+            (
+                "https://RD.example.com:8443/x",
+                "https://rd.example.com:8443/x",
+            ),
+            (
+                "https://rd.example.com//evil.example/",
+                "https://rd.example.com/",
+            ),
+            ("http://console.example.com/x", "/"),
+            ("https://evil.example/x", "/"),
+            ("https://console.example.com.evil.example/x", "/"),
+            ("https://console.example.com@evil.example/x", "/"),
+            ("https://evil.example@console.example.com/x", "/"),
+            ("//evil.example/x", "/"),
+            ("/\\evil.example/x", "/"),
+            ("javascript:alert(1)", "/"),
+            ("console.example.com/x", "/"),
+            ("", "/"),
+        ] {
+            assert_eq!(hosts.return_target(rd), target, "{rd}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn a_return_target_is_a_local_path_or_on_an_own_host(rd in "(https://|/|//|http://)?(console|rd|evil)?(\\.example\\.com)?[@:/\\\\%a-z0-9.]{0,20}") {
+            let target = hosts().return_target(&rd);
+            let local = target.starts_with('/') && safe_return_to(&target) == target;
+            let own = ["https://rd.example.com/", "https://rd.example.com:"]
+                .iter()
+                .any(|p| target.starts_with(p));
+            prop_assert!(local || own, "{} -> {}", rd, target);
+        }
+
         #[test]
         fn host_of_never_panics_and_finds_a_part_of_the_value(value in "\\PC{0,40}") {
             if let Some(host) = host_of(&value) {

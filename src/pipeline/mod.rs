@@ -5,6 +5,7 @@
 
 mod access_log;
 mod endpoints;
+mod forward_auth;
 mod host;
 pub mod target;
 
@@ -70,6 +71,8 @@ pub struct Gateway {
     /// `Strict-Transport-Security` for every response without its own.
     hsts: Option<HeaderValue>,
     hosts: Arc<Hosts>,
+    /// Proxies whose forward-auth questions are answered (and loopback).
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Gateway {
@@ -106,6 +109,7 @@ impl Gateway {
             draining: Arc::default(),
             hsts: config.tls.hsts.clone(),
             hosts: Arc::new(Hosts::new(config)),
+            trusted_proxies: config.proxy.trusted_proxies.clone(),
         }))
     }
 
@@ -169,7 +173,7 @@ impl Gateway {
 
         // 3. The gateway's own endpoints.
         if let Some(endpoint) = path.strip_prefix(&self.gateway_prefix) {
-            let response = Box::pin(self.own_endpoint(endpoint, req, html, id)).await;
+            let response = Box::pin(self.own_endpoint(endpoint, req, client, html, id)).await;
             seen.done(&self.own_metrics, response.status());
             return response;
         }
@@ -231,19 +235,7 @@ impl Gateway {
             // for these and the forwarding headers, not at each step.
             req.headers_mut()
                 .reserve(self.identity_headers.count() + forward::HEADERS_ADDED);
-            match &caller.authenticated {
-                Authenticated::Session(session) => {
-                    self.identity_headers
-                        .inject_id_token(req.headers_mut(), &session.id_token);
-                    session
-                        .identity_headers
-                        .get_or_init(|| self.identity_headers.values(&identity))
-                        .apply(req.headers_mut());
-                }
-                Authenticated::Bearer(_) => {
-                    self.identity_headers.inject(req.headers_mut(), &identity)
-                }
-            }
+            self.tell_identity(req.headers_mut(), &caller.authenticated, &identity);
             cookies = caller.cookies;
         }
 
@@ -254,6 +246,27 @@ impl Gateway {
         pages::append_cookies(&mut response, cookies);
         seen.done(&route.metrics, response.status());
         response
+    }
+
+    /// Sets the identity headers of `authenticated` (whose identity is
+    /// `identity`) in `headers`.
+    fn tell_identity(
+        &self,
+        headers: &mut http::HeaderMap,
+        authenticated: &Authenticated,
+        identity: &auth::identity::Identity,
+    ) {
+        match authenticated {
+            Authenticated::Session(session) => {
+                self.identity_headers
+                    .inject_id_token(headers, &session.id_token);
+                session
+                    .identity_headers
+                    .get_or_init(|| self.identity_headers.values(identity))
+                    .apply(headers);
+            }
+            Authenticated::Bearer(_) => self.identity_headers.inject(headers, identity),
+        }
     }
 
     /// Forwards `req`, without the gateway's own cookies whatever the

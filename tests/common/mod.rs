@@ -615,6 +615,14 @@ pub async fn tls_connect(
     addr: SocketAddr,
     alpn: &[&[u8]],
 ) -> (TlsStream<TcpStream>, CertificateDer<'static>) {
+    tls_over(TcpStream::connect(addr).await.unwrap(), alpn).await
+}
+
+/// TLS over `tcp`, trusting any certificate, with the one presented.
+pub async fn tls_over(
+    tcp: TcpStream,
+    alpn: &[&[u8]],
+) -> (TlsStream<TcpStream>, CertificateDer<'static>) {
     let seen = Arc::new(Mutex::new(None));
     let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
@@ -625,7 +633,6 @@ pub async fn tls_connect(
     .with_custom_certificate_verifier(Arc::new(RecordingVerifier { seen: seen.clone() }))
     .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let tcp = TcpStream::connect(addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await

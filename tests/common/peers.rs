@@ -522,6 +522,126 @@ impl Tinyproxy {
     }
 }
 
+/// A reverse proxy in front of the gateway, as an admin runs it with a
+/// forward-auth recipe of `examples/forward-auth/`: Debian's nginx or
+/// caddy, serving TLS for `localhost` on `port` with a test CA's
+/// certificate, asking the gateway at `gateway` and proxying to the
+/// console at `console` (`host:port`). One per test binary: each test
+/// that uses one starts its own.
+pub struct Front {
+    _server: Tied,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum FrontKind {
+    Nginx,
+    Caddy,
+}
+
+impl Front {
+    pub fn start(kind: FrontKind, port: u16, gateway: SocketAddr, console: &str) -> Front {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = TestCa::new().leaf_pem();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let recipe = match kind {
+            FrontKind::Nginx => "examples/forward-auth/nginx.conf",
+            FrontKind::Caddy => "examples/forward-auth/Caddyfile",
+        };
+        let mut text =
+            std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(recipe))
+                .unwrap();
+        let site = match kind {
+            FrontKind::Nginx => (
+                "listen 443 ssl http2;\n    server_name console.example.com;",
+                format!("listen 127.0.0.1:{port} ssl http2;\n    server_name localhost;"),
+            ),
+            FrontKind::Caddy => (
+                "console.example.com {",
+                format!("https://localhost:{port} {{"),
+            ),
+        };
+        for (from, to) in [
+            site,
+            (
+                "/etc/ssl/certs/console.example.com.pem",
+                cert_path.display().to_string(),
+            ),
+            (
+                "/etc/ssl/private/console.example.com.key",
+                key_path.display().to_string(),
+            ),
+            ("127.0.0.1:8443", gateway.to_string()),
+            ("127.0.0.1:21114", console.to_owned()),
+        ] {
+            assert!(text.contains(from), "{recipe} has no `{from}`");
+            text = text.replace(from, &to);
+        }
+        let d = dir.path().display();
+        let server = match kind {
+            FrontKind::Nginx => {
+                std::fs::write(dir.path().join("recipe.conf"), text).unwrap();
+                // One process as this user, everything under `dir`.
+                let main = format!(
+                    "daemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+                     events {{}}\nhttp {{\n    access_log off;\n    client_body_temp_path {d}/body;\n\
+                     proxy_temp_path {d}/proxy;\n    fastcgi_temp_path {d}/fastcgi;\n\
+                     uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n    include {d}/recipe.conf;\n}}\n"
+                );
+                std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
+                let nginx = ["/usr/sbin/nginx", "nginx"]
+                    .into_iter()
+                    .find(|n| std::path::Path::new(n).exists())
+                    .unwrap_or("nginx");
+                Tied::spawn(
+                    &format!("{nginx} -e {d}/error.log -p {d} -c {d}/nginx.conf"),
+                    &[],
+                    "nginx",
+                )
+            }
+            FrontKind::Caddy => {
+                let global = format!(
+                    "{{\n\tadmin off\n\tauto_https off\n\tstorage file_system {d}/caddy\n}}\n\n"
+                );
+                std::fs::write(dir.path().join("Caddyfile"), global + &text).unwrap();
+                Tied::spawn(
+                    &format!(
+                        "caddy run --adapter caddyfile --config {d}/Caddyfile >{d}/error.log 2>&1"
+                    ),
+                    &[
+                        ("HOME", &d.to_string()),
+                        ("XDG_DATA_HOME", &format!("{d}/data")),
+                        ("XDG_CONFIG_HOME", &format!("{d}/config")),
+                    ],
+                    "caddy",
+                )
+            }
+        };
+        assert!(
+            listening(port),
+            "{recipe} did not start: {}",
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+        );
+        Front {
+            _server: server,
+            port,
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// What it logged, for a failing test's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
 /// A server under a shell that ends it when the shell's stdin closes: at
 /// drop, or when this test process ends, however it ends, so no server
 /// outlives the tests.

@@ -44,6 +44,9 @@ pub struct Options<'a> {
     /// `{upstream}` in them stand for the stack's own); the provider's
     /// values are added to its `[oidc]` section.
     pub preset: Option<(&'a str, Vec<(String, String)>)>,
+    /// The port of a proxy in front: the origin (`public_url`) is there,
+    /// and the gateway listens on a port of its own.
+    pub front: Option<u16>,
 }
 
 impl Stack {
@@ -65,11 +68,12 @@ impl Stack {
             env,
             files,
             preset,
+            front,
         } = options;
         let ca = TestCa::new();
         let upstream = Upstream::start("console").await;
         let port = closed_port().port();
-        let origin = format!("https://localhost:{port}");
+        let origin = format!("https://localhost:{}", front.unwrap_or(port));
         let provider_env: Vec<(String, String)> = provider_env
             .into_iter()
             .map(|(k, v)| (k, v.replace("{origin}", &origin)))

@@ -11,6 +11,7 @@ mod browser;
 mod clouds;
 mod credentials;
 mod egress;
+mod front;
 mod operations;
 mod replicas;
 mod sessions;
