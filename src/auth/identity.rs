@@ -74,9 +74,12 @@ const FOREIGN_NAMES: [&str; 4] = [
     "x-forwarded-groups",
 ];
 
-/// Equal names when `_` and `-` count alike (both lower case).
+/// Equal names as a CGI-style upstream reads them (PHP, WSGI, nginx's
+/// variables), which turn every character but letters and digits into
+/// `_`: `X_Forwarded_User` and `X.Forwarded.User` are `X-Forwarded-User`
+/// there (both lower case).
 fn dashed_eq(a: &str, b: &str) -> bool {
-    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    let dash = |c: u8| if c.is_ascii_alphanumeric() { c } else { b'-' };
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| dash(x) == dash(y))
 }
 
@@ -173,8 +176,9 @@ impl IdentityHeaders {
     }
 
     /// Removes every identity header a client sent: ours, whatever their
-    /// case and with `_` for `-` (CGI-style upstreams read `X_Forwarded_User`
-    /// as `X-Forwarded-User`), and those other gateways send
+    /// case and with any other punctuation for `-` (CGI-style upstreams
+    /// read `X_Forwarded_User` and `X.Forwarded.User` as
+    /// `X-Forwarded-User`), and those other gateways send
     /// (`FOREIGN_PREFIXES`), which an upstream moved behind authgate may
     /// still believe. `Authorization` is the exception when it carries the
     /// ID token: clients on public routes (RustDesk) send their own there,

@@ -136,6 +136,8 @@ async fn no_client_header_can_speak_for_the_user_or_unsay_the_gateway() {
         "x-forwarded-user-id",
         "X-FORWARDED-EMAIL",
         "X_Forwarded_Groups",
+        "X.Forwarded.Roles",
+        "X~Forwarded+Name",
         "X-Auth-Request-User",
         "X-Auth-Request-Email",
         "X-MS-CLIENT-PRINCIPAL-NAME",
