@@ -3,19 +3,19 @@
 //! `forward_auth`). The proxy asks `auth` about each request it is given,
 //! naming that request's target in `X-Forwarded-Uri` (Traefik, Caddy) or
 //! `X-Original-URI` (nginx), and gets the answer the gateway would give
-//! the request itself: 200 with the identity headers for the proxy to
-//! copy, 401, or 403. Only a proxy the gateway trusts is answered: anyone
+//! the request itself: 200 with the identity headers (and the cookies)
+//! for the proxy to copy onto it, 401, or 403. Only a proxy the gateway trusts is answered: anyone
 //! else could name whatever target suits them.
 
 use std::net::IpAddr;
 
-use http::header::{HeaderName, HeaderValue, HOST};
+use http::header::{HeaderName, HeaderValue, COOKIE, HOST};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::{target, Client, Gateway};
 use crate::auth::{self, Unidentified};
-use crate::forward::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO};
+use crate::forward::headers::{join_cookie_fields, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::forward::routes::Access;
 use crate::pages::{self, Problem};
 use crate::Body;
@@ -71,7 +71,7 @@ impl Gateway {
             .unwrap_or(Method::GET);
         let route = self.routes.find(uri.path());
         if !auth::needs_sign_in(route.access, &method, &headers) {
-            return self.allowed();
+            return self.allowed(&headers, client);
         }
         let Some(signin) = &self.signin else {
             return pages::problem(pages::UNAUTHENTICATED, false, id);
@@ -82,7 +82,7 @@ impl Gateway {
                 if let Err(denial) = route.policy.check(&identity) {
                     return signin.forbidden(&identity, &route.prefix, &denial, html, id);
                 }
-                let mut response = self.allowed();
+                let mut response = self.allowed(&headers, client);
                 self.tell_identity(response.headers_mut(), &authenticated, &identity);
                 pages::append_cookies(&mut response, cookies);
                 response
@@ -104,10 +104,25 @@ impl Gateway {
         }
     }
 
-    /// A 200 naming nobody, until the identity is told over its blanks.
-    fn allowed(&self) -> Response<Body> {
+    /// A 200 naming nobody, until the identity is told over its blanks,
+    /// with the `Cookie` for the proxy to forward in place of the
+    /// client's: the same cookies without the gateway's, blank when none
+    /// is left. A proxy cannot always take one cookie out of a header
+    /// itself (Traefik cannot); every one can copy a header.
+    fn allowed(&self, request: &HeaderMap, client: &Client) -> Response<Body> {
         let mut response = pages::empty(StatusCode::OK);
-        self.identity_headers.blank_missing(response.headers_mut());
+        let headers = response.headers_mut();
+        self.identity_headers.blank_missing(headers);
+        for cookie in request.get_all(COOKIE) {
+            headers.append(COOKIE, cookie.clone());
+        }
+        if let Some(signin) = &self.signin {
+            signin.strip_own_cookies(headers, &client.last_cookie);
+        }
+        join_cookie_fields(headers);
+        headers
+            .entry(COOKIE)
+            .or_insert_with(|| HeaderValue::from_static(""));
         response
     }
 
@@ -117,6 +132,10 @@ impl Gateway {
 
     /// The gateway's sign-in start, returning to the original request's
     /// URL as the proxy describes it (checked by the start like any `rd`).
+    /// On `public_url`, where the callback is: the login cookie set there
+    /// must be there when the provider sends the browser back. Absolute,
+    /// as a proxy resolves a relative one against the gateway's own
+    /// address (Traefik does), which the browser may not reach.
     fn sign_in_start(&self, headers: &HeaderMap, uri: &Uri) -> String {
         let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         let proto = text(&X_FORWARDED_PROTO).filter(|p| matches!(*p, "https" | "http"));
@@ -128,7 +147,8 @@ impl Gateway {
         };
         let rd = self.hosts.return_target(&rd);
         format!(
-            "{}start?rd={}",
+            "{}{}start?rd={}",
+            self.hosts.origin(),
             self.gateway_prefix,
             utf8_percent_encode(&rd, NON_ALPHANUMERIC)
         )

