@@ -18,6 +18,7 @@ pub(super) struct Hosts {
     names: Vec<String>,
     /// `public_url`'s authority, the `Host` of a request for any other.
     public: HeaderValue,
+    public_port: Option<u16>,
     scheme: Scheme,
     strict: bool,
 }
@@ -41,6 +42,7 @@ impl Hosts {
                 .collect(),
             public: HeaderValue::from_str(config.public_url.authority.as_str())
                 .expect("an authority is a header value"),
+            public_port: config.public_url.authority.port_u16(),
             scheme: config.public_url.scheme.clone(),
             strict: config.strict_host,
         }
@@ -96,17 +98,13 @@ impl Hosts {
             return "/".to_owned();
         }
         let path = safe_return_to(uri.path_and_query().map_or("/", |p| p.as_str()));
-        if self
-            .public
-            .as_bytes()
-            .eq_ignore_ascii_case(authority.as_str().as_bytes())
-        {
-            path
-        } else {
-            format!(
-                "{scheme}://{}{path}",
-                authority.as_str().to_ascii_lowercase()
-            )
+        let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
+        if host == self.names[0] && authority.port_u16() == self.public_port {
+            return path;
+        }
+        match authority.port_u16() {
+            Some(port) => format!("{scheme}://{host}:{port}{path}"),
+            None => format!("{scheme}://{host}{path}"),
         }
     }
 
@@ -199,6 +197,11 @@ mod tests {
             ),
             ("https://Console.Example.com/x", "/x"),
             ("https://console.example.com", "/"),
+            ("https://console.example.com./x", "/x"),
+            (
+                "https://console.example.com:8443/x",
+                "https://console.example.com:8443/x",
+            ),
             ("https://rd.example.com/x?y", "https://rd.example.com/x?y"),
             (
                 "https://RD.example.com:8443/x",
@@ -226,11 +229,17 @@ mod tests {
     proptest! {
         #[test]
         fn a_return_target_is_a_local_path_or_on_an_own_host(rd in "(https://|/|//|http://)?(console|rd|evil)?(\\.example\\.com)?[@:/\\\\%a-z0-9.]{0,20}") {
-            let target = hosts().return_target(&rd);
+            let hosts = hosts();
+            let target = hosts.return_target(&rd);
             let local = target.starts_with('/') && safe_return_to(&target) == target;
-            let own = ["https://rd.example.com/", "https://rd.example.com:"]
-                .iter()
-                .any(|p| target.starts_with(p));
+            let own = target.parse::<Uri>().is_ok_and(|uri| {
+                uri.scheme_str() == Some("https")
+                    && uri.authority().is_some_and(|a| {
+                        !a.as_str().contains('@') && hosts.is_ours(a.host())
+                    })
+                    && uri.path().starts_with('/')
+                    && !uri.path().starts_with("//")
+            });
             prop_assert!(local || own, "{} -> {}", rd, target);
         }
 
