@@ -1,6 +1,7 @@
 //! The per-request authentication work, measured: finding a session (in
 //! its cookie, or in the embedded store by the cookie's id), bearer JWT validation (cold: a signature check; cached:
-//! the verified-token cache), identity header injection, and making the
+//! the verified-token cache), identity header injection, signed identity
+//! assertions (signed anew, and kept with the session), and making the
 //! request target canonical.
 //!
 //!   cargo bench --bench auth
@@ -12,6 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use authgate::auth::assertion::Assertions;
 use authgate::auth::identity::{Identity, IdentityHeaderNames, IdentityHeaders};
 use authgate::auth::session::{LastCookie, Session, SessionConfig, Sessions, StoreKind};
 use authgate::clock::now;
@@ -344,10 +346,31 @@ fn request_target(c: &mut Criterion) {
     }
 }
 
+/// `headers.assertion`: an ES256 signature per assertion, made once per
+/// session and upstream every few minutes; a steady request copies it.
+fn assertions(c: &mut Criterion) {
+    let state = tempfile::tempdir().unwrap();
+    let assertions = Assertions::load(
+        &StateDir::new(state.path()),
+        "https://console.example.com".into(),
+    )
+    .unwrap();
+    let identity = identity();
+    let audience = "http://127.0.0.1:21114";
+    c.bench_function("assertion: signed anew", |b| {
+        b.iter(|| assertions.once(&identity, audience).unwrap())
+    });
+    let kept = std::sync::Mutex::default();
+    c.bench_function("assertion: kept with the session", |b| {
+        b.iter(|| assertions.for_session(&kept, &identity, audience).unwrap())
+    });
+}
+
 criterion_group!(
     benches,
     sessions,
     identity_headers,
+    assertions,
     bearer_tokens,
     request_target
 );

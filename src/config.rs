@@ -1073,7 +1073,14 @@ impl RawConfig {
             .transpose()?;
         let id_token = (!self.headers.id_token.is_empty())
             .then_some(("id_token", self.headers.id_token.as_str()));
-        for (field, name) in self.headers.all().into_iter().chain(id_token) {
+        let assertion = ("assertion_header", self.headers.assertion_header.as_str());
+        for (field, name) in self
+            .headers
+            .all()
+            .into_iter()
+            .chain(id_token)
+            .chain([assertion])
+        {
             if http::HeaderName::from_str(name).is_err() {
                 return Err(origins.invalid(
                     &format!("headers.{field}"),

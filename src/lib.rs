@@ -68,6 +68,8 @@ pub enum StartError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Acme(#[from] net::acme::AcmeStartError),
+    #[error(transparent)]
+    Assertion(#[from] auth::assertion::AssertionError),
     #[error("cannot listen on `{key}` = {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -132,7 +134,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
             .map_err(StartError::TlsConfig)?,
     );
     let acme_answers = certificates.acme_answers();
-    let gateway = pipeline::Gateway::new(&config, oidc.clone(), sessions.clone(), metrics.clone())?;
+    let assertions = config
+        .headers
+        .assertion
+        .then(|| {
+            auth::assertion::Assertions::load(&config.state_dir, config.public_url.to_string())
+        })
+        .transpose()?;
+    let gateway = pipeline::Gateway::new(
+        &config,
+        oidc.clone(),
+        sessions.clone(),
+        assertions,
+        metrics.clone(),
+    )?;
     if let Some(oidc) = oidc {
         tokio::spawn(oidc.discover_until_ready());
     }

@@ -22,6 +22,12 @@ pub struct IdentityHeaderNames {
     /// Header that carries the signed-in user's raw ID token; empty: none.
     /// `Authorization` sends it as `Bearer <token>`.
     pub id_token: String,
+    /// Whether each signed-in request also carries a short-lived ES256
+    /// JWT saying who the user is, its keys at `jwks.json` under the
+    /// gateway prefix.
+    pub assertion: bool,
+    /// The header that carries it; stripped from clients either way.
+    pub assertion_header: String,
 }
 
 impl Default for IdentityHeaderNames {
@@ -36,6 +42,8 @@ impl Default for IdentityHeaderNames {
             roles: "X-Forwarded-Roles".into(),
             preferred_username: "X-Forwarded-Preferred-Username".into(),
             id_token: String::new(),
+            assertion: false,
+            assertion_header: "X-Authgate-Assertion".into(),
         }
     }
 }
@@ -119,6 +127,8 @@ pub struct IdentityHeaders {
     preferred_username: HeaderName,
     /// Where the raw ID token goes, if anywhere.
     id_token: Option<HeaderName>,
+    /// Where the signed assertion goes (when on; stripped always).
+    pub assertion: HeaderName,
     /// The first bytes of every name stripped (`_` counted as `-`): most
     /// of a request's headers start with none of them, and are passed
     /// over without a comparison.
@@ -135,7 +145,7 @@ impl IdentityHeaders {
             .all()
             .iter()
             .map(|(_, name)| *name)
-            .chain([names.id_token.as_str()])
+            .chain([names.id_token.as_str(), names.assertion_header.as_str()])
             .chain(FOREIGN_PREFIXES)
             .chain(FOREIGN_NAMES)
             .filter_map(|name| name.bytes().next())
@@ -154,6 +164,7 @@ impl IdentityHeaders {
             roles: parse(&names.roles),
             preferred_username: parse(&names.preferred_username),
             id_token: (!names.id_token.is_empty()).then(|| parse(&names.id_token)),
+            assertion: parse(&names.assertion_header),
         }
     }
 
@@ -216,6 +227,7 @@ impl IdentityHeaders {
         self.all()
             .into_iter()
             .chain(id_token)
+            .chain([&self.assertion])
             .any(|ours| dashed_eq(ours.as_str(), name))
             || FOREIGN_PREFIXES.iter().any(|prefix| {
                 name.len() >= prefix.len() && dashed_eq(prefix, &name[..prefix.len()])

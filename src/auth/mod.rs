@@ -5,6 +5,7 @@
 //! [`authenticate`] is the pipeline's one call: it returns who the caller
 //! is, or the answer to send instead (a redirect to sign in, a 401).
 
+pub mod assertion;
 pub mod identity;
 pub(crate) mod policy;
 pub mod session;

@@ -75,6 +75,8 @@ pub struct Route {
     /// The `Host` sent to `upstream` when the client's is not passed on;
     /// made once here rather than for every request.
     pub upstream_host: HeaderValue,
+    /// `upstream` as text: the audience of identity assertions for it.
+    pub origin: std::sync::Arc<str>,
     pub access: Access,
     pub policy: Policy,
     pub metrics: RouteMetrics,
@@ -95,6 +97,7 @@ impl Routes {
                 prefix: c.prefix.clone(),
                 upstream: c.upstream.clone(),
                 upstream_host: c.upstream.host_header(),
+                origin: c.upstream.to_string().into(),
                 access: c.access,
                 policy: c.policy.clone(),
                 metrics: metrics.route(&c.prefix),

@@ -1,5 +1,6 @@
 //! The gateway's own endpoints under `gateway_prefix`: liveness,
-//! readiness (and the session store's health), forward-auth for a proxy
+//! readiness (and the session store's health), the identity assertions'
+//! key set, forward-auth for a proxy
 //! in front and the sign-in start it sends browsers to, sign-out, the
 //! signed-out page, and the provider's logouts (front- and back-channel).
 
@@ -47,6 +48,18 @@ impl Gateway {
             }
             ("ready", _) if readable && draining => pages::problem(pages::DRAINING, html, id),
             ("ready", _) if readable => pages::problem(pages::PROVIDER_NOT_READY, html, id),
+            ("jwks.json", _) if readable => match &self.assertions {
+                Some(assertions) => {
+                    let mut response = pages::json(StatusCode::OK, assertions.jwks());
+                    // Upstreams fetch it again when they meet a new key id.
+                    response.headers_mut().insert(
+                        http::header::CACHE_CONTROL,
+                        http::HeaderValue::from_static("public, max-age=300"),
+                    );
+                    response
+                }
+                None => pages::problem(pages::NOT_FOUND, html, id),
+            },
             ("auth", _) => Box::pin(self.forward_auth(req, client, html, id)).await,
             ("start", Some(signin)) if readable => {
                 let rd = serde_urlencoded::from_str::<Vec<(String, String)>>(

@@ -83,7 +83,7 @@ impl Gateway {
                     return signin.forbidden(&identity, &route.prefix, &denial, html, id);
                 }
                 let mut response = self.allowed(&headers, client);
-                self.tell_identity(response.headers_mut(), &authenticated, &identity);
+                self.tell_identity(response.headers_mut(), &authenticated, &identity, route);
                 pages::append_cookies(&mut response, cookies);
                 response
             }

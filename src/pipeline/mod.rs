@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 
 use self::access_log::Seen;
 use self::host::{Hosts, Verdict};
+use crate::auth::assertion::Assertions;
 use crate::auth::identity::IdentityHeaders;
 use crate::auth::session::{LastCookie, Sessions};
 use crate::auth::signin::{Callback, SignIn};
@@ -73,6 +74,8 @@ pub struct Gateway {
     hosts: Arc<Hosts>,
     /// Proxies whose forward-auth questions are answered (and loopback).
     trusted_proxies: Vec<ipnet::IpNet>,
+    /// Signs identity assertions, when `headers.assertion` is on.
+    assertions: Option<Arc<Assertions>>,
 }
 
 impl Gateway {
@@ -82,6 +85,7 @@ impl Gateway {
         config: &Config,
         oidc: Option<Arc<Oidc>>,
         sessions: Option<Sessions>,
+        assertions: Option<Assertions>,
         metrics: Metrics,
     ) -> Result<Arc<Gateway>, crate::outbound::ClientError> {
         let signin = oidc.zip(sessions).map(|(oidc, sessions)| {
@@ -110,6 +114,7 @@ impl Gateway {
             hsts: config.tls.hsts.clone(),
             hosts: Arc::new(Hosts::new(config)),
             trusted_proxies: config.proxy.trusted_proxies.clone(),
+            assertions: assertions.map(Arc::new),
         }))
     }
 
@@ -235,7 +240,7 @@ impl Gateway {
             // for these and the forwarding headers, not at each step.
             req.headers_mut()
                 .reserve(self.identity_headers.count() + forward::HEADERS_ADDED);
-            self.tell_identity(req.headers_mut(), &caller.authenticated, &identity);
+            self.tell_identity(req.headers_mut(), &caller.authenticated, &identity, route);
             cookies = caller.cookies;
         }
 
@@ -249,14 +254,16 @@ impl Gateway {
     }
 
     /// Sets the identity headers of `authenticated` (whose identity is
-    /// `identity`) in `headers`.
+    /// `identity`) in `headers`, for `route`'s upstream, and the signed
+    /// assertion when on.
     fn tell_identity(
         &self,
         headers: &mut http::HeaderMap,
         authenticated: &Authenticated,
         identity: &auth::identity::Identity,
+        route: &Route,
     ) {
-        match authenticated {
+        let assertion = match authenticated {
             Authenticated::Session(session) => {
                 self.identity_headers
                     .inject_id_token(headers, &session.id_token);
@@ -264,8 +271,19 @@ impl Gateway {
                     .identity_headers
                     .get_or_init(|| self.identity_headers.values(identity))
                     .apply(headers);
+                self.assertions
+                    .as_ref()
+                    .and_then(|a| a.for_session(&session.assertion, identity, &route.origin))
             }
-            Authenticated::Bearer(_) => self.identity_headers.inject(headers, identity),
+            Authenticated::Bearer(_) => {
+                self.identity_headers.inject(headers, identity);
+                self.assertions
+                    .as_ref()
+                    .and_then(|a| a.once(identity, &route.origin))
+            }
+        };
+        if let Some(assertion) = assertion {
+            headers.insert(self.identity_headers.assertion.clone(), assertion);
         }
     }
 

@@ -241,6 +241,32 @@ pub async fn browser(origin: &str, steps: Value) -> Vec<Value> {
     }
 }
 
+/// What `tests/node/verify-jwt.mjs` (jose, an independent JWT library)
+/// makes of `token` against the key set `jwks`: `{header, payload}` or
+/// `{error}`.
+pub async fn verify_jwt(token: &str, jwks: &Value, issuer: &str, audience: &str) -> Value {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("node")
+        .arg(node_dir().join("verify-jwt.mjs"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node is installed");
+    let input =
+        serde_json::json!({ "token": token, "jwks": jwks, "issuer": issuer, "audience": audience });
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().await.unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "verify-jwt printed no JSON: {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
 /// Debian's `redis-server` on a free loopback port, in memory unless
 /// `durable` (then an append-only file fsynced at every write, so a
 /// restart keeps what was written). It lives under a shell that kills it

@@ -6,6 +6,7 @@
 mod common;
 
 mod api;
+mod assertion;
 mod boundary;
 mod browser;
 mod clouds;

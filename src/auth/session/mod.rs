@@ -113,6 +113,9 @@ pub struct Session {
     /// cached, so later requests of this session copy them.
     #[serde(skip)]
     pub identity_headers: OnceLock<IdentityValues>,
+    /// The last signed identity assertion, while fresh.
+    #[serde(skip)]
+    pub assertion: std::sync::Mutex<Option<crate::auth::assertion::Signed>>,
     /// The provider's session, when its ID token said (`sid`): logouts
     /// from the provider name it.
     #[serde(default)]
@@ -140,6 +143,7 @@ impl Session {
             signed_in_at: now(),
             last_seen: now(),
             identity_headers: OnceLock::new(),
+            assertion: Default::default(),
             sid: None,
             key: None,
             fate: Fate::default(),
