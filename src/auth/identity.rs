@@ -255,7 +255,8 @@ impl IdentityHeaders {
     /// the client's request overwrites whatever the client sent (Caddy 2.6
     /// copies an absent header as the text of its own placeholder).
     pub fn blank_missing(&self, headers: &mut HeaderMap) {
-        for name in self.all().into_iter().chain(self.id_token.as_ref()) {
+        let names = self.all().into_iter().chain(self.id_token.as_ref());
+        for name in names.chain([&self.assertion]) {
             if !headers.contains_key(name) {
                 headers.insert(name.clone(), HeaderValue::from_static(""));
             }

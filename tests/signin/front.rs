@@ -10,11 +10,12 @@ use http::header::{ACCEPT, COOKIE, LOCATION};
 use http::StatusCode;
 use serde_json::json;
 
-use crate::common::peers::{browser, Front, FrontKind};
+use crate::common::peers::{browser, verify_jwt, Front, FrontKind};
 use crate::common::stack::*;
 use crate::common::*;
 
-const ROUTES: &str = "[[routes]]\nprefix = \"/admin\"\nupstream = \"{upstream}\"\n\
+const ROUTES: &str = "[headers]\nassertion = true\n\
+                      [[routes]]\nprefix = \"/admin\"\nupstream = \"{upstream}\"\n\
                       [routes.policy]\nallowed_roles = [\"Console.Admin\"]\n";
 
 async fn behind(kind: FrontKind) -> (Stack, Front) {
@@ -70,6 +71,24 @@ async fn the_recipe_holds(kind: FrontKind) {
         echo.header("x-forwarded-user"),
         Some("alice@contoso.example")
     );
+    // The signed assertion passes through the proxy, for the console.
+    let assertion = echo.header("x-authgate-assertion").expect("an assertion");
+    let jwks: serde_json::Value = serde_json::from_str(
+        &body_string(
+            send(
+                stack.gateway.addr,
+                get("/oauth2/jwks.json").body(empty()).unwrap(),
+            )
+            .await,
+        )
+        .await,
+    )
+    .unwrap();
+    let verified = verify_jwt(assertion, &jwks, &stack.origin, &stack.upstream.url()).await;
+    assert_eq!(
+        verified["payload"]["preferred_username"], "alice@contoso.example",
+        "{verified}"
+    );
     assert_eq!(
         echo.header("x-forwarded-groups"),
         Some("group-alice-0,group-alice-1")
@@ -101,6 +120,7 @@ async fn the_recipe_holds(kind: FrontKind) {
             .header("x-forwarded-user", "mallory@contoso.example")
             .header("x-forwarded-roles", "Console.Admin")
             .header("X-Forwarded-Groups", "admins")
+            .header("X-Authgate-Assertion", "forged.by.client")
             .header("X_Forwarded_User", "mallory@contoso.example")
             .header("X.Forwarded.Email", "mallory@contoso.example");
         if let Some(cookie) = cookie {
@@ -120,6 +140,10 @@ async fn the_recipe_holds(kind: FrontKind) {
         Some("alice@contoso.example")
     );
     assert_eq!(echo.header("x-forwarded-roles"), Some("Console.User"));
+    assert_ne!(
+        echo.header("x-authgate-assertion"),
+        Some("forged.by.client")
+    );
     assert_eq!(
         echo.header("x-forwarded-groups"),
         Some("group-alice-0,group-alice-1")
@@ -131,6 +155,7 @@ async fn the_recipe_holds(kind: FrontKind) {
         "x-forwarded-user",
         "x-forwarded-roles",
         "x-forwarded-groups",
+        "x-authgate-assertion",
     ] {
         let value = echo.header(name).unwrap_or_default();
         assert!(value.is_empty(), "{name}: {value} reached the console");
