@@ -350,11 +350,14 @@ fn request_target(c: &mut Criterion) {
 /// session and upstream every few minutes; a steady request copies it.
 fn assertions(c: &mut Criterion) {
     let state = tempfile::tempdir().unwrap();
-    let assertions = Assertions::load(
-        &StateDir::new(state.path()),
-        "https://console.example.com".into(),
-    )
-    .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let assertions = runtime
+        .block_on(Assertions::load(
+            &StateDir::new(state.path()),
+            None,
+            "https://console.example.com".into(),
+        ))
+        .unwrap();
     let identity = identity();
     let audience = "http://127.0.0.1:21114";
     c.bench_function("assertion: signed anew", |b| {

@@ -126,21 +126,26 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         )?),
         _ => None,
     };
-    // With Redis, replicas share the ACME certificate too.
+    // With Redis, replicas share the ACME certificate and the assertion
+    // signing key too.
     let shared = sessions.as_ref().and_then(auth::session::Sessions::shared);
+    let assertions = match config.headers.assertion {
+        true => Some(
+            auth::assertion::Assertions::load(
+                &config.state_dir,
+                shared.as_ref(),
+                config.public_url.to_string(),
+            )
+            .await?,
+        ),
+        false => None,
+    };
     let certificates = Certificates::new(&config, &metrics, shared)?;
     let acceptor = TlsAcceptor::from(
         net::tls::server_config(certificates.resolver(), config.tls.acme.is_some())
             .map_err(StartError::TlsConfig)?,
     );
     let acme_answers = certificates.acme_answers();
-    let assertions = config
-        .headers
-        .assertion
-        .then(|| {
-            auth::assertion::Assertions::load(&config.state_dir, config.public_url.to_string())
-        })
-        .transpose()?;
     let gateway = pipeline::Gateway::new(
         &config,
         oidc.clone(),

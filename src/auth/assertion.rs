@@ -6,9 +6,12 @@
 //! gateway prefix, `iss` = `public_url`, `aud` = its own origin.
 //!
 //! The key is made on first use and kept under `state_dir`, so a restart
-//! does not invalidate what upstreams have cached of the key set.
+//! does not invalidate what upstreams have cached of the key set; with
+//! the Redis session store it is kept there instead, so that every
+//! replica signs with it and publishes the same key set.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
@@ -19,6 +22,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::Serialize;
 
 use super::identity::Identity;
+use super::session::{Shared, StoreError};
 use crate::clock::now;
 use crate::state::{StateDir, StateError};
 
@@ -30,6 +34,13 @@ const LIFETIME: u64 = 4 * 60;
 /// A cached assertion is signed anew once this little of it is left, so
 /// that none reaches an upstream about to expire.
 const RENEW_WITHIN: u64 = 60;
+/// The key's name among what replicas share, and its lock's.
+const SHARED_KEY: &str = "assertion-key";
+const SHARED_KEY_LOCK: &str = "assertion-key-lock";
+/// Kept until replaced (there is no rotation yet).
+const SHARED_KEY_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// How long a replica waits for another that is making the shared key.
+const SHARED_KEY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AssertionError {
@@ -37,6 +48,10 @@ pub enum AssertionError {
     State(#[from] StateError),
     #[error("state_dir `{0}` holds an assertion signing key that is not a P-256 PKCS#8 key; remove it to have a new one made")]
     BadKey(String),
+    #[error("cannot share the assertion signing key with the other replicas through the session store: {0}")]
+    Shared(#[from] StoreError),
+    #[error("another replica took the lock to make the shared assertion signing key and wrote none within {0:?}")]
+    SharedTimeout(Duration),
 }
 
 /// Signs assertions for one gateway.
@@ -77,20 +92,24 @@ struct Claims<'a> {
 }
 
 impl Assertions {
-    /// `issuer`: `public_url`.
-    pub fn load(state: &StateDir, issuer: String) -> Result<Assertions, AssertionError> {
+    /// `issuer`: `public_url`. The key is `shared`'s when given (Redis),
+    /// else the one under `state`.
+    pub async fn load(
+        state: &StateDir,
+        shared: Option<&Shared>,
+        issuer: String,
+    ) -> Result<Assertions, AssertionError> {
         let bad = || AssertionError::BadKey(state.path().display().to_string());
-        let der = match state.read(KEY_FILE)? {
-            Some(der) => der,
-            None => {
-                let made = EcdsaKeyPair::generate_pkcs8(
-                    &ECDSA_P256_SHA256_FIXED_SIGNING,
-                    &SystemRandom::new(),
-                )
-                .map_err(|_| bad())?;
-                state.write_private(KEY_FILE, made.as_ref())?;
-                made.as_ref().to_vec()
-            }
+        let der = match shared {
+            Some(shared) => shared_key(shared).await?,
+            None => match state.read(KEY_FILE)? {
+                Some(der) => der,
+                None => {
+                    let made = new_key().ok_or_else(bad)?;
+                    state.write_private(KEY_FILE, &made)?;
+                    made
+                }
+            },
         };
         let pair =
             EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der).map_err(|_| bad())?;
@@ -179,5 +198,55 @@ impl Assertions {
     /// A new assertion, not kept (bearer requests).
     pub fn once(&self, identity: &Identity, audience: &str) -> Option<HeaderValue> {
         self.sign(identity, audience).map(|s| s.value)
+    }
+}
+
+/// A new P-256 key, PKCS#8 DER.
+fn new_key() -> Option<Vec<u8>> {
+    EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+        .ok()
+        .map(|d| d.as_ref().to_vec())
+}
+
+/// The replicas' key: the one kept in the store, else one this replica
+/// makes and keeps there under a lock, so that two starting at once do not
+/// each make their own.
+async fn shared_key(shared: &Shared) -> Result<Vec<u8>, AssertionError> {
+    let started = Instant::now();
+    loop {
+        if let Some(kept) = shared.get::<String>(SHARED_KEY).await? {
+            if let Ok(der) = URL_SAFE_NO_PAD.decode(kept) {
+                return Ok(der);
+            }
+        }
+        if let Some(token) = shared.lock(SHARED_KEY_LOCK, SHARED_KEY_WAIT).await? {
+            // Made by another replica between the look and the lock?
+            let kept = shared.get::<String>(SHARED_KEY).await;
+            let der = match kept {
+                Ok(Some(kept)) => URL_SAFE_NO_PAD.decode(kept).ok(),
+                _ => None,
+            };
+            let der = match der {
+                Some(der) => Ok(der),
+                None => match new_key() {
+                    Some(made) => shared
+                        .put(
+                            SHARED_KEY,
+                            &URL_SAFE_NO_PAD.encode(&made),
+                            SHARED_KEY_LIFETIME,
+                        )
+                        .await
+                        .map(|()| made)
+                        .map_err(AssertionError::from),
+                    None => Err(AssertionError::SharedTimeout(SHARED_KEY_WAIT)),
+                },
+            };
+            shared.unlock(SHARED_KEY_LOCK, &token).await;
+            return der;
+        }
+        if started.elapsed() > SHARED_KEY_WAIT {
+            return Err(AssertionError::SharedTimeout(SHARED_KEY_WAIT));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -432,3 +432,75 @@ async fn a_failed_order_is_retried_on_time_while_replicas_look_for_certificates(
     let retry = humantime::parse_rfc3339(&planned).unwrap();
     assert!(retry > std::time::SystemTime::now() + Duration::from_secs(30));
 }
+
+#[tokio::test]
+async fn replicas_sign_identity_assertions_with_one_shared_key() {
+    let session = redis_session(&Redis::shared().database());
+    let stack = Stack::with(Options {
+        tables: "[headers]\nassertion = true\n",
+        session: &session,
+        ..Options::default()
+    })
+    .await;
+    let b = stack.gateway.replica();
+    wait_ready(&b).await;
+    let key_set = |addr| async move {
+        let response = send(addr, get("/oauth2/jwks.json").body(empty()).unwrap()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        serde_json::from_str::<serde_json::Value>(&body_string(response).await).unwrap()
+    };
+    let published = key_set(stack.gateway.addr).await;
+    assert_eq!(
+        published["keys"].as_array().unwrap().len(),
+        1,
+        "{published}"
+    );
+    // An upstream behind a load balancer gets the same key set from
+    // either, so an assertion made by one verifies with what the other
+    // published.
+    assert_eq!(key_set(b.addr).await, published);
+    let (token, _) = stack.provider.user_tokens("alice@contoso.example").await;
+    let echo = upstream_saw(
+        send(
+            b.addr,
+            get("/api/devices")
+                .header("authorization", format!("Bearer {token}"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await,
+    )
+    .await;
+    let assertion = echo.header("x-authgate-assertion").expect("an assertion");
+    let verified = crate::common::peers::verify_jwt(
+        assertion,
+        &published,
+        &stack.origin,
+        &stack.upstream.url(),
+    )
+    .await;
+    assert_eq!(
+        verified["payload"]["preferred_username"], "alice@contoso.example",
+        "{verified}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_that_cannot_reach_redis_for_the_shared_key_does_not_start() {
+    let mut redis = Redis::start(false);
+    let session = redis_session(&format!("redis://127.0.0.1:{}/0", redis.port));
+    let stack = Stack::with(Options {
+        tables: "[headers]\nassertion = true\n",
+        session: &session,
+        ..Options::default()
+    })
+    .await;
+    redis.stop();
+    // Another process beside it, as a replica starting now would.
+    let (status, stdout, _) = stack.gateway.command(&[]);
+    assert!(!status.success());
+    assert!(
+        stdout.contains("cannot share the assertion signing key"),
+        "{stdout}"
+    );
+}
