@@ -6,9 +6,14 @@
 //! What the user and the console see through each, and what a client
 //! cannot make either of them believe.
 
+use futures_util::{SinkExt, StreamExt};
 use http::header::{ACCEPT, COOKIE, LOCATION};
 use http::StatusCode;
+use hyper_util::rt::TokioIo;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::common::peers::{browser, verify_jwt, Front, FrontKind};
 use crate::common::stack::*;
@@ -93,6 +98,36 @@ async fn the_recipe_holds(kind: FrontKind) {
         echo.header("x-forwarded-groups"),
         Some("group-alice-0,group-alice-1")
     );
+    // The console's WebSockets pass, told who the user is.
+    let (mut sender, _) = http1(front.addr()).await;
+    let upgrade = through(&front, "/console/ws")
+        .header(COOKIE, &cookie)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(empty())
+        .unwrap();
+    let response = sender.send_request(upgrade).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::SWITCHING_PROTOCOLS,
+        "{}",
+        front.log()
+    );
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    let greeting = ws.next().await.unwrap().unwrap();
+    assert!(
+        greeting
+            .to_text()
+            .unwrap()
+            .contains("alice@contoso.example"),
+        "{greeting}"
+    );
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+
     // The console never sees the session cookie; its own cookies pass.
     let echo = upstream_saw(
         send(
