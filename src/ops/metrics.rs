@@ -23,6 +23,9 @@ struct RouteLabels {
     route: Arc<String>,
 }
 
+/// A counter per outcome.
+pub type Outcomes = Family<Outcome, Counter>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Outcome {
     pub outcome: &'static str,
@@ -53,6 +56,7 @@ pub struct Metrics {
     pub session_store_errors: Counter,
     pub certificate_expiry: Gauge<i64, AtomicI64>,
     pub acme_orders: Family<Outcome, Counter>,
+    pub forward_auths: Outcomes,
 }
 
 fn latency_histogram() -> Histogram {
@@ -77,6 +81,7 @@ impl Default for Metrics {
             session_store_errors: Counter::default(),
             certificate_expiry: Gauge::default(),
             acme_orders: Family::default(),
+            forward_auths: Family::default(),
         };
         registry.register(
             "requests",
@@ -137,6 +142,12 @@ impl Default for Metrics {
             "acme_orders",
             "Certificate orders to the ACME CA, by outcome (issued, failed)",
             metrics.acme_orders.clone(),
+        );
+        registry.register(
+            "forward_auths",
+            "Forward-auth questions from a proxy in front, by verdict (allowed, passed, \
+             unauthenticated, forbidden, invalid_token, store_unavailable, untrusted_peer, no_target)",
+            metrics.forward_auths.clone(),
         );
         Metrics {
             registry: Arc::new(registry),

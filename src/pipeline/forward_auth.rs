@@ -17,6 +17,7 @@ use super::{target, Client, Gateway};
 use crate::auth::{self, Unidentified};
 use crate::forward::headers::{join_cookie_fields, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::forward::routes::Access;
+use crate::ops::metrics::Metrics;
 use crate::pages::{self, Problem};
 use crate::Body;
 
@@ -54,16 +55,29 @@ impl Gateway {
         html: bool,
         id: &str,
     ) -> Response<Body> {
+        let (verdict, response) = self.judge(req, client, html, id).await;
+        Metrics::outcome(&self.forward_auths, verdict);
+        response
+    }
+
+    /// The answer, and its verdict for `authgate_forward_auths_total`.
+    async fn judge(
+        &self,
+        req: Request<Body>,
+        client: &Client,
+        html: bool,
+        id: &str,
+    ) -> (&'static str, Response<Body>) {
         let peer = client.peer.addr.ip().to_canonical();
         if !self.is_trusted_proxy(peer) {
             tracing::warn!(request_id = id, %peer, "forward-auth asked by a peer that is not a trusted proxy");
-            return pages::problem(UNTRUSTED, html, id);
+            return ("untrusted_peer", pages::problem(UNTRUSTED, html, id));
         }
         let (parts, _) = req.into_parts();
         let redirect = asks_redirect(parts.uri.query());
         let headers = parts.headers;
         let Some(uri) = original_target(&headers) else {
-            return pages::problem(NO_TARGET, html, id);
+            return ("no_target", pages::problem(NO_TARGET, html, id));
         };
         let method = headers
             .get(&X_FORWARDED_METHOD)
@@ -71,35 +85,45 @@ impl Gateway {
             .unwrap_or(Method::GET);
         let route = self.routes.find(uri.path());
         if !auth::needs_sign_in(route.access, &method, &headers) {
-            return self.allowed(&headers, client);
+            return ("passed", self.allowed(&headers, client));
         }
         let Some(signin) = &self.signin else {
-            return pages::problem(pages::UNAUTHENTICATED, false, id);
+            let response = pages::problem(pages::UNAUTHENTICATED, false, id);
+            return ("unauthenticated", response);
         };
         match signin.identify(&headers, &client.last_cookie).await {
             Ok((authenticated, cookies)) => {
                 let identity = authenticated.identity();
                 if let Err(denial) = route.policy.check(&identity) {
-                    return signin.forbidden(&identity, &route.prefix, &denial, html, id);
+                    let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
+                    return ("forbidden", response);
                 }
                 let mut response = self.allowed(&headers, client);
                 self.tell_identity(response.headers_mut(), &authenticated, &identity, route);
                 pages::append_cookies(&mut response, cookies);
-                response
+                ("allowed", response)
             }
-            Err(Unidentified::Bearer(error)) => signin.invalid_bearer(&error, id),
-            Err(Unidentified::StoreDown) => pages::problem(pages::STORE_UNAVAILABLE, html, id),
+            Err(Unidentified::Bearer(error)) => {
+                ("invalid_token", signin.invalid_bearer(&error, id))
+            }
+            Err(Unidentified::StoreDown) => (
+                "store_unavailable",
+                pages::problem(pages::STORE_UNAVAILABLE, html, id),
+            ),
             Err(Unidentified::Nothing) => {
                 let start = self.sign_in_start(&headers, &uri);
                 if redirect && html && route.access == Access::Protected {
-                    return pages::redirect(StatusCode::FOUND, &start);
+                    return (
+                        "unauthenticated",
+                        pages::redirect(StatusCode::FOUND, &start),
+                    );
                 }
                 let mut response =
                     Box::pin(signin.challenge(&method, &uri, &headers, false, id)).await;
                 if let Ok(start) = HeaderValue::from_str(&start) {
                     response.headers_mut().insert(&X_AUTHGATE_SIGN_IN, start);
                 }
-                response
+                ("unauthenticated", response)
             }
         }
     }

@@ -32,7 +32,7 @@ use crate::forward::headers::{self, Peer};
 use crate::forward::routes::{Route, Routes};
 use crate::forward::{self, Proxy, ProxyError};
 use crate::idp::Oidc;
-use crate::ops::metrics::{Metrics, RouteMetrics};
+use crate::ops::metrics::{Metrics, Outcomes, RouteMetrics};
 use crate::pages;
 use crate::Body;
 
@@ -76,6 +76,8 @@ pub struct Gateway {
     trusted_proxies: Vec<ipnet::IpNet>,
     /// Signs identity assertions, when `headers.assertion` is on.
     assertions: Option<Arc<Assertions>>,
+    /// Forward-auth verdicts, by outcome.
+    forward_auths: Outcomes,
 }
 
 impl Gateway {
@@ -115,6 +117,7 @@ impl Gateway {
             hosts: Arc::new(Hosts::new(config)),
             trusted_proxies: config.proxy.trusted_proxies.clone(),
             assertions: assertions.map(Arc::new),
+            forward_auths: metrics.forward_auths.clone(),
         }))
     }
 

@@ -379,6 +379,19 @@ async fn forward_auth_answers_only_trusted_proxies_about_the_canonical_target() 
         .unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert!(response.headers().get("x-forwarded-user").is_none());
+
+    // Each verdict counted for the operator.
+    for line in [
+        "allowed\"} 1",
+        "forbidden\"} 1",
+        "passed\"} 1",
+        "no_target\"} 4",
+        "unauthenticated\"} 2",
+        "untrusted_peer\"} 1",
+    ] {
+        let line = format!("authgate_forward_auths_total{{outcome=\"{line}");
+        stack.gateway.metric(&line).await;
+    }
 }
 
 #[tokio::test]
