@@ -52,6 +52,8 @@ pub enum AssertionError {
     Shared(#[from] StoreError),
     #[error("another replica took the lock to make the shared assertion signing key and wrote none within {0:?}")]
     SharedTimeout(Duration),
+    #[error("cannot make an assertion signing key")]
+    Generate,
 }
 
 /// Signs assertions for one gateway.
@@ -105,7 +107,7 @@ impl Assertions {
             None => match state.read(KEY_FILE)? {
                 Some(der) => der,
                 None => {
-                    let made = new_key().ok_or_else(bad)?;
+                    let made = new_key()?;
                     state.write_private(KEY_FILE, &made)?;
                     made
                 }
@@ -202,10 +204,16 @@ impl Assertions {
 }
 
 /// A new P-256 key, PKCS#8 DER.
-fn new_key() -> Option<Vec<u8>> {
+fn new_key() -> Result<Vec<u8>, AssertionError> {
     EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
-        .ok()
         .map(|d| d.as_ref().to_vec())
+        .map_err(|_| AssertionError::Generate)
+}
+
+/// The key kept in the store, if one is.
+async fn kept_key(shared: &Shared) -> Result<Option<Vec<u8>>, AssertionError> {
+    let kept = shared.get::<String>(SHARED_KEY).await?;
+    Ok(kept.and_then(|k| URL_SAFE_NO_PAD.decode(k).ok()))
 }
 
 /// The replicas' key: the one kept in the store, else one this replica
@@ -214,33 +222,11 @@ fn new_key() -> Option<Vec<u8>> {
 async fn shared_key(shared: &Shared) -> Result<Vec<u8>, AssertionError> {
     let started = Instant::now();
     loop {
-        if let Some(kept) = shared.get::<String>(SHARED_KEY).await? {
-            if let Ok(der) = URL_SAFE_NO_PAD.decode(kept) {
-                return Ok(der);
-            }
+        if let Some(der) = kept_key(shared).await? {
+            return Ok(der);
         }
         if let Some(token) = shared.lock(SHARED_KEY_LOCK, SHARED_KEY_WAIT).await? {
-            // Made by another replica between the look and the lock?
-            let kept = shared.get::<String>(SHARED_KEY).await;
-            let der = match kept {
-                Ok(Some(kept)) => URL_SAFE_NO_PAD.decode(kept).ok(),
-                _ => None,
-            };
-            let der = match der {
-                Some(der) => Ok(der),
-                None => match new_key() {
-                    Some(made) => shared
-                        .put(
-                            SHARED_KEY,
-                            &URL_SAFE_NO_PAD.encode(&made),
-                            SHARED_KEY_LIFETIME,
-                        )
-                        .await
-                        .map(|()| made)
-                        .map_err(AssertionError::from),
-                    None => Err(AssertionError::SharedTimeout(SHARED_KEY_WAIT)),
-                },
-            };
+            let der = make_shared_key(shared).await;
             shared.unlock(SHARED_KEY_LOCK, &token).await;
             return der;
         }
@@ -249,4 +235,16 @@ async fn shared_key(shared: &Shared) -> Result<Vec<u8>, AssertionError> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Under the lock: the key another replica kept between the look and the
+/// lock, else a new one, kept.
+async fn make_shared_key(shared: &Shared) -> Result<Vec<u8>, AssertionError> {
+    if let Some(der) = kept_key(shared).await? {
+        return Ok(der);
+    }
+    let made = new_key()?;
+    let text = URL_SAFE_NO_PAD.encode(&made);
+    shared.put(SHARED_KEY, &text, SHARED_KEY_LIFETIME).await?;
+    Ok(made)
 }
