@@ -213,6 +213,27 @@ async fn the_recipe_holds(kind: FrontKind) {
         .await;
         assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
     }
+    // A client naming another target in the headers the proxy uses to
+    // name it gets nowhere: the proxy's own wins, or two that differ are
+    // refused.
+    let response = send(
+        front.addr(),
+        through(&front, "/admin/users")
+            .header(COOKIE, &cookie)
+            .header("x-forwarded-uri", "/console")
+            .header("x-original-uri", "/console")
+            .body(empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(
+            response.status(),
+            StatusCode::FORBIDDEN | StatusCode::BAD_REQUEST | StatusCode::INTERNAL_SERVER_ERROR
+        ),
+        "{}",
+        response.status()
+    );
 
     // Without a session: an API client gets 401, never the console.
     let response = send(
