@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use authgate::auth::assertion::Assertions;
+use authgate::auth::easy_auth::Tokens;
 use authgate::auth::identity::{Identity, IdentityHeaderNames, IdentityHeaders};
 use authgate::auth::session::{LastCookie, Session, SessionConfig, Sessions, StoreKind};
 use authgate::clock::now;
@@ -125,6 +126,13 @@ fn sessions(c: &mut Criterion) {
     }
 }
 
+/// A bearer token's claims (only Easy Auth reads them).
+const TOKENS: Tokens<'static> = Tokens {
+    claims_of: "e30.eyJzdWIiOiJzdWItMSJ9.c2ln",
+    id_token: None,
+    access_token: None,
+};
+
 fn identity_headers(c: &mut Criterion) {
     let headers = IdentityHeaders::new(&IdentityHeaderNames::default());
     let who = identity();
@@ -156,14 +164,14 @@ fn identity_headers(c: &mut Criterion) {
             |h| {
                 headers.strip(h);
                 h.reserve(room);
-                headers.inject(h, &who);
+                headers.inject(h, &who, &TOKENS);
             },
             BatchSize::SmallInput,
         )
     });
     // What a session's requests after its first do: the values were built
     // once and are copied.
-    let values = headers.values(&who);
+    let values = headers.values(&who, &TOKENS);
     c.bench_function("identity headers: strip and copy a session's", |b| {
         b.iter_batched_ref(
             || request.clone(),

@@ -1090,6 +1090,14 @@ impl RawConfig {
             }
         }
 
+        if self.headers.easy_auth_tokens && !self.headers.easy_auth {
+            return Err(origins.invalid(
+                "headers.easy_auth_tokens",
+                "true",
+                "false unless headers.easy_auth = true (the tokens come with App Service's headers)",
+            ));
+        }
+
         Ok(Config {
             oidc,
             session,
@@ -1987,6 +1995,21 @@ mod tests {
             &[],
         );
         assert!(err.contains("routes[0].upstream"), "{err}");
+    }
+
+    #[test]
+    fn easy_auth_tokens_need_easy_auth() {
+        let err = error_of("[headers]\neasy_auth_tokens = true\n", &[]);
+        assert!(
+            err.contains("headers.easy_auth_tokens") && err.contains("headers.easy_auth = true"),
+            "{err}"
+        );
+        let config = load(
+            "[headers]\neasy_auth = true\neasy_auth_tokens = true\n",
+            &[],
+        )
+        .unwrap();
+        assert!(config.headers.easy_auth_tokens);
     }
 
     #[test]

@@ -6,6 +6,8 @@ use http::header::{HeaderName, HeaderValue};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
+use super::easy_auth::{EasyAuth, Tokens};
+
 /// Names of the headers that carry the signed-in user to the upstream.
 /// Defaults follow oauth2-proxy's `X-Forwarded-*` names.
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
@@ -28,6 +30,11 @@ pub struct IdentityHeaderNames {
     pub assertion: bool,
     /// The header that carries it; stripped from clients either way.
     pub assertion_header: String,
+    /// Whether signed-in requests also carry Azure App Service's
+    /// `X-MS-CLIENT-PRINCIPAL*` headers, and `/.auth/*` is answered.
+    pub easy_auth: bool,
+    /// With `easy_auth`: the provider's tokens too (`X-MS-TOKEN-AAD-*`).
+    pub easy_auth_tokens: bool,
 }
 
 impl Default for IdentityHeaderNames {
@@ -44,6 +51,8 @@ impl Default for IdentityHeaderNames {
             id_token: String::new(),
             assertion: false,
             assertion_header: "X-Authgate-Assertion".into(),
+            easy_auth: false,
+            easy_auth_tokens: false,
         }
     }
 }
@@ -129,6 +138,8 @@ pub struct IdentityHeaders {
     id_token: Option<HeaderName>,
     /// Where the signed assertion goes (when on; stripped always).
     pub assertion: HeaderName,
+    /// App Service's headers too, when on.
+    pub easy_auth: Option<EasyAuth>,
     /// The first bytes of every name stripped (`_` counted as `-`): most
     /// of a request's headers start with none of them, and are passed
     /// over without a comparison.
@@ -165,12 +176,17 @@ impl IdentityHeaders {
             preferred_username: parse(&names.preferred_username),
             id_token: (!names.id_token.is_empty()).then(|| parse(&names.id_token)),
             assertion: parse(&names.assertion_header),
+            easy_auth: names.easy_auth.then_some(EasyAuth {
+                tokens: names.easy_auth_tokens,
+            }),
         }
     }
 
     /// How many headers a signed-in request can be given.
     pub fn count(&self) -> usize {
-        self.all().len() + usize::from(self.id_token.is_some())
+        self.all().len()
+            + usize::from(self.id_token.is_some())
+            + self.easy_auth.map_or(0, |e| e.names().count())
     }
 
     fn all(&self) -> [&HeaderName; 8] {
@@ -255,29 +271,34 @@ impl IdentityHeaders {
     /// the client's request overwrites whatever the client sent (Caddy 2.6
     /// copies an absent header as the text of its own placeholder).
     pub fn blank_missing(&self, headers: &mut HeaderMap) {
-        let names = self.all().into_iter().chain(self.id_token.as_ref());
-        for name in names.chain([&self.assertion]) {
+        let mut blank = |name: &HeaderName| {
             if !headers.contains_key(name) {
                 headers.insert(name.clone(), HeaderValue::from_static(""));
             }
-        }
+        };
+        let names = self.all().into_iter().chain(self.id_token.as_ref());
+        names.chain([&self.assertion]).for_each(&mut blank);
+        self.easy_auth
+            .into_iter()
+            .flat_map(EasyAuth::names)
+            .for_each(blank);
     }
 
-    /// Sets the headers for `identity`.
-    pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity) {
+    /// Sets the headers for `identity`, proved by `tokens`.
+    pub fn inject(&self, headers: &mut HeaderMap, identity: &Identity, tokens: &Tokens<'_>) {
         // Moved, not `apply`'s clones: a fresh value's first clone
         // allocates.
-        let IdentityValues(values) = self.values(identity);
+        let IdentityValues(values) = self.values(identity, tokens);
         for (name, value) in values {
             headers.insert(name, value);
         }
     }
 
-    /// The headers for `identity`. Values are UTF-8 as the provider sent
-    /// them; a value that cannot be a header (control characters) is left
-    /// out rather than mangled.
-    pub fn values(&self, identity: &Identity) -> IdentityValues {
-        let mut values = Vec::with_capacity(8);
+    /// The headers for `identity`, proved by `tokens`. Values are UTF-8
+    /// as the provider sent them; a value that cannot be a header (control
+    /// characters) is left out rather than mangled.
+    pub fn values(&self, identity: &Identity, tokens: &Tokens<'_>) -> IdentityValues {
+        let mut values = Vec::with_capacity(self.count());
         let mut set = |name: &HeaderName, value: &str| {
             if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
                 values.push((name.clone(), value));
@@ -301,6 +322,9 @@ impl IdentityHeaders {
         if !identity.roles.is_empty() {
             set(&self.roles, &identity.roles.join(","));
         }
+        if let Some(easy_auth) = &self.easy_auth {
+            easy_auth.headers(identity, tokens, &mut values);
+        }
         IdentityValues(values)
     }
 }
@@ -322,6 +346,12 @@ impl IdentityValues {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TOKENS: Tokens<'static> = Tokens {
+        claims_of: "e30.eyJzdWIiOiJzdWItMSJ9.c2ln",
+        id_token: Some("e30.eyJzdWIiOiJzdWItMSJ9.c2ln"),
+        access_token: None,
+    };
 
     fn alice() -> Identity {
         Identity {
@@ -391,7 +421,7 @@ mod tests {
     fn identity_becomes_headers() {
         let headers_config = IdentityHeaders::new(&IdentityHeaderNames::default());
         let mut headers = HeaderMap::new();
-        headers_config.inject(&mut headers, &alice());
+        headers_config.inject(&mut headers, &alice(), &TOKENS);
         assert_eq!(headers["x-forwarded-user"], "alice@contoso.example");
         assert_eq!(headers["x-forwarded-user-id"], "oid-1");
         assert_eq!(headers["x-forwarded-groups"], "g1,g2");
@@ -400,5 +430,51 @@ mod tests {
             "Alïce Example".as_bytes()
         );
         assert!(!headers.contains_key("x-forwarded-roles"));
+        assert!(!headers.contains_key("x-ms-client-principal"));
+    }
+
+    #[test]
+    fn easy_auth_headers_replace_what_a_client_sent() {
+        let names = IdentityHeaderNames {
+            easy_auth: true,
+            ..IdentityHeaderNames::default()
+        };
+        let headers_config = IdentityHeaders::new(&names);
+        let mut headers = HeaderMap::new();
+        for forged in [
+            "X-MS-CLIENT-PRINCIPAL",
+            "x-ms-client-principal-name",
+            "X_MS_CLIENT_PRINCIPAL_ID",
+            "x-ms-token-aad-id-token",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(forged.as_bytes()).unwrap(),
+                HeaderValue::from_static("forged"),
+            );
+        }
+        headers_config.strip(&mut headers);
+        assert!(headers.is_empty(), "{headers:?}");
+        headers_config.inject(&mut headers, &alice(), &TOKENS);
+        assert_eq!(
+            headers["x-ms-client-principal-name"],
+            "alice@contoso.example"
+        );
+        assert_eq!(headers["x-ms-client-principal-id"], "oid-1");
+        assert_eq!(headers["x-ms-client-principal-idp"], "aad");
+        assert!(headers.contains_key("x-ms-client-principal"));
+        assert!(
+            !headers.contains_key("x-ms-token-aad-id-token"),
+            "tokens only with easy_auth_tokens"
+        );
+
+        let with_tokens = IdentityHeaders::new(&IdentityHeaderNames {
+            easy_auth_tokens: true,
+            ..names
+        });
+        let mut headers = HeaderMap::new();
+        with_tokens.inject(&mut headers, &alice(), &TOKENS);
+        assert_eq!(headers["x-ms-token-aad-id-token"], TOKENS.claims_of);
+        assert!(!headers.contains_key("x-ms-token-aad-access-token"));
+        assert_eq!(with_tokens.count(), 14);
     }
 }

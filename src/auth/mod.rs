@@ -6,6 +6,7 @@
 //! is, or the answer to send instead (a redirect to sign in, a 401).
 
 pub mod assertion;
+pub mod easy_auth;
 pub mod identity;
 pub(crate) mod policy;
 pub mod session;
@@ -28,7 +29,11 @@ use crate::Body;
 /// How a request proved who it is.
 pub enum Authenticated {
     Session(Arc<Session>),
-    Bearer(Arc<Claims>),
+    /// The token's verified claims, and the token itself.
+    Bearer {
+        claims: Arc<Claims>,
+        token: String,
+    },
 }
 
 /// Why a request is not authenticated.
@@ -45,7 +50,7 @@ impl Authenticated {
     pub fn identity(&self) -> Cow<'_, Identity> {
         match self {
             Authenticated::Session(session) => Cow::Borrowed(&session.identity),
-            Authenticated::Bearer(claims) => Cow::Owned(claims.identity()),
+            Authenticated::Bearer { claims, .. } => Cow::Owned(claims.identity()),
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct SignIn {
     public_url: PublicUrl,
     gateway_prefix: String,
     body_deadline: Duration,
+    /// Sessions keep the provider's access token (`headers.easy_auth_tokens`).
+    keep_access_token: bool,
 }
 
 /// What the callback endpoint decided.
@@ -65,6 +67,7 @@ impl SignIn {
         public_url: PublicUrl,
         gateway_prefix: String,
         body_deadline: Duration,
+        keep_access_token: bool,
     ) -> SignIn {
         SignIn {
             oidc,
@@ -72,6 +75,7 @@ impl SignIn {
             public_url,
             gateway_prefix,
             body_deadline,
+            keep_access_token,
         }
     }
 
@@ -137,7 +141,10 @@ impl SignIn {
         match token {
             Some(token) => Box::pin(self.oidc.verify_bearer(token))
                 .await
-                .map(|claims| (Authenticated::Bearer(claims), Vec::new()))
+                .map(|claims| {
+                    let token = token.to_owned();
+                    (Authenticated::Bearer { claims, token }, Vec::new())
+                })
                 .map_err(Unidentified::Bearer),
             None => Err(Unidentified::Nothing),
         }
@@ -181,6 +188,56 @@ impl SignIn {
         .unwrap_or_else(|_| as_is(session))
     }
 
+    /// Renews the session's tokens now, whatever their age (App Service's
+    /// `/.auth/refresh`): 200 once renewed, 401 without a session or when
+    /// the provider refused (the session is then ended), an explanation
+    /// when there is no refresh token or the provider cannot be asked.
+    pub async fn renew_now(&self, headers: &HeaderMap, id: &str) -> Response<Body> {
+        let session = match self.sessions.read(headers).await {
+            Found::Valid(session) => session,
+            Found::Unavailable => return pages::problem(pages::STORE_UNAVAILABLE, false, id),
+            Found::None | Found::Unusable => {
+                return pages::problem(pages::UNAUTHENTICATED, false, id)
+            }
+        };
+        if session.refresh_token.is_none() {
+            return Page::new(
+                StatusCode::CONFLICT,
+                "no_refresh_token",
+                "This session cannot be renewed",
+                "The provider gave no refresh token at sign-in: add `offline_access` to \
+                 `oidc.scopes` to have one.",
+            )
+            .render(false, id);
+        }
+        match Box::pin(self.renew(session.clone(), headers)).await {
+            // Anything but a renewal serves the session it was given.
+            Some((renewed, cookies)) if !Arc::ptr_eq(&renewed, &session) => {
+                let mut response =
+                    pages::json(StatusCode::OK, serde_json::json!({ "renewed": true }));
+                pages::append_cookies(&mut response, cookies);
+                response
+            }
+            Some((_, cookies)) => {
+                let mut response = Page::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "renewal_unavailable",
+                    "The tokens were not renewed",
+                    "The provider could not be asked, or another request is renewing them \
+                     right now; try again in a moment.",
+                )
+                .render(false, id);
+                pages::append_cookies(&mut response, cookies);
+                response
+            }
+            None => {
+                let mut response = pages::problem(pages::UNAUTHENTICATED, false, id);
+                pages::append_cookies(&mut response, self.sessions.clear(headers));
+                response
+            }
+        }
+    }
+
     /// Asks the provider for new tokens and keeps them with the session.
     async fn refresh(
         &self,
@@ -195,12 +252,17 @@ impl SignIn {
         match &*outcome {
             Ok(signed_in) => {
                 tracing::debug!(user = %session.identity.username, "session renewed");
-                let renewed = session.renewed(
-                    signed_in.claims.identity(),
-                    signed_in.id_token.clone(),
-                    signed_in.refresh_token.clone(),
-                    signed_in.claims.exp,
-                );
+                let renewed = session
+                    .renewed(
+                        signed_in.claims.identity(),
+                        signed_in.id_token.clone(),
+                        signed_in.refresh_token.clone(),
+                        signed_in.claims.exp,
+                    )
+                    .with_access_token(
+                        self.keep_access_token
+                            .then(|| signed_in.access_token.clone()),
+                    );
                 match self.sessions.save(renewed, request).await {
                     Ok(saved) => Some(saved),
                     // Logged by the store; the session as it was serves
@@ -375,7 +437,8 @@ impl SignIn {
                         signed_in.refresh_token,
                         signed_in.claims.exp,
                     )
-                    .with_sid(signed_in.claims.sid);
+                    .with_sid(signed_in.claims.sid)
+                    .with_access_token(self.keep_access_token.then_some(signed_in.access_token));
                     // The session this browser had before, if any, ends:
                     // one cookie, one session.
                     if let Found::Valid(old) = self.sessions.read(&parts.headers).await {

@@ -105,6 +105,7 @@ pub struct SignedIn {
     pub claims: Claims,
     pub id_token: String,
     pub refresh_token: Option<String>,
+    pub access_token: String,
 }
 
 /// Everything learnt from discovery.
@@ -516,6 +517,7 @@ impl Oidc {
             claims,
             id_token,
             refresh_token: response.refresh_token().map(|t| t.secret().clone()),
+            access_token: response.access_token().secret().clone(),
         })
     }
 
@@ -592,6 +594,7 @@ impl Oidc {
                     .map(|t| t.secret().clone())
                     .unwrap_or_else(|| refresh_token.to_owned()),
             ),
+            access_token: response.access_token().secret().clone(),
         })
     }
 }

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use self::access_log::Seen;
 use self::host::{Hosts, Verdict};
 use crate::auth::assertion::Assertions;
+use crate::auth::easy_auth::Tokens;
 use crate::auth::identity::IdentityHeaders;
 use crate::auth::session::{LastCookie, Sessions};
 use crate::auth::signin::{Callback, SignIn};
@@ -98,6 +99,7 @@ impl Gateway {
                 config.gateway_prefix.clone(),
                 // A body the gateway reads itself: as quick as a head.
                 config.timeouts.header_read,
+                config.headers.easy_auth && config.headers.easy_auth_tokens,
             )
         });
         Ok(Arc::new(Gateway {
@@ -179,9 +181,17 @@ impl Gateway {
         headers::remove_connection_named(req.headers_mut());
         self.identity_headers.strip(req.headers_mut());
 
-        // 3. The gateway's own endpoints.
+        // 3. The gateway's own endpoints, and App Service's when on.
         if let Some(endpoint) = path.strip_prefix(&self.gateway_prefix) {
             let response = Box::pin(self.own_endpoint(endpoint, req, client, html, id)).await;
+            seen.done(&self.own_metrics, response.status());
+            return response;
+        }
+        if let Some(endpoint) = path
+            .strip_prefix("/.auth/")
+            .filter(|_| self.identity_headers.easy_auth.is_some())
+        {
+            let response = Box::pin(self.easy_auth_endpoint(endpoint, req, client, html, id)).await;
             seen.done(&self.own_metrics, response.status());
             return response;
         }
@@ -272,14 +282,26 @@ impl Gateway {
                     .inject_id_token(headers, &session.id_token);
                 session
                     .identity_headers
-                    .get_or_init(|| self.identity_headers.values(identity))
+                    .get_or_init(|| {
+                        let tokens = Tokens {
+                            claims_of: &session.id_token,
+                            id_token: Some(&session.id_token),
+                            access_token: session.access_token.as_deref(),
+                        };
+                        self.identity_headers.values(identity, &tokens)
+                    })
                     .apply(headers);
                 self.assertions
                     .as_ref()
                     .and_then(|a| a.for_session(&session.assertion, identity, &route.origin))
             }
-            Authenticated::Bearer(_) => {
-                self.identity_headers.inject(headers, identity);
+            Authenticated::Bearer { token, .. } => {
+                let tokens = Tokens {
+                    claims_of: token,
+                    id_token: None,
+                    access_token: Some(token),
+                };
+                self.identity_headers.inject(headers, identity, &tokens);
                 self.assertions
                     .as_ref()
                     .and_then(|a| a.once(identity, &route.origin))

@@ -11,8 +11,9 @@
 //   {"tabs": [url, …], "user": u}    open each url in its own tab at once,
 //                                    then sign in on each → [{status, url, text}]
 //   {"websocket": url, "send": msg}  → {messages: [first two messages]}
-//   {"sign_out": true}               the gateway's sign-out button, then the
-//                                    provider's logout confirmation
+//   {"sign_out": true | path}        the gateway's sign-out button (on the
+//                                    page at path, else /oauth2/sign_out),
+//                                    then the provider's logout confirmation
 //                                    → {status, url, text}
 //   {"provider_sign_out": url}       the provider's own sign-out (its
 //                                    end_session URL) and its confirmation,
@@ -108,7 +109,8 @@ try {
         setTimeout(() => resolve({ messages }), 10000);
       }), { url: step.websocket, send: step.send }));
     } else if (step.sign_out) {
-      await page.goto(`${origin}/oauth2/sign_out`, { waitUntil: 'load' });
+      const at = typeof step.sign_out === 'string' ? step.sign_out : '/oauth2/sign_out';
+      await page.goto(`${origin}${at}`, { waitUntil: 'load' });
       await Promise.all([page.waitForNavigation(), page.click('button[type="submit"]')]);
       // The provider asks to confirm, then returns to the gateway.
       if (!page.url().startsWith(origin)) {

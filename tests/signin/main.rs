@@ -11,6 +11,7 @@ mod boundary;
 mod browser;
 mod clouds;
 mod credentials;
+mod easy_auth;
 mod egress;
 mod front;
 mod operations;

@@ -120,6 +120,9 @@ pub struct Session {
     /// from the provider name it.
     #[serde(default)]
     pub sid: Option<String>,
+    /// The provider's access token, kept only for `headers.easy_auth_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
     /// Where a server-side session is stored; `None` for a new one and
     /// in cookie mode.
     #[serde(skip)]
@@ -145,6 +148,7 @@ impl Session {
             identity_headers: OnceLock::new(),
             assertion: Default::default(),
             sid: None,
+            access_token: None,
             key: None,
             fate: Fate::default(),
         }
@@ -153,6 +157,14 @@ impl Session {
     /// The provider's session this one belongs to.
     pub fn with_sid(self, sid: Option<String>) -> Session {
         Session { sid, ..self }
+    }
+
+    /// The access token that came with the ID token, to keep.
+    pub fn with_access_token(self, access_token: Option<String>) -> Session {
+        Session {
+            access_token,
+            ..self
+        }
     }
 
     /// The same session with new tokens, kept where it was.
@@ -179,6 +191,7 @@ impl Session {
             self.refresh_token.clone(),
             self.expires_at,
         )
+        .with_access_token(self.access_token.clone())
     }
 }
 
