@@ -364,6 +364,7 @@ fn assertions(c: &mut Criterion) {
             &StateDir::new(state.path()),
             None,
             "https://console.example.com".into(),
+            std::time::Duration::from_secs(30 * 24 * 3600),
         ))
         .unwrap();
     let identity = identity();

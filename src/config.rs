@@ -1090,6 +1090,13 @@ impl RawConfig {
             }
         }
 
+        if self.headers.assertion_key_rotation < Duration::from_secs(3600) {
+            return Err(origins.invalid(
+                "headers.assertion_key_rotation",
+                &humantime::format_duration(self.headers.assertion_key_rotation).to_string(),
+                "at least 1h (a new key is published 10 minutes before it signs)",
+            ));
+        }
         if self.headers.easy_auth_tokens && !self.headers.easy_auth {
             return Err(origins.invalid(
                 "headers.easy_auth_tokens",
@@ -2044,6 +2051,11 @@ mod tests {
     fn wrong_types_and_durations_are_named() {
         let err = error_of("[timeouts]\nconnect = \"5 parsecs\"\n", &[]);
         assert!(err.contains("timeouts.connect"), "{err}");
+        let err = error_of("[headers]\nassertion_key_rotation = \"5m\"\n", &[]);
+        assert!(
+            err.contains("headers.assertion_key_rotation") && err.contains("1h"),
+            "{err}"
+        );
         let err = error_of("[log]\nformat = \"xml\"\n", &[]);
         assert!(err.contains("log.format") && err.contains("json"), "{err}");
         let err = error_of("listen = \"8443\"\n", &[]);

@@ -130,16 +130,20 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     // signing key too.
     let shared = sessions.as_ref().and_then(auth::session::Sessions::shared);
     let assertions = match config.headers.assertion {
-        true => Some(
+        true => Some(Arc::new(
             auth::assertion::Assertions::load(
                 &config.state_dir,
-                shared.as_ref(),
+                shared.clone(),
                 config.public_url.to_string(),
+                config.headers.assertion_key_rotation,
             )
             .await?,
-        ),
+        )),
         false => None,
     };
+    if let Some(assertions) = &assertions {
+        tokio::spawn(assertions.clone().keep_current());
+    }
     let certificates = Certificates::new(&config, &metrics, shared)?;
     let acceptor = TlsAcceptor::from(
         net::tls::server_config(certificates.resolver(), config.tls.acme.is_some())

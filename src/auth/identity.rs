@@ -30,6 +30,9 @@ pub struct IdentityHeaderNames {
     pub assertion: bool,
     /// The header that carries it; stripped from clients either way.
     pub assertion_header: String,
+    /// How long each assertion signing key signs before the next.
+    #[serde(with = "humantime_serde")]
+    pub assertion_key_rotation: std::time::Duration,
     /// Whether signed-in requests also carry Azure App Service's
     /// `X-MS-CLIENT-PRINCIPAL*` headers, and `/.auth/*` is answered.
     pub easy_auth: bool,
@@ -51,6 +54,7 @@ impl Default for IdentityHeaderNames {
             id_token: String::new(),
             assertion: false,
             assertion_header: "X-Authgate-Assertion".into(),
+            assertion_key_rotation: std::time::Duration::from_secs(30 * 24 * 3600),
             easy_auth: false,
             easy_auth_tokens: false,
         }

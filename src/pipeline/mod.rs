@@ -88,7 +88,7 @@ impl Gateway {
         config: &Config,
         oidc: Option<Arc<Oidc>>,
         sessions: Option<Sessions>,
-        assertions: Option<Assertions>,
+        assertions: Option<Arc<Assertions>>,
         metrics: Metrics,
     ) -> Result<Arc<Gateway>, crate::outbound::ClientError> {
         let signin = oidc.zip(sessions).map(|(oidc, sessions)| {
@@ -118,7 +118,7 @@ impl Gateway {
             hsts: config.tls.hsts.clone(),
             hosts: Arc::new(Hosts::new(config)),
             trusted_proxies: config.proxy.trusted_proxies.clone(),
-            assertions: assertions.map(Arc::new),
+            assertions,
             forward_auths: metrics.forward_auths.clone(),
         }))
     }
