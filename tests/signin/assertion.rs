@@ -2,6 +2,8 @@
 //! upstream can verify against `/oauth2/jwks.json`, checked here with an
 //! independent JWT library (jose), as an upstream would.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use http::header::COOKIE;
 use http::StatusCode;
 use serde_json::{json, Value};
@@ -96,4 +98,79 @@ async fn the_upstream_can_verify_who_the_gateway_says_the_user_is() {
     stack.gateway.restart();
     wait_ready(&stack.gateway).await;
     assert_eq!(key_set(&stack).await, jwks);
+
+    // Rotation, its clock moved by dating the kept keys back: a key that
+    // has signed for the rotation period (30 days) gets a successor,
+    // published at once but signing only 10 minutes later...
+    let ring = stack.gateway.dir.path().join("state/assertion-keys.json");
+    let date_back = |ages: &[u64]| {
+        let mut kept: Value = serde_json::from_slice(&std::fs::read(&ring).unwrap()).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        for (key, age) in kept["keys"].as_array_mut().unwrap().iter_mut().zip(ages) {
+            key["made"] = (now - age).into();
+        }
+        std::fs::write(&ring, kept.to_string()).unwrap();
+    };
+    let signer = |stack: &Stack| {
+        let cookie = cookie.clone();
+        let addr = stack.gateway.addr;
+        async move {
+            let echo = upstream_saw(
+                send(
+                    addr,
+                    get("/console")
+                        .header(COOKIE, &cookie)
+                        .body(empty())
+                        .unwrap(),
+                )
+                .await,
+            )
+            .await;
+            let token = echo.header("x-authgate-assertion").unwrap().to_owned();
+            let header = URL_SAFE_NO_PAD
+                .decode(token.split('.').next().unwrap())
+                .unwrap();
+            let kid = serde_json::from_slice::<Value>(&header).unwrap()["kid"].clone();
+            (token, kid)
+        }
+    };
+    let kids = |set: &Value| -> Vec<Value> {
+        set["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].clone())
+            .collect()
+    };
+    let day = 24 * 3600;
+    date_back(&[31 * day]);
+    stack.gateway.restart();
+    wait_ready(&stack.gateway).await;
+    let both = key_set(&stack).await;
+    assert_eq!(kids(&both).len(), 2, "{both}");
+    assert_eq!(kids(&both)[0], kids(&jwks)[0]);
+    let (token, kid) = signer(&stack).await;
+    assert_eq!(kid, kids(&jwks)[0], "the new key does not sign yet");
+    let verified = verify_jwt(&token, &both, &stack.origin, &audience).await;
+    assert!(verified["payload"].is_object(), "{verified}");
+
+    // ...then signs, the old key still published for what it signed...
+    date_back(&[31 * day, 11 * 60]);
+    stack.gateway.restart();
+    wait_ready(&stack.gateway).await;
+    assert_eq!(key_set(&stack).await, both);
+    assert_eq!(signer(&stack).await.1, kids(&both)[1]);
+
+    // ...until the last assertion it signed has expired.
+    date_back(&[31 * day, 16 * 60]);
+    stack.gateway.restart();
+    wait_ready(&stack.gateway).await;
+    assert_eq!(kids(&key_set(&stack).await), vec![kids(&both)[1].clone()]);
+    // An upstream holding the old set verifies nothing new: it refetches.
+    let (token, _) = signer(&stack).await;
+    let stale = verify_jwt(&token, &jwks, &stack.origin, &audience).await;
+    assert!(stale["error"].is_string(), "{stale}");
 }
