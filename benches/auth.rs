@@ -19,7 +19,7 @@ use authgate::auth::identity::{Identity, IdentityHeaderNames, IdentityHeaders};
 use authgate::auth::session::{LastCookie, Session, SessionConfig, Sessions, StoreKind};
 use authgate::clock::now;
 use authgate::idp::Oidc;
-use authgate::idp::{ClientAuth, OidcConfig, ResponseMode};
+use authgate::idp::{ClientAuth, GroupsOverage, OidcConfig, ResponseMode};
 use authgate::net::Timeouts;
 use authgate::ops::metrics::Metrics;
 use authgate::pipeline::target::canonicalize;
@@ -48,6 +48,7 @@ fn identity() -> Identity {
         ],
         roles: vec!["Console.User".into()],
         groups_overage: false,
+        groups_from_graph: false,
         app: false,
     }
 }
@@ -298,6 +299,8 @@ fn bearer_tokens(c: &mut Criterion) {
         bearer_audiences: vec!["client".into()],
         bearer_scopes: Vec::new(),
         bearer_app_tokens: false,
+        groups_overage: GroupsOverage::Graph,
+        graph_url: None,
     };
     let http = authgate::outbound::client(
         None,

@@ -24,7 +24,8 @@ use crate::auth::policy::Policy;
 use crate::auth::session::{RedisConfig, SessionConfig, StoreKind};
 use crate::forward::routes::{Access, RouteConfig, UpstreamUrl};
 use crate::forward::ProxyConfig;
-use crate::idp::{ClientAuth, OidcConfig, ResponseMode};
+use crate::idp::cloud::Cloud;
+use crate::idp::{ClientAuth, GroupsOverage, OidcConfig, ResponseMode};
 use hyper_util::client::proxy::matcher::Matcher;
 
 use crate::net::acme::{self, AcmeSettings, ChallengeKind, ExternalAccount};
@@ -218,6 +219,8 @@ struct RawOidc {
     bearer_audiences: Vec<String>,
     bearer_scopes: Vec<String>,
     bearer_app_tokens: bool,
+    groups_overage: GroupsOverage,
+    graph_url: Option<String>,
 }
 
 impl Default for RawOidc {
@@ -245,6 +248,8 @@ impl Default for RawOidc {
             bearer_audiences: Vec::new(),
             bearer_scopes: Vec::new(),
             bearer_app_tokens: false,
+            groups_overage: GroupsOverage::Graph,
+            graph_url: None,
         }
     }
 }
@@ -1097,6 +1102,13 @@ impl RawConfig {
                 "at least 1h (a new key is published 10 minutes before it signs)",
             ));
         }
+        if self.headers.groups_max == Some(0) {
+            return Err(origins.invalid(
+                "headers.groups_max",
+                "0",
+                "at least 1 (leave it unset to pass every group)",
+            ));
+        }
         if self.headers.easy_auth_tokens && !self.headers.easy_auth {
             return Err(origins.invalid(
                 "headers.easy_auth_tokens",
@@ -1247,6 +1259,20 @@ fn validate_oidc(
     if let Some(ca) = &raw.ca {
         require_readable(origins, "oidc.ca", ca)?;
     }
+    let graph_url = match raw.graph_url {
+        Some(url) => {
+            let valid = parse_issuer(&url).is_some_and(|(scheme, _)| scheme == Scheme::HTTPS);
+            if !valid {
+                return Err(origins.invalid(
+                    "oidc.graph_url",
+                    &url,
+                    "an https:// URL such as https://graph.microsoft.com",
+                ));
+            }
+            Some(url.trim_end_matches('/').to_owned())
+        }
+        None => Cloud::of_issuer(&issuer).graph_url().map(str::to_owned),
+    };
     let bearer_audiences = if raw.bearer_audiences.is_empty() {
         vec![client_id.clone()]
     } else {
@@ -1274,6 +1300,8 @@ fn validate_oidc(
         clock_skew: raw.clock_skew,
         ca: raw.ca,
         jwks_refresh: raw.jwks_refresh,
+        groups_overage: raw.groups_overage,
+        graph_url,
     })
 }
 

@@ -132,7 +132,12 @@ struct Claims<'a> {
     name: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tid: Option<&'a str>,
-    groups: &'a [String],
+    /// Absent when the user's groups are unknown (overage unresolved),
+    /// which `groups_overage` then says: never an empty list for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    groups: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    groups_overage: Option<&'a str>,
     roles: &'a [String],
     iat: u64,
     exp: u64,
@@ -209,7 +214,8 @@ impl Assertions {
             email: identity.email.as_deref(),
             name: identity.name.as_deref(),
             tid: identity.tenant.as_deref(),
-            groups: &identity.groups,
+            groups: (!identity.groups_unknown()).then_some(&identity.groups[..]),
+            groups_overage: identity.groups_unknown().then_some("unresolved"),
             roles: &identity.roles,
             iat,
             exp: iat + LIFETIME,
@@ -449,6 +455,7 @@ mod tests {
             groups: vec![],
             roles: vec![],
             groups_overage: false,
+            groups_from_graph: false,
             app: false,
         }
     }

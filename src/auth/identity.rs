@@ -20,6 +20,9 @@ pub struct IdentityHeaderNames {
     pub tenant: String,
     pub groups: String,
     pub roles: String,
+    /// At most this many groups in the groups header (for upstreams with
+    /// small header limits); unset: all.
+    pub groups_max: Option<usize>,
     pub preferred_username: String,
     /// Header that carries the signed-in user's raw ID token; empty: none.
     /// `Authorization` sends it as `Bearer <token>`.
@@ -50,6 +53,7 @@ impl Default for IdentityHeaderNames {
             tenant: "X-Forwarded-Tenant".into(),
             groups: "X-Forwarded-Groups".into(),
             roles: "X-Forwarded-Roles".into(),
+            groups_max: None,
             preferred_username: "X-Forwarded-Preferred-Username".into(),
             id_token: String::new(),
             assertion: false,
@@ -75,6 +79,10 @@ impl IdentityHeaderNames {
         ]
     }
 }
+
+/// Why the groups header is short or missing; stripped from clients like
+/// every identity header.
+pub const GROUPS_OVERAGE: &str = "x-forwarded-groups-overage";
 
 /// Identity headers of other gateways, and every spelling of the
 /// `X-Forwarded-User` family: oauth2-proxy (`X-Auth-Request-*`,
@@ -122,9 +130,20 @@ pub struct Identity {
     /// sends `_claim_names` instead): `groups` is then unknown, not empty.
     #[serde(default)]
     pub groups_overage: bool,
+    /// For a user in overage: `groups` came from Microsoft Graph, whole.
+    #[serde(default)]
+    pub groups_from_graph: bool,
     /// A service principal's own (app-only) bearer token: no user.
     #[serde(default)]
     pub app: bool,
+}
+
+impl Identity {
+    /// The user's groups are not known: in overage, and Graph did not
+    /// tell them. Never the same as "in no group".
+    pub fn groups_unknown(&self) -> bool {
+        self.groups_overage && !self.groups_from_graph
+    }
 }
 
 /// Header names, parsed once.
@@ -138,6 +157,10 @@ pub struct IdentityHeaders {
     groups: HeaderName,
     roles: HeaderName,
     preferred_username: HeaderName,
+    /// Says why the groups header is short or missing: `cut` (at
+    /// `groups_max`) or `unresolved` (in overage, Graph not answering).
+    groups_overage: HeaderName,
+    groups_max: Option<usize>,
     /// Where the raw ID token goes, if anywhere.
     id_token: Option<HeaderName>,
     /// Where the signed assertion goes (when on; stripped always).
@@ -178,6 +201,8 @@ impl IdentityHeaders {
             groups: parse(&names.groups),
             roles: parse(&names.roles),
             preferred_username: parse(&names.preferred_username),
+            groups_overage: HeaderName::from_static(GROUPS_OVERAGE),
+            groups_max: names.groups_max,
             id_token: (!names.id_token.is_empty()).then(|| parse(&names.id_token)),
             assertion: parse(&names.assertion_header),
             easy_auth: names.easy_auth.then_some(EasyAuth {
@@ -193,8 +218,9 @@ impl IdentityHeaders {
             + self.easy_auth.map_or(0, |e| e.names().count())
     }
 
-    fn all(&self) -> [&HeaderName; 8] {
+    fn all(&self) -> [&HeaderName; 9] {
         [
+            &self.groups_overage,
             &self.user,
             &self.user_id,
             &self.email,
@@ -320,8 +346,17 @@ impl IdentityHeaders {
         if let Some(tenant) = &identity.tenant {
             set(&self.tenant, tenant);
         }
-        if !identity.groups.is_empty() {
-            set(&self.groups, &identity.groups.join(","));
+        if identity.groups_unknown() {
+            set(&self.groups_overage, "unresolved");
+        } else if !identity.groups.is_empty() {
+            let listed = match self.groups_max {
+                Some(max) if identity.groups.len() > max => {
+                    set(&self.groups_overage, "cut");
+                    &identity.groups[..max]
+                }
+                _ => &identity.groups[..],
+            };
+            set(&self.groups, &listed.join(","));
         }
         if !identity.roles.is_empty() {
             set(&self.roles, &identity.roles.join(","));
@@ -368,6 +403,7 @@ mod tests {
             groups: vec!["g1".into(), "g2".into()],
             roles: vec![],
             groups_overage: false,
+            groups_from_graph: false,
             app: false,
         }
     }
@@ -438,6 +474,44 @@ mod tests {
     }
 
     #[test]
+    fn groups_cut_or_unknown_say_so() {
+        let cut = IdentityHeaders::new(&IdentityHeaderNames {
+            groups_max: Some(1),
+            ..IdentityHeaderNames::default()
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(GROUPS_OVERAGE, HeaderValue::from_static("forged"));
+        cut.strip(&mut headers);
+        assert!(headers.is_empty());
+        cut.inject(&mut headers, &alice(), &TOKENS);
+        assert_eq!(headers["x-forwarded-groups"], "g1");
+        assert_eq!(headers[GROUPS_OVERAGE], "cut");
+
+        let unknown = Identity {
+            groups: vec![],
+            groups_overage: true,
+            ..alice()
+        };
+        let mut headers = HeaderMap::new();
+        cut.inject(&mut headers, &unknown, &TOKENS);
+        assert!(!headers.contains_key("x-forwarded-groups"));
+        assert_eq!(headers[GROUPS_OVERAGE], "unresolved");
+
+        let resolved = Identity {
+            groups_from_graph: true,
+            ..alice()
+        };
+        let mut headers = HeaderMap::new();
+        IdentityHeaders::new(&IdentityHeaderNames::default()).inject(
+            &mut headers,
+            &resolved,
+            &TOKENS,
+        );
+        assert_eq!(headers["x-forwarded-groups"], "g1,g2");
+        assert!(!headers.contains_key(GROUPS_OVERAGE));
+    }
+
+    #[test]
     fn easy_auth_headers_replace_what_a_client_sent() {
         let names = IdentityHeaderNames {
             easy_auth: true,
@@ -479,6 +553,6 @@ mod tests {
         with_tokens.inject(&mut headers, &alice(), &TOKENS);
         assert_eq!(headers["x-ms-token-aad-id-token"], TOKENS.claims_of);
         assert!(!headers.contains_key("x-ms-token-aad-access-token"));
-        assert_eq!(with_tokens.count(), 14);
+        assert_eq!(with_tokens.count(), 15);
     }
 }

@@ -37,14 +37,24 @@ pub enum Denial {
     /// An app-only token passes only a route that names one of its roles.
     #[error("an application's own token is admitted only where an app role rule allows it")]
     AppNeedsRole,
-    /// Entra leaves `groups` out for users in more than 200 groups; their
-    /// membership is unknown, which is not the same as "none".
+    /// Entra leaves `groups` out for users in more than 200 groups, and
+    /// Microsoft Graph did not tell them: their membership is unknown,
+    /// which is not the same as "none".
     #[error(
         "your account is in more groups than Microsoft Entra ID puts in a sign-in token, \
-         so group membership cannot be checked here; an admin can grant access through an \
-         app role instead (assign the group to an app role and allow that role)"
+         and the gateway could not look them up in Microsoft Graph, so group membership \
+         cannot be checked here; an admin must grant the app the Microsoft Graph \
+         application permissions User.Read.All and GroupMember.Read.All (with admin \
+         consent), then you sign in again; or grant access through an app role"
     )]
     GroupsOverage,
+    /// `oidc.groups_overage = "deny"`.
+    #[error(
+        "your account is in more groups than Microsoft Entra ID puts in a sign-in token, \
+         and this gateway is set to refuse such accounts; an admin can change that \
+         (oidc.groups_overage = \"graph\") or grant access through an app role"
+    )]
+    GroupsOverageRefused,
 }
 
 impl Denial {
@@ -57,6 +67,7 @@ impl Denial {
             Denial::Groups => "group_not_allowed",
             Denial::Roles => "role_not_allowed",
             Denial::GroupsOverage => "groups_overage",
+            Denial::GroupsOverageRefused => "groups_overage_refused",
             Denial::AppNeedsRole => "app_needs_role",
         }
     }
@@ -106,7 +117,7 @@ impl Policy {
         if !self.allowed_groups.is_empty()
             && !identity.groups.iter().any(|g| any(&self.allowed_groups, g))
         {
-            return Err(if identity.groups_overage {
+            return Err(if identity.groups_unknown() {
                 Denial::GroupsOverage
             } else {
                 Denial::Groups
@@ -136,6 +147,7 @@ mod tests {
             groups: groups.iter().map(|g| g.to_string()).collect(),
             roles: roles.iter().map(|r| r.to_string()).collect(),
             groups_overage: overage,
+            groups_from_graph: false,
             app: false,
         }
     }

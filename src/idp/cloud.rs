@@ -50,6 +50,18 @@ impl Cloud {
     pub fn is_entra(&self) -> bool {
         *self != Cloud::Other
     }
+
+    /// Microsoft Graph's base URL for this cloud's tenants
+    /// (<https://learn.microsoft.com/graph/deployments>); none outside
+    /// Entra. External ID tenants use the global Graph.
+    pub fn graph_url(&self) -> Option<&'static str> {
+        match self {
+            Cloud::Global | Cloud::ExternalId(_) => Some("https://graph.microsoft.com"),
+            Cloud::UsGovernment => Some("https://graph.microsoft.us"),
+            Cloud::China => Some("https://microsoftgraph.chinacloudapi.cn"),
+            Cloud::Other => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Cloud {
@@ -122,6 +134,31 @@ mod tests {
             let issuer = issuer.replace("{t}", tenant);
             assert_eq!(Cloud::of_issuer(&issuer), cloud, "{issuer}");
             assert_eq!(Cloud::of_issuer(&issuer).login_host(), login);
+        }
+    }
+
+    #[test]
+    fn each_cloud_has_its_own_graph() {
+        for (issuer, graph) in [
+            (
+                "https://login.microsoftonline.com/t/v2.0",
+                Some("https://graph.microsoft.com"),
+            ),
+            (
+                "https://login.microsoftonline.us/t/v2.0",
+                Some("https://graph.microsoft.us"),
+            ),
+            (
+                "https://login.partner.microsoftonline.cn/t/v2.0",
+                Some("https://microsoftgraph.chinacloudapi.cn"),
+            ),
+            (
+                "https://contoso.ciamlogin.com/t/v2.0",
+                Some("https://graph.microsoft.com"),
+            ),
+            ("https://idp.example.com/t", None),
+        ] {
+            assert_eq!(Cloud::of_issuer(issuer).graph_url(), graph, "{issuer}");
         }
     }
 

@@ -6,10 +6,11 @@
 pub(crate) mod cloud;
 pub(crate) mod credential;
 pub(crate) mod explain;
+pub(crate) mod graph;
 pub(crate) mod jwks;
 pub(crate) mod provider;
 mod settings;
 pub(crate) mod token;
 
 pub use provider::Oidc;
-pub use settings::{ClientAuth, OidcConfig, ResponseMode};
+pub use settings::{ClientAuth, GroupsOverage, OidcConfig, ResponseMode};

@@ -17,7 +17,7 @@ use openidconnect::{
     AsyncHttpClient, AuthType, AuthorizationCode, ClientId, ClientSecret, CsrfToken,
     EndpointMaybeSet, EndpointNotSet, EndpointSet, HttpClientError, HttpRequest, HttpResponse,
     Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier, RedirectUrl, RefreshToken,
-    RequestTokenError, Scope, StandardErrorResponse, TokenResponse,
+    RequestTokenError, Scope, StandardErrorResponse, TokenResponse, TokenUrl,
 };
 
 use super::settings::{ClientAuth, OidcConfig, ResponseMode};
@@ -131,7 +131,7 @@ pub enum RefreshError {
 /// The tenant id an Entra issuer names (`https://<host>/<tenant id>/v2.0`,
 /// or v1's `https://sts.windows.net/<tenant id>/`), when its first path
 /// segment is one.
-fn issuer_tenant(issuer: &str) -> Option<String> {
+pub fn issuer_tenant(issuer: &str) -> Option<String> {
     let path = issuer.split_once("://")?.1.split_once('/')?.1;
     let first = path.split('/').next()?;
     uuid::Uuid::parse_str(first).ok().map(|_| first.to_owned())
@@ -311,6 +311,53 @@ impl Oidc {
         Ok(discovered)
     }
 
+    /// An app-only access token for `resource` (scope `<resource>/.default`)
+    /// from the token endpoint of `tenant`, with the app's own credential,
+    /// and when it expires (Unix seconds). A multi-tenant issuer's token
+    /// endpoint (`/organizations/…`) cannot issue app-only tokens: the
+    /// tenant's own (`/<tenant id>/oauth2/v2.0/token`) is asked.
+    pub async fn app_token(
+        &self,
+        tenant: &str,
+        resource: &str,
+    ) -> Result<(String, u64), SignInError> {
+        let provider = self.provider.get().ok_or(SignInError::NotReady)?;
+        let mut endpoint = token_endpoint(provider).cloned().ok_or_else(|| {
+            SignInError::Exchange("the provider publishes no token endpoint".into())
+        })?;
+        if matches!(provider.verifier.issuer, IssuerMatch::Template(_)) {
+            let path = endpoint.path().to_owned();
+            let rest = path
+                .trim_start_matches('/')
+                .split_once('/')
+                .map_or("", |(_, r)| r);
+            endpoint.set_path(&format!("/{tenant}/{rest}"));
+        }
+        let client = self
+            .client(provider)
+            .set_token_uri(TokenUrl::from_url(endpoint.clone()));
+        let mut request = client
+            .exchange_client_credentials()
+            .add_scope(Scope::new(format!("{resource}/.default")));
+        for (name, value) in self.assertion(Some(&endpoint))? {
+            request = request.add_extra_param(name, value);
+        }
+        let response: CoreTokenResponse = request
+            .request_async(&Idp(&self.http, &self.metrics))
+            .await
+            .map_err(explain_token_error)?;
+        let lifetime = response.expires_in().map_or(300, |d| d.as_secs());
+        Ok((
+            response.access_token().secret().clone(),
+            crate::clock::now() + lifetime,
+        ))
+    }
+
+    /// The client the gateway calls the provider and Graph with.
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
     /// Asks the token endpoint for a client-credentials token (for Entra,
     /// scope `<client id>/.default`), which makes it judge the app's
     /// credential. `Ok` when the credential was accepted, even if the
@@ -322,7 +369,7 @@ impl Oidc {
             .exchange_client_credentials()
             .map_err(|e| SignInError::Exchange(e.to_string()))?
             .add_scope(Scope::new(format!("{}/.default", self.config.client_id)));
-        for (name, value) in self.assertion(provider)? {
+        for (name, value) in self.assertion(token_endpoint(provider))? {
             request = request.add_extra_param(name, value);
         }
         let result: Result<CoreTokenResponse, _> =
@@ -418,21 +465,18 @@ impl Oidc {
     }
 
     /// The extra token-request parameters that carry a client assertion
-    /// (RFC 7523 §2.2), when the app proves itself with a certificate or a
-    /// federated token; none for a secret, which openidconnect sends.
+    /// (RFC 7523 §2.2) to `token_endpoint`, when the app proves itself
+    /// with a certificate or a federated token; none for a secret, which
+    /// openidconnect sends.
     fn assertion(
         &self,
-        provider: &Provider,
+        token_endpoint: Option<&Url>,
     ) -> Result<Vec<(&'static str, String)>, AssertionError> {
         let assertion = match &self.credential {
             Credential::Secret => return Ok(Vec::new()),
             Credential::Certificate(certificate) => {
-                let audience = provider
-                    .metadata
-                    .token_endpoint()
-                    .map(|u| u.url().as_str())
-                    .ok_or(AssertionError::NoTokenEndpoint)?;
-                certificate.assertion(&self.config.client_id, audience)?
+                let audience = token_endpoint.ok_or(AssertionError::NoTokenEndpoint)?;
+                certificate.assertion(&self.config.client_id, audience.as_str())?
             }
             // Read each time: the platform rotates the file's token.
             Credential::Federated(path) => std::fs::read_to_string(path)
@@ -499,7 +543,7 @@ impl Oidc {
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| SignInError::Exchange(e.to_string()))?
             .set_pkce_verifier(PkceCodeVerifier::new(login.pkce_verifier.clone()));
-        for (name, value) in self.assertion(provider)? {
+        for (name, value) in self.assertion(token_endpoint(provider))? {
             request = request.add_extra_param(name, value);
         }
         let response: CoreTokenResponse = request
@@ -564,7 +608,10 @@ impl Oidc {
         let mut request = client
             .exchange_refresh_token(&token)
             .map_err(|e| unavailable(&e))?;
-        for (name, value) in self.assertion(provider).map_err(|e| unavailable(&e))? {
+        for (name, value) in self
+            .assertion(token_endpoint(provider))
+            .map_err(|e| unavailable(&e))?
+        {
             request = request.add_extra_param(name, value);
         }
         let response: CoreTokenResponse = request
@@ -610,6 +657,10 @@ fn explain_token_error(error: TokenRequestError) -> SignInError {
         },
         other => SignInError::Exchange(other.to_string()),
     }
+}
+
+fn token_endpoint(provider: &Provider) -> Option<&Url> {
+    provider.metadata.token_endpoint().map(|u| u.url())
 }
 
 /// Drives `openidconnect` with the gateway's own client.

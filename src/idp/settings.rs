@@ -19,6 +19,17 @@ pub enum ClientAuth {
     Federated,
 }
 
+/// What to do for a user whose token lists no groups because they are in
+/// too many (Entra's groups overage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupsOverage {
+    /// Ask Microsoft Graph for the user's groups.
+    Graph,
+    /// Refuse the user everywhere.
+    Deny,
+}
+
 /// How the provider returns the browser to the callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -62,4 +73,8 @@ pub struct OidcConfig {
     /// App-only tokens (a service principal, no user) may pass, to routes
     /// whose policy admits one of their app roles.
     pub bearer_app_tokens: bool,
+    pub groups_overage: GroupsOverage,
+    /// Microsoft Graph's base URL (`oidc.graph_url`, else the issuer's
+    /// cloud's); `None` for a provider that is not Entra.
+    pub graph_url: Option<String>,
 }

@@ -179,6 +179,7 @@ impl Claims {
                 .claim_names
                 .as_ref()
                 .is_some_and(|n| n.contains_key("groups")),
+            groups_from_graph: false,
             app: self.app_only,
         }
     }

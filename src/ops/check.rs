@@ -19,7 +19,9 @@ use crate::auth::session::{SessionConfig, StoreKind};
 use crate::config::Config;
 use crate::idp::cloud::Cloud;
 use crate::idp::explain;
+use crate::idp::graph::{Graph, PERMISSIONS};
 use crate::idp::provider::{Oidc, SignInError};
+use crate::idp::GroupsOverage;
 use crate::net::acme::{self, AcmeSettings, ChallengeKind};
 use crate::net::tls;
 use crate::ops::admin;
@@ -510,7 +512,41 @@ async fn provider(oidc: &Oidc, redirect_uri: &str) -> Vec<Finding> {
             "check that the provider is reachable",
         ),
     });
+    if let Some(finding) = graph(oidc).await {
+        findings.push(finding);
+    }
     findings
+}
+
+/// Whether Microsoft Graph tells the app the groups of users in overage,
+/// when it is to be asked (`oidc.groups_overage = "graph"`, on Entra or
+/// with `oidc.graph_url`: other providers have no overage).
+async fn graph(oidc: &Oidc) -> Option<Finding> {
+    let config = oidc.config();
+    if config.groups_overage != GroupsOverage::Graph {
+        return None;
+    }
+    let url = config.graph_url.as_ref()?;
+    let tenant = match config.allowed_tenants.first() {
+        Some(tenant) if config.multi_tenant => tenant.clone(),
+        _ => crate::idp::provider::issuer_tenant(&config.issuer).unwrap_or_default(),
+    };
+    let graph = Graph::new(url, oidc.metrics().clone());
+    Some(match graph.probe(oidc, &tenant).await {
+        Ok(()) => Finding::pass(
+            "graph",
+            format!("{url} answers group look-ups for users in more groups than a token lists"),
+        ),
+        Err(e) => Finding::fail(
+            "graph",
+            e.to_string(),
+            format!(
+                "in the app registration, API permissions: add Microsoft Graph application \
+                 permissions {PERMISSIONS} and grant admin consent; or set \
+                 oidc.groups_overage = \"deny\""
+            ),
+        ),
+    })
 }
 
 async fn upstreams(config: &Config) -> Vec<Finding> {

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub certificate_expiry: Gauge<i64, AtomicI64>,
     pub acme_orders: Family<Outcome, Counter>,
     pub forward_auths: Outcomes,
+    /// Microsoft Graph look-ups of an overage user's groups, by outcome.
+    pub graph_lookups: Outcomes,
 }
 
 fn latency_histogram() -> Histogram {
@@ -81,6 +83,7 @@ impl Default for Metrics {
             session_store_errors: Counter::default(),
             certificate_expiry: Gauge::default(),
             acme_orders: Family::default(),
+            graph_lookups: Family::default(),
             forward_auths: Family::default(),
         };
         registry.register(
@@ -148,6 +151,12 @@ impl Default for Metrics {
             "Forward-auth questions from a proxy in front, by verdict (allowed, passed, \
              unauthenticated, forbidden, invalid_token, store_unavailable, untrusted_peer, no_target)",
             metrics.forward_auths.clone(),
+        );
+        registry.register(
+            "graph_lookups",
+            "Microsoft Graph look-ups of the groups of users in more groups than a token lists, \
+             by outcome (resolved, refused, throttled, unavailable, no_graph)",
+            metrics.graph_lookups.clone(),
         );
         Metrics {
             registry: Arc::new(registry),

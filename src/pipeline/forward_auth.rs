@@ -94,7 +94,10 @@ impl Gateway {
         match signin.identify(&headers, &client.last_cookie).await {
             Ok((authenticated, cookies)) => {
                 let identity = authenticated.identity();
-                if let Err(denial) = route.policy.check(&identity) {
+                let admitted = signin
+                    .admits(&identity)
+                    .and_then(|()| route.policy.check(&identity));
+                if let Err(denial) = admitted {
                     let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
                     return ("forbidden", response);
                 }

@@ -244,7 +244,10 @@ impl Gateway {
         if let (Some(caller), Some(signin)) = (caller, signin) {
             let identity = caller.authenticated.identity();
             // 8. Authorize.
-            if let Err(denial) = route.policy.check(&identity) {
+            let admitted = signin
+                .admits(&identity)
+                .and_then(|()| route.policy.check(&identity));
+            if let Err(denial) = admitted {
                 let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
                 seen.done(&route.metrics, response.status());
                 return response;

@@ -9,6 +9,12 @@
 //   app-only ones (client_credentials) say `idtyp: app` and carry app roles.
 //   A user's delegated token comes from CIBA (poll mode), the user's
 //   approval standing in for them at once (login_hint = the login name).
+//   Microsoft Graph's group look-up, under /graph (what oidc.graph_url
+//   names): POST /graph/v1.0/users/{oid}/getMemberGroups with an app-only
+//   token asked for with scope <origin>/graph/.default, which carries the
+//   application permissions User.Read.All and GroupMember.Read.All unless
+//   GRAPH_PERMISSIONS=none; GRAPH_THROTTLE=1 answers 429. "overage…"
+//   users are in 250 groups there.
 // Consent is granted by the "tenant admin" up front, as in Entra.
 //
 // Environment: PORT (0 = any), TENANT, CLIENT_ID, CLIENT_SECRET or
@@ -21,13 +27,16 @@ import https from 'node:https';
 import fs from 'node:fs';
 import crypto from 'node:crypto';
 import Provider from 'oidc-provider';
-import { generateKeyPair, exportJWK } from 'jose';
+import { generateKeyPair, exportJWK, jwtVerify } from 'jose';
 
 const env = process.env;
 const tenant = env.TENANT;
 
-const { privateKey } = await generateKeyPair('RS256', { extractable: true });
+const { publicKey, privateKey } = await generateKeyPair('RS256', { extractable: true });
 const signingKey = { ...(await exportJWK(privateKey)), kid: crypto.randomUUID(), alg: 'RS256', use: 'sig' };
+
+// Users seen so far, by object id, for the Graph look-ups.
+const users = new Map();
 
 // Users the tests log in as; the login name typed into the form selects one.
 function claimsFor(login) {
@@ -46,6 +55,7 @@ function claimsFor(login) {
     groups: Array.from({ length: groupCount }, (_, i) => `group-${name}-${i}`),
     roles: name === 'admin' ? ['Console.Admin'] : ['Console.User'],
   };
+  users.set(claims.oid, name);
   if (name.startsWith('overage')) {
     // Entra's shape for users in more than 200 groups.
     claims._claim_names = { groups: 'src1' };
@@ -61,6 +71,8 @@ const server = https.createServer({
 await new Promise((resolve) => server.listen(Number(env.PORT || 0), '127.0.0.1', resolve));
 const port = server.address().port;
 const issuer = `https://127.0.0.1:${port}/${tenant}/v2.0`;
+const graph = `https://127.0.0.1:${port}/graph`;
+const graphRoles = env.GRAPH_PERMISSIONS === 'none' ? [] : ['User.Read.All', 'GroupMember.Read.All'];
 
 // The app's credential: its secret, or (private_key_jwt) the public key
 // of its certificate, as registered in Entra.
@@ -130,7 +142,11 @@ const provider = new Provider(issuer, {
     clientCredentials: { enabled: true },
     resourceIndicators: {
       enabled: true,
-      getResourceServerInfo: async () => ({ scope: 'api', audience: env.CLIENT_ID, accessTokenFormat: 'jwt' }),
+      // Entra's `<resource>/.default` scope names the resource itself.
+      defaultResource: async (ctx) => ((ctx.oidc.params.scope || '').split(' ').includes(`${graph}/.default`) ? graph : undefined),
+      getResourceServerInfo: async (ctx, resource) => (resource === graph
+        ? { scope: `${graph}/.default`, audience: graph, accessTokenFormat: 'jwt' }
+        : { scope: 'api', audience: env.CLIENT_ID, accessTokenFormat: 'jwt' }),
     },
     rpInitiatedLogout: { enabled: true },
     backchannelLogout: { enabled: true },
@@ -163,7 +179,8 @@ const provider = new Provider(issuer, {
             preferred_username: user.preferred_username, roles: user.roles,
           });
         } else {
-          Object.assign(payload, { idtyp: 'app', oid: payload.sub, roles: ['Console.Automation'] });
+          const roles = payload.aud === graph ? graphRoles : ['Console.Automation'];
+          Object.assign(payload, { idtyp: 'app', oid: payload.sub, roles });
         }
         delete payload.scope;
       },
@@ -178,8 +195,45 @@ provider.proxy = false;
 // `https://<host>/{tenantid}/v2.0`, and tokens the user's own tenant.
 const discovery = `/${tenant}/v2.0/.well-known/openid-configuration`;
 const organizations = '/organizations/v2.0/.well-known/openid-configuration';
+// Graph's answers, in its shapes.
+async function graphRequest(req, res) {
+  const send = (status, body, headers = {}) => {
+    res.writeHead(status, { 'content-type': 'application/json', ...headers });
+    res.end(JSON.stringify(body));
+  };
+  const failure = (code, message) => ({ error: { code, message } });
+  const body = await new Promise((resolve) => {
+    let data = '';
+    req.on('data', (chunk) => { data += chunk; });
+    req.on('end', () => resolve(data));
+  });
+  const match = req.url.match(/^\/graph\/v1\.0\/users\/([^/?]+)\/getMemberGroups$/);
+  if (req.method !== 'POST' || !match) return send(404, failure('Request_ResourceNotFound', 'no such resource'));
+  if (env.GRAPH_THROTTLE === '1') return send(429, failure('TooManyRequests', 'throttled'), { 'retry-after': '7' });
+  let payload;
+  try {
+    ({ payload } = await jwtVerify((req.headers.authorization || '').replace(/^Bearer /, ''), publicKey, { issuer, audience: graph }));
+  } catch {
+    return send(401, failure('InvalidAuthenticationToken', 'Access token validation failure.'));
+  }
+  if (!['User.Read.All', 'GroupMember.Read.All'].every((role) => (payload.roles || []).includes(role))) {
+    return send(403, failure('Authorization_RequestDenied', 'Insufficient privileges to complete the operation.'));
+  }
+  if (typeof JSON.parse(body || '{}').securityEnabledOnly !== 'boolean') {
+    return send(400, failure('Request_BadRequest', 'securityEnabledOnly is required'));
+  }
+  const name = users.get(match[1]);
+  if (!name) return send(404, failure('Request_ResourceNotFound', `Resource '${match[1]}' does not exist.`));
+  const count = name.startsWith('overage') ? 250 : 2;
+  return send(200, { value: Array.from({ length: count }, (_, i) => `group-${name}-${i}`) });
+}
+
 const callback = provider.callback();
 server.on('request', (req, res) => {
+  if (req.url.startsWith('/graph/')) {
+    graphRequest(req, res);
+    return;
+  }
   if (req.url === discovery) req.url = '/.well-known/openid-configuration';
   if (req.url === organizations) {
     req.url = '/.well-known/openid-configuration';

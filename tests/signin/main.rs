@@ -15,5 +15,6 @@ mod easy_auth;
 mod egress;
 mod front;
 mod operations;
+mod overage;
 mod replicas;
 mod sessions;

@@ -1298,6 +1298,7 @@ mod tests {
                     .collect(),
                 roles: vec![],
                 groups_overage: false,
+                groups_from_graph: false,
                 app: false,
             },
             "header.payload.signature".into(),

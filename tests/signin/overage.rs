@@ -1,0 +1,157 @@
+//! Users in more groups than Entra puts in a token (its "groups overage":
+//! `_claim_names` instead of `groups`): their groups from Microsoft Graph
+//! (the test provider's Graph-shaped endpoint, through `oidc.graph_url`),
+//! and never "no groups" when Graph cannot tell.
+
+use serde_json::{json, Value};
+
+use crate::common::peers::browser;
+use crate::common::stack::*;
+
+const ROUTES: &str = r#"
+[headers]
+groups_max = 100
+[[routes]]
+prefix = "/admin"
+upstream = "{upstream}"
+[routes.policy]
+allowed_groups = ["group-overage1-240"]
+"#;
+
+async fn overage_stack(provider_env: &[(&str, &str)], oidc: &'static str) -> Stack {
+    Stack::with(Options {
+        tables: ROUTES,
+        oidc,
+        env: vec![("AUTHGATE_OIDC_GRAPH_URL", "{provider}/graph")],
+        provider_env: provider_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Options::default()
+    })
+    .await
+}
+
+/// `overage1` signs in at `/console`, then opens `/admin`.
+async fn overage_user_visits(stack: &Stack) -> Vec<Value> {
+    browser(
+        &stack.origin,
+        json!([
+            { "goto": stack.url("/console") },
+            { "login": "overage1" },
+            { "goto": stack.url("/admin/users") },
+        ]),
+    )
+    .await
+}
+
+fn finding(out: &str) -> Value {
+    let findings: Vec<Value> = serde_json::from_str(out).unwrap_or_else(|_| panic!("{out}"));
+    findings
+        .into_iter()
+        .find(|f| f["check"] == "graph")
+        .unwrap_or_else(|| panic!("no graph finding in {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn graph_tells_the_groups_of_a_user_in_overage_once_per_sign_in() {
+    let stack = overage_stack(&[], "").await;
+    let results = overage_user_visits(&stack).await;
+    let echo = echo_of(&results[1]);
+    let groups = echo
+        .header("x-forwarded-groups")
+        .expect("groups from Graph");
+    assert_eq!(groups.split(',').count(), 100, "cut at groups_max");
+    assert!(groups.starts_with("group-overage1-0,group-overage1-1,"));
+    assert_eq!(echo.header("x-forwarded-groups-overage"), Some("cut"));
+    // The policy sees every group, the 241st included.
+    let admin = echo_of(&results[2]);
+    assert_eq!(admin.path, "/admin/users");
+
+    // Asked once for the sign-in, not for each request; never for a user
+    // whose token lists their groups.
+    let alice = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/console") }, { "login": "alice" }]),
+    )
+    .await;
+    let echo = echo_of(&alice[1]);
+    assert_eq!(
+        echo.header("x-forwarded-groups"),
+        Some("group-alice-0,group-alice-1")
+    );
+    assert_eq!(echo.header("x-forwarded-groups-overage"), None);
+    let metrics = stack.gateway.scrape().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "authgate_graph_lookups_total{outcome=\"resolved\"} 1"),
+        "{metrics}"
+    );
+
+    let (_, out, _) = stack.gateway.command(&["check", "--json"]);
+    let graph = finding(&out);
+    assert_eq!(graph["ok"], true, "{graph}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_graphs_permission_groups_are_unknown_never_none() {
+    let stack = overage_stack(&[("GRAPH_PERMISSIONS", "none")], "").await;
+    let results = overage_user_visits(&stack).await;
+    let echo = echo_of(&results[1]);
+    assert_eq!(echo.header("x-forwarded-groups"), None);
+    assert_eq!(
+        echo.header("x-forwarded-groups-overage"),
+        Some("unresolved")
+    );
+    // A route with a group rule says what the admin must grant.
+    assert_eq!(results[2]["status"], 403);
+    let page = results[2]["text"].as_str().unwrap();
+    assert!(
+        page.contains("GroupMember.Read.All") && page.contains("User.Read.All"),
+        "{page}"
+    );
+    stack
+        .gateway
+        .metric("authgate_graph_lookups_total{outcome=\"refused\"} 1")
+        .await;
+
+    let (ok, out, _) = stack.gateway.command(&["check", "--json"]);
+    assert!(!ok.success());
+    let graph = finding(&out);
+    assert_eq!(graph["ok"], false, "{graph}");
+    assert!(
+        graph["fix"]
+            .as_str()
+            .unwrap()
+            .contains("GroupMember.Read.All"),
+        "{graph}"
+    );
+
+    // Throttled: unknown too, counted apart.
+    let throttled = overage_stack(&[("GRAPH_THROTTLE", "1")], "").await;
+    let results = overage_user_visits(&throttled).await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-groups-overage"),
+        Some("unresolved")
+    );
+    throttled
+        .gateway
+        .metric("authgate_graph_lookups_total{outcome=\"throttled\"} 1")
+        .await;
+}
+
+#[tokio::test]
+async fn deny_refuses_users_in_overage_on_every_route() {
+    let stack = overage_stack(&[], "groups_overage = \"deny\"").await;
+    let results = overage_user_visits(&stack).await;
+    assert_eq!(results[1]["status"], 403);
+    let page = results[1]["text"].as_str().unwrap();
+    assert!(page.contains("refuse such accounts"), "{page}");
+    let alice = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/console") }, { "login": "alice" }]),
+    )
+    .await;
+    assert_eq!(echo_of(&alice[1]).path, "/console");
+}
