@@ -299,6 +299,7 @@ fn bearer_tokens(c: &mut Criterion) {
         bearer_audiences: vec!["client".into()],
         bearer_scopes: Vec::new(),
         bearer_app_tokens: false,
+        bearer_v1_issuer: None,
         groups_overage: GroupsOverage::Graph,
         graph_url: None,
     };

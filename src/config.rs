@@ -219,6 +219,8 @@ struct RawOidc {
     bearer_audiences: Vec<String>,
     bearer_scopes: Vec<String>,
     bearer_app_tokens: bool,
+    bearer_accept_v1: bool,
+    bearer_v1_issuer: Option<String>,
     groups_overage: GroupsOverage,
     graph_url: Option<String>,
 }
@@ -248,6 +250,8 @@ impl Default for RawOidc {
             bearer_audiences: Vec::new(),
             bearer_scopes: Vec::new(),
             bearer_app_tokens: false,
+            bearer_accept_v1: false,
+            bearer_v1_issuer: None,
             groups_overage: GroupsOverage::Graph,
             graph_url: None,
         }
@@ -1273,10 +1277,37 @@ fn validate_oidc(
         }
         None => Cloud::of_issuer(&issuer).graph_url().map(str::to_owned),
     };
-    let bearer_audiences = if raw.bearer_audiences.is_empty() {
-        vec![client_id.clone()]
-    } else {
-        raw.bearer_audiences
+    let bearer_v1_issuer = match (raw.bearer_accept_v1, raw.bearer_v1_issuer) {
+        (false, _) => None,
+        (true, Some(template)) => {
+            let valid = template.contains("{tenantid}")
+                && parse_issuer(&template.replace("{tenantid}", "t"))
+                    .is_some_and(|(scheme, _)| scheme == Scheme::HTTPS);
+            if !valid {
+                return Err(origins.invalid(
+                    "oidc.bearer_v1_issuer",
+                    &template,
+                    "an https:// issuer holding {tenantid}, such as https://sts.windows.net/{tenantid}/",
+                ));
+            }
+            Some(template)
+        }
+        (true, None) => match Cloud::of_issuer(&issuer).v1_issuer() {
+            Some(template) => Some(template.to_owned()),
+            None => {
+                return Err(origins.error(
+                    "oidc.bearer_accept_v1",
+                    "v1 access tokens are Entra's, and oidc.issuer names no Entra cloud; \
+                     set oidc.bearer_v1_issuer to their issuer ({tenantid} for the tenant)",
+                ))
+            }
+        },
+    };
+    // An API's v1 tokens are most often for its App ID URI.
+    let bearer_audiences = match (raw.bearer_audiences.is_empty(), raw.bearer_accept_v1) {
+        (true, false) => vec![client_id.clone()],
+        (true, true) => vec![client_id.clone(), format!("api://{client_id}")],
+        (false, _) => raw.bearer_audiences,
     };
     Ok(OidcConfig {
         bearer: raw.bearer,
@@ -1300,6 +1331,7 @@ fn validate_oidc(
         clock_skew: raw.clock_skew,
         ca: raw.ca,
         jwks_refresh: raw.jwks_refresh,
+        bearer_v1_issuer,
         groups_overage: raw.groups_overage,
         graph_url,
     })

@@ -51,6 +51,17 @@ impl Cloud {
         *self != Cloud::Other
     }
 
+    /// The issuer of this cloud's v1 access tokens, `{tenantid}` standing
+    /// for the tenant (what Entra issues for an API whose manifest leaves
+    /// `accessTokenAcceptedVersion` unset); none outside Entra's clouds.
+    pub fn v1_issuer(&self) -> Option<&'static str> {
+        match self {
+            Cloud::Global | Cloud::UsGovernment => Some("https://sts.windows.net/{tenantid}/"),
+            Cloud::China => Some("https://sts.chinacloudapi.cn/{tenantid}/"),
+            Cloud::ExternalId(_) | Cloud::Other => None,
+        }
+    }
+
     /// Microsoft Graph's base URL for this cloud's tenants
     /// (<https://learn.microsoft.com/graph/deployments>); none outside
     /// Entra. External ID tenants use the global Graph.
@@ -138,7 +149,7 @@ mod tests {
     }
 
     #[test]
-    fn each_cloud_has_its_own_graph() {
+    fn each_cloud_has_its_own_graph_and_v1_issuer() {
         for (issuer, graph) in [
             (
                 "https://login.microsoftonline.com/t/v2.0",
@@ -159,6 +170,23 @@ mod tests {
             ("https://idp.example.com/t", None),
         ] {
             assert_eq!(Cloud::of_issuer(issuer).graph_url(), graph, "{issuer}");
+        }
+        for (issuer, v1) in [
+            (
+                "https://login.microsoftonline.com/t/v2.0",
+                Some("https://sts.windows.net/{tenantid}/"),
+            ),
+            (
+                "https://login.microsoftonline.us/t/v2.0",
+                Some("https://sts.windows.net/{tenantid}/"),
+            ),
+            (
+                "https://login.partner.microsoftonline.cn/t/v2.0",
+                Some("https://sts.chinacloudapi.cn/{tenantid}/"),
+            ),
+            ("https://idp.example.com/t", None),
+        ] {
+            assert_eq!(Cloud::of_issuer(issuer).v1_issuer(), v1, "{issuer}");
         }
     }
 

@@ -284,6 +284,7 @@ impl Oidc {
             issuer_tenant,
             bearer_scopes: self.config.bearer_scopes.clone(),
             bearer_app_tokens: self.config.bearer_app_tokens,
+            v1_issuer: self.config.bearer_v1_issuer.clone(),
             jwks: jwks.clone(),
         };
         Ok((

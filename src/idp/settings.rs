@@ -73,6 +73,9 @@ pub struct OidcConfig {
     /// App-only tokens (a service principal, no user) may pass, to routes
     /// whose policy admits one of their app roles.
     pub bearer_app_tokens: bool,
+    /// With `oidc.bearer_accept_v1`: the v1 issuer template
+    /// (`https://sts.windows.net/{tenantid}/`) bearer tokens may carry.
+    pub bearer_v1_issuer: Option<String>,
     pub groups_overage: GroupsOverage,
     /// Microsoft Graph's base URL (`oidc.graph_url`, else the issuer's
     /// cloud's); `None` for a provider that is not Entra.

@@ -87,6 +87,9 @@ pub struct Claims {
     pub tid: Option<String>,
     pub name: Option<String>,
     pub preferred_username: Option<String>,
+    /// v1 access tokens name the user here instead.
+    pub upn: Option<String>,
+    pub unique_name: Option<String>,
     pub email: Option<String>,
     pub groups: Option<Vec<String>>,
     pub roles: Option<Vec<String>>,
@@ -168,6 +171,8 @@ impl Claims {
             username: self
                 .preferred_username
                 .clone()
+                .or_else(|| self.upn.clone())
+                .or_else(|| self.unique_name.clone())
                 .or_else(|| self.email.clone())
                 .unwrap_or_else(|| self.sub.clone()),
             email: self.email.clone(),
@@ -228,6 +233,9 @@ pub struct Verifier {
     pub issuer_tenant: Option<String>,
     pub bearer_scopes: Vec<String>,
     pub bearer_app_tokens: bool,
+    /// Bearer tokens may also be Entra v1 access tokens, whose `iss` is
+    /// this template with the token's `tid` (`oidc.bearer_accept_v1`).
+    pub v1_issuer: Option<String>,
     pub jwks: Arc<Jwks>,
 }
 
@@ -260,7 +268,13 @@ impl Verifier {
 
     async fn verify_issued(&self, token: &str) -> Result<Claims, TokenError> {
         let claims: Claims = self
-            .verify(token, Source::TokenEndpoint, &[&self.audience], REQUIRED)
+            .verify(
+                token,
+                Source::TokenEndpoint,
+                &[&self.audience],
+                REQUIRED,
+                None,
+            )
             .await?;
         // OIDC Core §3.1.3.7 (4, 5): with several audiences, `azp` must
         // name us.
@@ -280,8 +294,9 @@ impl Verifier {
     /// `oidc.bearer_app_tokens`; an ID token (no `scp`) never.
     pub async fn bearer(&self, token: &str) -> Result<Claims, TokenError> {
         let audiences: Vec<&str> = self.bearer_audiences.iter().map(String::as_str).collect();
+        let v1 = self.v1_issuer.as_deref();
         let mut claims: Claims = self
-            .verify(token, Source::Client, &audiences, REQUIRED)
+            .verify(token, Source::Client, &audiences, REQUIRED, v1)
             .await?;
         let app_only = claims.idtyp.as_deref() == Some("app")
             || (claims.scp.is_none() && claims.roles.is_some());
@@ -309,7 +324,13 @@ impl Verifier {
     /// posted it chose its `kid`: unknown keys refetch at a limited rate.
     pub async fn logout_token(&self, token: &str) -> Result<LogoutClaims, TokenError> {
         let claims: LogoutClaims = self
-            .verify(token, Source::Client, &[&self.audience], LOGOUT_REQUIRED)
+            .verify(
+                token,
+                Source::Client,
+                &[&self.audience],
+                LOGOUT_REQUIRED,
+                None,
+            )
             .await?;
         let event = claims
             .events
@@ -330,12 +351,14 @@ impl Verifier {
         Ok(claims)
     }
 
+    /// `v1_issuer`: a v1 issuer template also accepted (bearer tokens).
     async fn verify<T: Issued>(
         &self,
         token: &str,
         source: Source,
         audiences: &[&str],
         required: &[&str],
+        v1_issuer: Option<&str>,
     ) -> Result<T, TokenError> {
         // A header naming an algorithm the library does not know (`none`)
         // fails to parse: say which algorithm was refused.
@@ -363,18 +386,28 @@ impl Verifier {
         validation.validate_nbf = true;
         validation.set_audience(audiences);
         validation.set_required_spec_claims(required);
-        if let IssuerMatch::Exact(issuer) = &self.issuer {
-            validation.set_issuer(&[issuer]);
-        }
         let claims = jsonwebtoken::decode::<T>(token, &key.decoding, &validation)
-            .map_err(|e| self.explain(e, token))?
+            .map_err(explain)?
             .claims;
 
-        if let IssuerMatch::Template(template) = &self.issuer {
-            let tid = claims.tid().ok_or(TokenError::NoTenant)?;
-            if claims.iss() != template.replace("{tenantid}", tid) {
-                return Err(TokenError::Issuer(claims.iss().to_owned()));
+        // The token's issuer: this provider's (its template with the
+        // token's own tenant when multi-tenant), or the same tenant's v1
+        // issuer when that is accepted; the tenant itself is held to
+        // `issuer_tenant` and `allowed_tenants` below either way.
+        let of_tenant = |template: &str| {
+            claims
+                .tid()
+                .is_some_and(|tid| claims.iss() == template.replace("{tenantid}", tid))
+        };
+        let issuer_ok = match &self.issuer {
+            IssuerMatch::Exact(issuer) => claims.iss() == issuer,
+            IssuerMatch::Template(template) => of_tenant(template),
+        } || v1_issuer.is_some_and(of_tenant);
+        if !issuer_ok {
+            if claims.tid().is_none() && matches!(self.issuer, IssuerMatch::Template(_)) {
+                return Err(TokenError::NoTenant);
             }
+            return Err(TokenError::Issuer(claims.iss().to_owned()));
         }
         if let (Some(issuer_tenant), Some(tid)) = (&self.issuer_tenant, claims.tid()) {
             if !issuer_tenant.eq_ignore_ascii_case(tid) {
@@ -398,34 +431,23 @@ impl Verifier {
         }
         Ok(claims)
     }
-
-    fn explain(&self, e: jsonwebtoken::errors::Error, token: &str) -> TokenError {
-        match e.kind() {
-            ErrorKind::InvalidSignature => TokenError::Signature,
-            ErrorKind::ExpiredSignature => TokenError::Expired,
-            ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-            ErrorKind::InvalidAudience => TokenError::Audience,
-            ErrorKind::InvalidIssuer => TokenError::Issuer(unverified_issuer(token)),
-            ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
-            ErrorKind::InvalidAlgorithm => TokenError::Algorithm("a mismatched algorithm".into()),
-            ErrorKind::InvalidToken
-            | ErrorKind::Base64(_)
-            | ErrorKind::Json(_)
-            | ErrorKind::Utf8(_) => TokenError::Malformed,
-            other => TokenError::Other(format!("{other:?}")),
-        }
-    }
 }
 
-/// Used only to word an error about a token already rejected.
-fn unverified_issuer(token: &str) -> String {
-    #[derive(Deserialize)]
-    struct Iss {
-        iss: String,
+/// What the JWT library's refusal means for the caller.
+fn explain(e: jsonwebtoken::errors::Error) -> TokenError {
+    match e.kind() {
+        ErrorKind::InvalidSignature => TokenError::Signature,
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidAudience => TokenError::Audience,
+        ErrorKind::MissingRequiredClaim(claim) => TokenError::MissingClaim(claim.clone()),
+        ErrorKind::InvalidAlgorithm => TokenError::Algorithm("a mismatched algorithm".into()),
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => TokenError::Malformed,
+        other => TokenError::Other(format!("{other:?}")),
     }
-    jsonwebtoken::dangerous::insecure_decode::<Iss>(token)
-        .map(|t| t.claims.iss)
-        .unwrap_or_else(|_| "an unknown issuer".into())
 }
 
 /// The `alg` a rejected token named, for the error message only.
@@ -483,6 +505,7 @@ mod tests {
             issuer_tenant: None,
             bearer_scopes: Vec::new(),
             bearer_app_tokens: false,
+            v1_issuer: None,
             jwks: Arc::new(jwks),
         }
     }
@@ -770,6 +793,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn v1_access_tokens_pass_only_when_accepted_and_only_of_the_same_tenant() {
+        let key = rsa();
+        let mut v = verifier(&key, IssuerMatch::Exact(ISSUER.into()), &[]).await;
+        v.issuer_tenant = Some("tid-1".into());
+        let v1 = |changes: serde_json::Value| {
+            let mut claims = with(json!({
+                "nonce": null, "preferred_username": null, "aud": "api://client-1",
+                "iss": "https://sts.windows.net/tid-1/", "ver": "1.0", "scp": "Devices.Read",
+                "upn": "alice@contoso.example", "unique_name": "alice@contoso.example",
+            }));
+            for (k, value) in changes.as_object().unwrap() {
+                claims[k] = value.clone();
+            }
+            sign(&key, Some("k1"), &claims)
+        };
+        assert!(matches!(
+            v.bearer(&v1(json!({}))).await,
+            Err(TokenError::Issuer(i)) if i == "https://sts.windows.net/tid-1/"
+        ));
+        v.v1_issuer = Some("https://sts.windows.net/{tenantid}/".into());
+        let claims = v.bearer(&v1(json!({}))).await.unwrap();
+        assert_eq!(claims.identity().username, "alice@contoso.example");
+        // The v1 issuer of another tenant, or one that disagrees with tid.
+        let other = v1(json!({"tid": "tid-2", "iss": "https://sts.windows.net/tid-2/"}));
+        assert!(matches!(
+            v.bearer(&other).await,
+            Err(TokenError::TenantMismatch)
+        ));
+        let mismatched = v1(json!({"iss": "https://sts.windows.net/tid-2/"}));
+        assert!(matches!(
+            v.bearer(&mismatched).await,
+            Err(TokenError::Issuer(_))
+        ));
+        // Never an ID token: sign-in keeps to the v2 issuer.
+        let id_token = with(json!({"iss": "https://sts.windows.net/tid-1/"}));
+        assert!(matches!(
+            check(&v, &sign(&key, Some("k1"), &id_token)).await,
+            Err(TokenError::Issuer(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn multi_tenant_issuers_check_the_tokens_own_tenant() {
         let key = rsa();
         let template =
@@ -806,7 +871,6 @@ mod tests {
             #[test]
             fn any_token_is_refused_cleanly(token in "[A-Za-z0-9_.=-]{0,80}|\\PC{0,40}") {
                 let _ = algorithm_name(&token);
-                let _ = unverified_issuer(&token);
             }
         }
     }

@@ -155,12 +155,23 @@ impl Provider {
     /// a CLI or script gets one, and the ID token that came with it; CIBA
     /// stands in for the user's consent.
     pub async fn user_tokens(&self, login: &str) -> (String, String) {
+        self.user_tokens_for(login, "api://authgate-test").await
+    }
+
+    /// A user's delegated access token shaped as Entra's v1 ones, for the
+    /// app's App ID URI (`api://<client id>`).
+    pub async fn user_v1_token(&self, login: &str) -> String {
+        self.user_tokens_for(login, &format!("api://{CLIENT_ID}"))
+            .await
+            .0
+    }
+
+    async fn user_tokens_for(&self, login: &str, resource: &str) -> (String, String) {
+        let resource = serde_urlencoded::to_string([("resource", resource)]).unwrap();
         let started = self
             .post_as_client(
                 "backchannel",
-                &format!(
-                    "scope=openid%20api&login_hint={login}&resource=api%3A%2F%2Fauthgate-test"
-                ),
+                &format!("scope=openid%20api&login_hint={login}&{resource}"),
             )
             .await;
         let id = started["auth_req_id"]
@@ -169,7 +180,7 @@ impl Provider {
         let json = self
             .post_as_client(
                 "token",
-                &format!("grant_type=urn%3Aopenid%3Aparams%3Agrant-type%3Aciba&auth_req_id={id}&resource=api%3A%2F%2Fauthgate-test"),
+                &format!("grant_type=urn%3Aopenid%3Aparams%3Agrant-type%3Aciba&auth_req_id={id}&{resource}"),
             )
             .await;
         let id_token = json["id_token"].as_str().unwrap_or_default().to_owned();

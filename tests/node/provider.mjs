@@ -7,6 +7,9 @@
 //   access tokens for this app's API (resource=api://…) are JWTs shaped as
 //   Entra's: audience the client id, delegated permissions in `scp`;
 //   app-only ones (client_credentials) say `idtyp: app` and carry app roles.
+//   For resource=api://<client id> they are shaped as Entra's v1 access
+//   tokens instead: iss https://sts.windows.net/<tenant>/, ver 1.0, the
+//   user in upn and unique_name, the caller in appid.
 //   A user's delegated token comes from CIBA (poll mode), the user's
 //   approval standing in for them at once (login_hint = the login name).
 //   Microsoft Graph's group look-up, under /graph (what oidc.graph_url
@@ -72,6 +75,7 @@ await new Promise((resolve) => server.listen(Number(env.PORT || 0), '127.0.0.1',
 const port = server.address().port;
 const issuer = `https://127.0.0.1:${port}/${tenant}/v2.0`;
 const graph = `https://127.0.0.1:${port}/graph`;
+const v1Api = `api://${env.CLIENT_ID}`;
 const graphRoles = env.GRAPH_PERMISSIONS === 'none' ? [] : ['User.Read.All', 'GroupMember.Read.All'];
 
 // The app's credential: its secret, or (private_key_jwt) the public key
@@ -144,9 +148,11 @@ const provider = new Provider(issuer, {
       enabled: true,
       // Entra's `<resource>/.default` scope names the resource itself.
       defaultResource: async (ctx) => ((ctx.oidc.params.scope || '').split(' ').includes(`${graph}/.default`) ? graph : undefined),
-      getResourceServerInfo: async (ctx, resource) => (resource === graph
-        ? { scope: `${graph}/.default`, audience: graph, accessTokenFormat: 'jwt' }
-        : { scope: 'api', audience: env.CLIENT_ID, accessTokenFormat: 'jwt' }),
+      getResourceServerInfo: async (ctx, resource) => {
+        if (resource === graph) return { scope: `${graph}/.default`, audience: graph, accessTokenFormat: 'jwt' };
+        if (resource === v1Api) return { scope: 'api', audience: v1Api, accessTokenFormat: 'jwt' };
+        return { scope: 'api', audience: env.CLIENT_ID, accessTokenFormat: 'jwt' };
+      },
     },
     rpInitiatedLogout: { enabled: true },
     backchannelLogout: { enabled: true },
@@ -183,6 +189,14 @@ const provider = new Provider(issuer, {
           Object.assign(payload, { idtyp: 'app', oid: payload.sub, roles });
         }
         delete payload.scope;
+        if (payload.aud === v1Api) {
+          Object.assign(payload, {
+            iss: `https://sts.windows.net/${tenant}/`, ver: '1.0', appid: payload.client_id,
+            upn: payload.preferred_username, unique_name: payload.preferred_username,
+          });
+          delete payload.preferred_username;
+          delete payload.azp;
+        }
       },
     },
   },

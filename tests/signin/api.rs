@@ -236,3 +236,48 @@ async fn bearer_tokens_must_be_a_users_access_tokens_for_this_api() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(!challenge.contains("invalid_token"), "{challenge}");
 }
+
+#[tokio::test]
+async fn v1_access_tokens_pass_only_when_accepted() {
+    let stack = Stack::start(
+        "bearer_accept_v1 = true\nbearer_v1_issuer = \"https://sts.windows.net/{tenantid}/\"",
+    )
+    .await;
+    let token = stack.provider.user_v1_token("alice@contoso.example").await;
+    use base64::Engine;
+    let payload: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        payload["iss"],
+        format!("https://sts.windows.net/{}/", crate::common::peers::TENANT)
+    );
+    assert!(payload.get("preferred_username").is_none(), "{payload}");
+    let echo = upstream_saw(stack.get_with_bearer("/api/devices", &token).await).await;
+    assert_eq!(
+        echo.header("x-forwarded-user"),
+        Some("alice@contoso.example"),
+        "the user from upn"
+    );
+
+    // Off (the default), the same token is refused as from another issuer.
+    let off = Stack::start("").await;
+    let token = off.provider.user_v1_token("alice@contoso.example").await;
+    let (status, challenge) = with_bearer(&off, "/api/devices", &token).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(challenge.contains("invalid_token"), "{challenge}");
+    // A provider that is not Entra has no v1 issuer to derive.
+    let (status, _, err) = run_authgate(
+        off.gateway.dir.path(),
+        &["--config", "authgate.toml", "check-config"],
+        &[("AUTHGATE_OIDC_BEARER_ACCEPT_V1", "true")],
+    );
+    assert_eq!(status.code(), Some(2));
+    assert!(
+        err.contains("oidc.bearer_accept_v1") && err.contains("oidc.bearer_v1_issuer"),
+        "{err}"
+    );
+}
