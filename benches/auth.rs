@@ -49,6 +49,7 @@ fn identity() -> Identity {
         roles: vec!["Console.User".into()],
         groups_overage: false,
         groups_from_graph: false,
+        acrs: Vec::new(),
         app: false,
     }
 }

@@ -911,12 +911,34 @@ impl RawConfig {
                     format!("`{}` is already routed by {other}", raw.prefix),
                 ));
             }
+            let access = raw.access.unwrap_or(self.access);
+            let step_up = raw
+                .policy
+                .as_ref()
+                .is_some_and(|p| !p.require_acrs.is_empty());
+            if access == Access::Public && step_up {
+                return Err(origins.error(
+                    &key("policy.require_acrs"),
+                    "a public route has no sign-in to step up: remove require_acrs, \
+                     or make the route protected",
+                ));
+            }
             routes.push(RouteConfig {
                 prefix: raw.prefix.clone(),
                 upstream: parse_upstream(origins, &key("upstream"), &raw.upstream)?,
-                access: raw.access.unwrap_or(self.access),
+                access,
                 policy: raw.policy.clone().unwrap_or_else(|| self.policy.clone()),
             });
+        }
+
+        // [policy] is also every route's without one of its own: its
+        // require_acrs must reach a protected route.
+        let inherits = |r: &RouteConfig| r.access != Access::Public && r.policy == self.policy;
+        if !self.policy.require_acrs.is_empty() && !routes.iter().any(inherits) {
+            return Err(origins.error(
+                "policy.require_acrs",
+                "no protected route uses [policy], and a public route has no sign-in to step up",
+            ));
         }
 
         let hsts = match self.tls.hsts.trim() {
@@ -2062,6 +2084,18 @@ mod tests {
             &[],
         );
         assert!(err.contains("routes[0].upstream"), "{err}");
+    }
+
+    #[test]
+    fn a_public_route_cannot_require_a_step_up() {
+        let err = error_of(
+            "[[routes]]\nprefix = \"/pub\"\nupstream = \"http://h:1\"\naccess = \"public\"\n\
+             [routes.policy]\nrequire_acrs = [\"c1\"]\n",
+            &[],
+        );
+        assert!(err.contains("routes[0].policy.require_acrs"), "{err}");
+        let err = error_of("[policy]\nrequire_acrs = [\"c1\"]\n", &[]);
+        assert!(err.contains("policy.require_acrs"), "{err}");
     }
 
     #[test]

@@ -456,6 +456,7 @@ mod tests {
             roles: vec![],
             groups_overage: false,
             groups_from_graph: false,
+            acrs: Vec::new(),
             app: false,
         }
     }

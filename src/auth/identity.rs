@@ -133,6 +133,9 @@ pub struct Identity {
     /// For a user in overage: `groups` came from Microsoft Graph, whole.
     #[serde(default)]
     pub groups_from_graph: bool,
+    /// The authentication contexts the token says were satisfied (`acrs`).
+    #[serde(default)]
+    pub acrs: Vec<String>,
     /// A service principal's own (app-only) bearer token: no user.
     #[serde(default)]
     pub app: bool,
@@ -404,6 +407,7 @@ mod tests {
             roles: vec![],
             groups_overage: false,
             groups_from_graph: false,
+            acrs: Vec::new(),
             app: false,
         }
     }

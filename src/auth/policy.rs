@@ -1,6 +1,7 @@
 //! Who may pass once signed in: tenants, email domains, users, groups and
-//! app roles. Every list that is set must be satisfied (any entry of it);
-//! an empty policy admits every signed-in user.
+//! app roles, and with what sign-in (Entra authentication contexts). Every
+//! list that is set must be satisfied (any entry of it, every one of
+//! `require_acrs`); an empty policy admits every signed-in user.
 
 use serde::Deserialize;
 
@@ -19,6 +20,10 @@ pub struct Policy {
     pub allowed_groups: Vec<String>,
     /// App roles defined on the app registration (`roles` claim).
     pub allowed_roles: Vec<String>,
+    /// Entra authentication context ids (`c1`…) the sign-in must have
+    /// satisfied (`acrs` claim): a user without them is sent back through
+    /// sign-in asking for them (a step-up, such as MFA for admin pages).
+    pub require_acrs: Vec<String>,
 }
 
 /// Why a signed-in user was refused.
@@ -48,6 +53,10 @@ pub enum Denial {
          consent), then you sign in again; or grant access through an app role"
     )]
     GroupsOverage,
+    /// The sign-in did not satisfy these authentication contexts: a
+    /// step-up can.
+    #[error("this page needs a stronger sign-in (authentication context {})", .0.join(", "))]
+    StepUp(Vec<String>),
     /// `oidc.groups_overage = "deny"`.
     #[error(
         "your account is in more groups than Microsoft Entra ID puts in a sign-in token, \
@@ -68,6 +77,7 @@ impl Denial {
             Denial::Roles => "role_not_allowed",
             Denial::GroupsOverage => "groups_overage",
             Denial::GroupsOverageRefused => "groups_overage_refused",
+            Denial::StepUp(_) => "step_up_required",
             Denial::AppNeedsRole => "app_needs_role",
         }
     }
@@ -128,6 +138,16 @@ impl Policy {
         {
             return Err(Denial::Roles);
         }
+        // Last: a step-up is worth asking for only of a user who may pass.
+        let missing: Vec<String> = self
+            .require_acrs
+            .iter()
+            .filter(|acr| !identity.acrs.contains(acr))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(Denial::StepUp(missing));
+        }
         Ok(())
     }
 }
@@ -148,6 +168,7 @@ mod tests {
             roles: roles.iter().map(|r| r.to_string()).collect(),
             groups_overage: overage,
             groups_from_graph: false,
+            acrs: Vec::new(),
             app: false,
         }
     }
@@ -236,5 +257,25 @@ mod tests {
         // Rules that do not involve groups are unaffected.
         let roles = policy(|p| p.allowed_roles = vec!["Console.User".into()]);
         assert_eq!(roles.check(&user(&[], &["Console.User"], true)), Ok(()));
+    }
+
+    #[test]
+    fn a_step_up_is_asked_for_what_the_sign_in_lacks_and_only_of_who_may_pass() {
+        let admins = policy(|p| {
+            p.allowed_roles = vec!["Console.Admin".into()];
+            p.require_acrs = vec!["c1".into(), "c2".into()];
+        });
+        let mut admin = user(&[], &["Console.Admin"], false);
+        admin.acrs = vec!["c2".into()];
+        assert_eq!(admins.check(&admin), Err(Denial::StepUp(vec!["c1".into()])));
+        admin.acrs.push("c1".into());
+        assert_eq!(admins.check(&admin), Ok(()));
+        let mut reader = user(&[], &["Console.User"], false);
+        reader.acrs = vec![];
+        assert_eq!(
+            admins.check(&reader),
+            Err(Denial::Roles),
+            "no step-up first"
+        );
     }
 }

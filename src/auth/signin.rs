@@ -30,6 +30,37 @@ use crate::ops::metrics::Metrics;
 use crate::pages::{self, Page};
 use crate::Body;
 
+fn step_up_refused(unmet: &[&str]) -> Page {
+    let mut page = Page::new(
+        StatusCode::FORBIDDEN,
+        "step_up_refused",
+        "This page needs a stronger sign-in",
+        format!(
+            "You signed in again, but the sign-in did not satisfy the authentication context \
+             {} this page requires (in Microsoft Entra, a Conditional Access policy such as \
+             multifactor authentication or a compliant device).",
+            unmet.join(", ")
+        ),
+    );
+    page.advice.push(
+        "The rest of the console stays open to you. Ask an administrator which sign-in \
+         this page requires."
+            .into(),
+    );
+    page.link = Some(("/".into(), "Back to the console"));
+    page
+}
+
+/// Where a browser returns after signing in for `uri`: only a GET can be
+/// replayed; anything else lands on `/`.
+fn replayable(method: &Method, uri: &http::Uri) -> String {
+    if method == Method::GET {
+        safe_return_to(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+    } else {
+        "/".to_owned()
+    }
+}
+
 /// Largest form_post callback body read (a code, a state and an id).
 const MAX_CALLBACK_BODY: usize = 64 * 1024;
 
@@ -385,26 +416,68 @@ impl SignIn {
             pages::append_cookies(&mut response, stale);
             return response;
         }
-        // Only a GET can be replayed after sign-in; anything else lands on /.
-        let return_to = if method == Method::GET {
-            safe_return_to(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        } else {
-            "/".to_owned()
-        };
-        let mut response = self.start(return_to, id).await;
+        let mut response = self.start(replayable(method, uri), id).await;
         pages::append_cookies(&mut response, stale);
+        response
+    }
+
+    /// A signed-in caller whose sign-in lacks the authentication contexts
+    /// `acrs` (a route's `require_acrs`): a browser with a session
+    /// (`browser`: its request) goes back through sign-in asking for them;
+    /// anyone else gets RFC 9470's 401 naming them, for a client that can
+    /// ask its provider itself.
+    pub async fn step_up(
+        &self,
+        identity: &Identity,
+        acrs: Vec<String>,
+        browser: Option<(&Method, &http::Uri)>,
+        id: &str,
+    ) -> Response<Body> {
+        tracing::info!(
+            target: AUDIT,
+            request_id = id,
+            user = %identity.username,
+            acrs = %acrs.join(" "),
+            "step-up required"
+        );
+        if let Some((method, uri)) = browser {
+            return self.begin(replayable(method, uri), acrs, id).await;
+        }
+        let page = Page::new(
+            StatusCode::UNAUTHORIZED,
+            "insufficient_user_authentication",
+            "A stronger sign-in is required",
+            format!(
+                "This resource needs a token whose sign-in satisfied the authentication context {}.",
+                acrs.join(", ")
+            ),
+        );
+        let mut response = page.render(false, id);
+        let challenge = format!(
+            "Bearer realm=\"authgate\", error=\"insufficient_user_authentication\", \
+             error_description=\"A stronger sign-in is required\", acr_values=\"{}\"",
+            acrs.join(" ")
+        );
+        if let Ok(challenge) = HeaderValue::from_str(&challenge) {
+            response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
+        }
         response
     }
 
     /// Sends the browser to the provider, to come back to `return_to`: a
     /// path on `public_url`, or a URL the caller checked is ours.
     pub async fn start(&self, return_to: String, id: &str) -> Response<Body> {
+        self.begin(return_to, Vec::new(), id).await
+    }
+
+    /// `start`, asking for the authentication contexts `step_up` too.
+    async fn begin(&self, return_to: String, step_up: Vec<String>, id: &str) -> Response<Body> {
         let (return_to, shortened) = if self.sessions.is_stored() {
             (return_to, false)
         } else {
             carried(return_to)
         };
-        let (url, login) = match self.oidc.start(return_to).await {
+        let (url, login) = match self.oidc.start(return_to, step_up).await {
             Ok((url, login)) => (url, LoginState { shortened, ..login }),
             Err(e) => {
                 return explain::sign_in_error(&e, &self.config().redirect_uri, &self.cloud())
@@ -484,6 +557,16 @@ impl SignIn {
                         route = %login.return_to.split('?').next().unwrap_or("/"),
                         "signed in"
                     );
+                    let unmet: Vec<&str> = login
+                        .step_up
+                        .iter()
+                        .filter(|acr| !identity.acrs.contains(acr))
+                        .map(String::as_str)
+                        .collect();
+                    let step_up_refused = (!unmet.is_empty()).then(|| {
+                        tracing::info!(target: AUDIT, request_id = id, user = %identity.username, acrs = %unmet.join(" "), "step-up not satisfied");
+                        step_up_refused(&unmet)
+                    });
                     let session = Session::new(
                         identity,
                         signed_in.id_token,
@@ -505,10 +588,16 @@ impl SignIn {
                             } else {
                                 login.return_to.clone()
                             };
-                            let mut response = if login.shortened {
-                                shortened_link(&login.return_to, html, id)
-                            } else {
-                                pages::redirect(StatusCode::SEE_OTHER, &location)
+                            // A step-up the provider did not satisfy: the
+                            // new session serves the other routes, and the
+                            // page says why this one stays shut (going
+                            // back would ask again, and again).
+                            let mut response = match step_up_refused {
+                                Some(page) => page.render(html, id),
+                                None if login.shortened => {
+                                    shortened_link(&login.return_to, html, id)
+                                }
+                                None => pages::redirect(StatusCode::SEE_OTHER, &location),
                             };
                             pages::append_cookies(&mut response, cookies);
                             response

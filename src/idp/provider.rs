@@ -494,8 +494,16 @@ impl Oidc {
     }
 
     /// The provider's authorization URL for a new sign-in, and what the
-    /// callback will need to finish it.
-    pub async fn start(&self, return_to: String) -> Result<(String, LoginState), SignInError> {
+    /// callback will need to finish it. `step_up`: authentication context
+    /// ids the ID token must carry in `acrs`, asked for with the `claims`
+    /// parameter (OpenID Connect Core §5.5), as Entra documents for
+    /// authentication contexts
+    /// (<https://learn.microsoft.com/entra/identity-platform/developer-guide-conditional-access-authentication-context>).
+    pub async fn start(
+        &self,
+        return_to: String,
+        step_up: Vec<String>,
+    ) -> Result<(String, LoginState), SignInError> {
         let provider = self.provider.get().ok_or(SignInError::NotReady)?;
         let answers = self
             .reachable
@@ -524,6 +532,14 @@ impl Oidc {
         if self.config.response_mode == ResponseMode::FormPost {
             request = request.add_extra_param("response_mode", "form_post");
         }
+        if !step_up.is_empty() {
+            let acrs = match step_up.as_slice() {
+                [one] => serde_json::json!({ "essential": true, "value": one }),
+                many => serde_json::json!({ "essential": true, "values": many }),
+            };
+            let claims = serde_json::json!({ "id_token": { "acrs": acrs } });
+            request = request.add_extra_param("claims", claims.to_string());
+        }
         let (url, state, nonce) = request.url();
         let login = LoginState {
             state: state.secret().clone(),
@@ -531,6 +547,7 @@ impl Oidc {
             pkce_verifier: verifier.secret().clone(),
             return_to,
             shortened: false,
+            step_up,
             started_at: crate::clock::now(),
         };
         Ok((url.to_string(), login))

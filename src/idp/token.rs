@@ -101,6 +101,8 @@ pub struct Claims {
     /// The provider's session: what its logout messages name. An optional
     /// claim in Entra (Token configuration → Add optional claim → sid).
     pub sid: Option<String>,
+    /// Entra authentication contexts satisfied (`c1`…), when asked for.
+    pub acrs: Option<Vec<String>>,
     /// Set by the bearer check: a service principal's own token.
     #[serde(skip)]
     pub app_only: bool,
@@ -185,6 +187,7 @@ impl Claims {
                 .as_ref()
                 .is_some_and(|n| n.contains_key("groups")),
             groups_from_graph: false,
+            acrs: self.acrs.clone().unwrap_or_default(),
             app: self.app_only,
         }
     }

@@ -149,7 +149,7 @@ impl Default for Metrics {
         registry.register(
             "forward_auths",
             "Forward-auth questions from a proxy in front, by verdict (allowed, passed, \
-             unauthenticated, forbidden, invalid_token, store_unavailable, untrusted_peer, no_target)",
+             unauthenticated, forbidden, step_up_required, invalid_token, store_unavailable, untrusted_peer, no_target)",
             metrics.forward_auths.clone(),
         );
         registry.register(

@@ -14,6 +14,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 
 use super::{target, Client, Gateway};
+use crate::auth::policy::Denial;
 use crate::auth::{self, Unidentified};
 use crate::forward::headers::{join_cookie_fields, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use crate::forward::routes::Access;
@@ -97,9 +98,19 @@ impl Gateway {
                 let admitted = signin
                     .admits(&identity)
                     .and_then(|()| route.policy.check(&identity));
-                if let Err(denial) = admitted {
-                    let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
-                    return ("forbidden", response);
+                match admitted {
+                    // The proxy in front cannot send a browser through a
+                    // step-up: the 401 names what is missing.
+                    Err(Denial::StepUp(acrs)) => {
+                        let response = signin.step_up(&identity, acrs, None, id).await;
+                        return ("step_up_required", response);
+                    }
+                    Err(denial) => {
+                        let response =
+                            signin.forbidden(&identity, &route.prefix, &denial, html, id);
+                        return ("forbidden", response);
+                    }
+                    Ok(()) => {}
                 }
                 let mut response = self.allowed(&headers, client);
                 self.tell_identity(response.headers_mut(), &authenticated, &identity, route);

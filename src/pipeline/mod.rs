@@ -25,6 +25,7 @@ use self::host::{Hosts, Verdict};
 use crate::auth::assertion::Assertions;
 use crate::auth::easy_auth::Tokens;
 use crate::auth::identity::IdentityHeaders;
+use crate::auth::policy::Denial;
 use crate::auth::session::{LastCookie, Sessions};
 use crate::auth::signin::{Callback, SignIn};
 use crate::auth::{self, Authenticated};
@@ -248,7 +249,14 @@ impl Gateway {
                 .admits(&identity)
                 .and_then(|()| route.policy.check(&identity));
             if let Err(denial) = admitted {
-                let response = signin.forbidden(&identity, &route.prefix, &denial, html, id);
+                let response = match denial {
+                    Denial::StepUp(acrs) => {
+                        let session = matches!(caller.authenticated, Authenticated::Session(_));
+                        let browser = (html && session).then(|| (req.method(), req.uri()));
+                        Box::pin(signin.step_up(&identity, acrs, browser, id)).await
+                    }
+                    denial => signin.forbidden(&identity, &route.prefix, &denial, html, id),
+                };
                 seen.done(&route.metrics, response.status());
                 return response;
             }

@@ -18,6 +18,10 @@
 //   application permissions User.Read.All and GroupMember.Read.All unless
 //   GRAPH_PERMISSIONS=none; GRAPH_THROTTLE=1 answers 429. "overage…"
 //   users are in 250 groups there.
+//   Step-up: an authorization request's `claims` parameter asking for
+//   `acrs` (Entra's authentication contexts) gets them in the ID token, as
+//   if the user passed the Conditional Access policy; "nomfa…" users never
+//   do.
 // Consent is granted by the "tenant admin" up front, as in Entra.
 //
 // Environment: PORT (0 = any), TENANT, CLIENT_ID, CLIENT_SECRET or
@@ -112,18 +116,28 @@ const provider = new Provider(issuer, {
   },
   scopes: ['openid', 'profile', 'email', 'offline_access'],
   claims: {
-    openid: ['sub', 'oid', 'tid', 'ver', 'groups', 'roles', '_claim_names', '_claim_sources'],
+    openid: ['sub', 'oid', 'tid', 'ver', 'groups', 'roles', '_claim_names', '_claim_sources', 'acrs'],
     profile: ['name', 'preferred_username'],
     email: ['email'],
   },
   // Entra puts the profile claims in the ID token itself.
   conformIdTokenClaims: false,
   cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
-  findAccount: async (ctx, id) => ({ accountId: id, claims: async () => claimsFor(id) }),
+  findAccount: async (ctx, id) => ({
+    accountId: id,
+    claims: async (use, scope, requested) => {
+      const claims = claimsFor(id);
+      const asked = requested?.acrs;
+      const acrs = asked?.values || (asked?.value ? [asked.value] : []);
+      if (acrs.length && !id.startsWith('nomfa')) claims.acrs = acrs;
+      return claims;
+    },
+  }),
   // Admin consent: every scope the client asks for is granted.
   loadExistingGrant: async (ctx) => {
     const grant = new ctx.oidc.provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
     grant.addOIDCScope('openid profile email offline_access');
+    grant.addOIDCClaims(['acrs']);
     await grant.save();
     return grant;
   },
@@ -155,6 +169,7 @@ const provider = new Provider(issuer, {
       },
     },
     rpInitiatedLogout: { enabled: true },
+    claimsParameter: { enabled: true },
     backchannelLogout: { enabled: true },
     ciba: {
       enabled: true,

@@ -18,3 +18,4 @@ mod operations;
 mod overage;
 mod replicas;
 mod sessions;
+mod step_up;

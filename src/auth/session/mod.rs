@@ -239,6 +239,10 @@ pub struct LoginState {
     /// without the query (or `/`), and the user is told.
     #[serde(default)]
     pub shortened: bool,
+    /// The authentication contexts this sign-in asked for (a step-up),
+    /// which its ID token must carry in `acrs`.
+    #[serde(default)]
+    pub step_up: Vec<String>,
     pub started_at: u64,
 }
 
@@ -1299,6 +1303,7 @@ mod tests {
                 roles: vec![],
                 groups_overage: false,
                 groups_from_graph: false,
+                acrs: Vec::new(),
                 app: false,
             },
             "header.payload.signature".into(),
@@ -1523,6 +1528,7 @@ mod tests {
             pkce_verifier: "v".into(),
             return_to: "/".into(),
             shortened: false,
+            step_up: Vec::new(),
             started_at: now(),
         };
         let one = jar
@@ -1725,6 +1731,7 @@ mod tests {
                 pkce_verifier: "v".into(),
                 return_to: format!("/deep?q={}", "x".repeat(8000)),
                 shortened: false,
+                step_up: Vec::new(),
                 started_at: now(),
             };
             let cookie = jar.write_login(&login, false).await.unwrap();
