@@ -20,13 +20,11 @@ use crate::auth::session::{
 use crate::config::PublicUrl;
 use crate::idp::cloud::Cloud;
 use crate::idp::explain;
-use crate::idp::graph::Graph;
 use crate::idp::provider::{Oidc, RefreshError};
 use crate::idp::token::TokenError;
 use crate::idp::GroupsOverage;
 use crate::idp::{OidcConfig, ResponseMode};
 use crate::ops::logging::AUDIT;
-use crate::ops::metrics::Metrics;
 use crate::pages::{self, Page};
 use crate::Body;
 
@@ -73,9 +71,6 @@ pub struct SignIn {
     body_deadline: Duration,
     /// Sessions keep the provider's access token (`headers.easy_auth_tokens`).
     keep_access_token: bool,
-    /// Asked for the groups of users in overage (`oidc.groups_overage =
-    /// "graph"`, on a provider with a Graph).
-    graph: Option<Arc<Graph>>,
 }
 
 /// What the callback endpoint decided.
@@ -106,15 +101,7 @@ impl SignIn {
         body_deadline: Duration,
         keep_access_token: bool,
     ) -> SignIn {
-        let config = oidc.config();
-        let graph = match (&config.graph_url, config.groups_overage) {
-            (Some(url), GroupsOverage::Graph) => {
-                Some(Arc::new(Graph::new(url, oidc.metrics().clone())))
-            }
-            _ => None,
-        };
         SignIn {
-            graph,
             oidc,
             sessions,
             public_url,
@@ -122,35 +109,6 @@ impl SignIn {
             body_deadline,
             keep_access_token,
         }
-    }
-
-    /// `identity` with its groups from Microsoft Graph when its token
-    /// listed none for being in too many, and Graph can be asked; as it
-    /// was otherwise (its groups then stay unknown, never "none").
-    async fn with_groups(&self, mut identity: Identity) -> Identity {
-        if !identity.groups_overage || self.config().groups_overage == GroupsOverage::Deny {
-            return identity;
-        }
-        let Some(graph) = &self.graph else {
-            Metrics::outcome(&self.oidc.metrics().graph_lookups, "no_graph");
-            tracing::warn!(user = %identity.username, "the user is in more groups than the token lists, and this provider has no Microsoft Graph to ask (oidc.graph_url)");
-            return identity;
-        };
-        let tenant = identity.tenant.clone().unwrap_or_default();
-        match graph
-            .member_groups(&self.oidc, &tenant, &identity.user_id)
-            .await
-        {
-            Ok(groups) => {
-                tracing::debug!(user = %identity.username, groups = groups.len(), "groups from Microsoft Graph");
-                identity.groups = groups;
-                identity.groups_from_graph = true;
-            }
-            Err(e) => {
-                tracing::warn!(user = %identity.username, error = %e, "the groups of a user in more groups than the token lists are unknown");
-            }
-        }
-        identity
     }
 
     /// Whether the gateway admits `identity` at all, whatever the route:
@@ -335,7 +293,7 @@ impl SignIn {
         match &*outcome {
             Ok(signed_in) => {
                 tracing::debug!(user = %session.identity.username, "session renewed");
-                let identity = self.with_groups(signed_in.claims.identity()).await;
+                let identity = self.oidc.with_groups(signed_in.claims.identity()).await;
                 let renewed = session
                     .renewed(
                         identity,
@@ -548,7 +506,7 @@ impl SignIn {
             match self.oidc.finish(&login, code).await {
                 Ok(signed_in) => {
                     self.count("success");
-                    let identity = self.with_groups(signed_in.claims.identity()).await;
+                    let identity = self.oidc.with_groups(signed_in.claims.identity()).await;
                     tracing::info!(
                         target: AUDIT,
                         request_id = id,

@@ -20,7 +20,9 @@ use openidconnect::{
     RequestTokenError, Scope, StandardErrorResponse, TokenResponse, TokenUrl,
 };
 
-use super::settings::{ClientAuth, OidcConfig, ResponseMode};
+use super::graph::Graph;
+use super::settings::{ClientAuth, GroupsOverage, OidcConfig, ResponseMode};
+use crate::auth::identity::Identity;
 use crate::auth::session::LoginState;
 use crate::idp::credential::AssertionError;
 use crate::idp::jwks::{Jwks, JwksError};
@@ -159,6 +161,9 @@ pub struct Oidc {
     discovery_uri: String,
     provider: OnceLock<Provider>,
     reachable: moka::future::Cache<(), bool>,
+    /// Asked for the groups of users in overage (`oidc.groups_overage =
+    /// "graph"`, on a provider with a Graph).
+    graph: Option<Graph>,
 }
 
 impl Oidc {
@@ -174,7 +179,12 @@ impl Oidc {
             (None, Some(path)) => Credential::Federated(path.clone()),
             (None, None) => Credential::Secret,
         };
+        let graph = match (&config.graph_url, config.groups_overage) {
+            (Some(url), GroupsOverage::Graph) => Some(Graph::new(url, metrics.clone())),
+            _ => None,
+        };
         Ok(Arc::new(Oidc {
+            graph,
             metrics,
             credential,
             refreshes: moka::future::Cache::builder()
@@ -354,6 +364,39 @@ impl Oidc {
         ))
     }
 
+    /// Microsoft Graph, when users in overage are looked up there.
+    pub fn graph(&self) -> Option<&Graph> {
+        self.graph.as_ref()
+    }
+
+    /// `identity` with its groups from Microsoft Graph when its token
+    /// listed none for being in too many, and Graph is to be asked; as it
+    /// was otherwise (its groups then stay unknown, never "none").
+    pub async fn with_groups(&self, mut identity: Identity) -> Identity {
+        if !identity.groups_overage || identity.app {
+            return identity;
+        }
+        let Some(graph) = &self.graph else {
+            if self.config.groups_overage == GroupsOverage::Graph {
+                Metrics::outcome(&self.metrics.graph_lookups, "no_graph");
+                tracing::warn!(user = %identity.username, "the user is in more groups than the token lists, and this provider has no Microsoft Graph to ask (oidc.graph_url)");
+            }
+            return identity;
+        };
+        let tenant = identity.tenant.clone().unwrap_or_default();
+        match graph.member_groups(self, &tenant, &identity.user_id).await {
+            Ok(groups) => {
+                tracing::debug!(user = %identity.username, groups = groups.len(), "groups from Microsoft Graph");
+                identity.groups = groups;
+                identity.groups_from_graph = true;
+            }
+            Err(e) => {
+                tracing::warn!(user = %identity.username, error = %e, "the groups of a user in more groups than the token lists are unknown");
+            }
+        }
+        identity
+    }
+
     /// The client the gateway calls the provider and Graph with.
     pub fn http(&self) -> &HttpClient {
         &self.http
@@ -404,7 +447,16 @@ impl Oidc {
         }
         let verified = provider.verifier.bearer(token).await;
         self.validated("bearer", verified.is_ok());
-        let claims = Arc::new(verified?);
+        let mut claims = verified?;
+        // Asked once per token, kept with it in the cache.
+        let identity = claims.identity();
+        if identity.groups_overage {
+            let identity = self.with_groups(identity).await;
+            if identity.groups_from_graph {
+                claims.graph_groups = Some(identity.groups);
+            }
+        }
+        let claims = Arc::new(claims);
         self.bearers.insert(token.to_owned(), claims.clone()).await;
         Ok(claims)
     }

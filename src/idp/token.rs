@@ -103,6 +103,9 @@ pub struct Claims {
     pub sid: Option<String>,
     /// Entra authentication contexts satisfied (`c1`…), when asked for.
     pub acrs: Option<Vec<String>>,
+    /// A bearer token's groups from Microsoft Graph, for a user in overage.
+    #[serde(skip)]
+    pub graph_groups: Option<Vec<String>>,
     /// Set by the bearer check: a service principal's own token.
     #[serde(skip)]
     pub app_only: bool,
@@ -180,13 +183,17 @@ impl Claims {
             email: self.email.clone(),
             name: self.name.clone(),
             tenant: self.tid.clone(),
-            groups: self.groups.clone().unwrap_or_default(),
+            groups: self
+                .graph_groups
+                .clone()
+                .or_else(|| self.groups.clone())
+                .unwrap_or_default(),
             roles: self.roles.clone().unwrap_or_default(),
             groups_overage: self
                 .claim_names
                 .as_ref()
                 .is_some_and(|n| n.contains_key("groups")),
-            groups_from_graph: false,
+            groups_from_graph: self.graph_groups.is_some(),
             acrs: self.acrs.clone().unwrap_or_default(),
             app: self.app_only,
         }

@@ -19,7 +19,7 @@ use crate::auth::session::{SessionConfig, StoreKind};
 use crate::config::Config;
 use crate::idp::cloud::Cloud;
 use crate::idp::explain;
-use crate::idp::graph::{Graph, PERMISSIONS};
+use crate::idp::graph::PERMISSIONS;
 use crate::idp::provider::{Oidc, SignInError};
 use crate::idp::GroupsOverage;
 use crate::net::acme::{self, AcmeSettings, ChallengeKind};
@@ -526,12 +526,12 @@ async fn graph(oidc: &Oidc) -> Option<Finding> {
     if config.groups_overage != GroupsOverage::Graph {
         return None;
     }
-    let url = config.graph_url.as_ref()?;
+    let graph = oidc.graph()?;
+    let url = config.graph_url.as_deref().unwrap_or_default();
     let tenant = match config.allowed_tenants.first() {
         Some(tenant) if config.multi_tenant => tenant.clone(),
         _ => crate::idp::provider::issuer_tenant(&config.issuer).unwrap_or_default(),
     };
-    let graph = Graph::new(url, oidc.metrics().clone());
     Some(match graph.probe(oidc, &tenant).await {
         Ok(()) => Finding::pass(
             "graph",

@@ -199,6 +199,7 @@ const provider = new Provider(issuer, {
             scp: payload.scope, oid: user.oid, name: user.name,
             preferred_username: user.preferred_username, roles: user.roles,
           });
+          if (user._claim_names) Object.assign(payload, { _claim_names: user._claim_names, _claim_sources: user._claim_sources });
         } else {
           const roles = payload.aud === graph ? graphRoles : ['Console.Automation'];
           Object.assign(payload, { idtyp: 'app', oid: payload.sub, roles });

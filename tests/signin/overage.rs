@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use crate::common::peers::browser;
 use crate::common::stack::*;
+use crate::common::upstream_saw;
 
 const ROUTES: &str = r#"
 [headers]
@@ -89,6 +90,17 @@ async fn graph_tells_the_groups_of_a_user_in_overage_once_per_sign_in() {
         "{metrics}"
     );
 
+    // A bearer token of a user in overage: asked once for the token.
+    let (token, _) = stack.provider.user_tokens("overage1@contoso.example").await;
+    for _ in 0..2 {
+        let echo = upstream_saw(stack.get_with_bearer("/admin/users", &token).await).await;
+        assert_eq!(echo.header("x-forwarded-groups-overage"), Some("cut"));
+    }
+    stack
+        .gateway
+        .metric("authgate_graph_lookups_total{outcome=\"resolved\"} 2")
+        .await;
+
     let (_, out, _) = stack.gateway.command(&["check", "--json"]);
     let graph = finding(&out);
     assert_eq!(graph["ok"], true, "{graph}");
@@ -115,6 +127,9 @@ async fn without_graphs_permission_groups_are_unknown_never_none() {
         .gateway
         .metric("authgate_graph_lookups_total{outcome=\"refused\"} 1")
         .await;
+    let (token, _) = stack.provider.user_tokens("overage1@contoso.example").await;
+    let response = stack.get_with_bearer("/admin/users", &token).await;
+    assert_eq!(response.status(), http::StatusCode::FORBIDDEN);
 
     let (ok, out, _) = stack.gateway.command(&["check", "--json"]);
     assert!(!ok.success());
