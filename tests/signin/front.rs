@@ -155,6 +155,7 @@ async fn the_recipe_holds(kind: FrontKind) {
             .header("x-forwarded-user", "mallory@contoso.example")
             .header("x-forwarded-roles", "Console.Admin")
             .header("X-Forwarded-Groups", "admins")
+            .header("X-Forwarded-Groups-Overage", "cut")
             .header("X-Authgate-Assertion", "forged.by.client")
             .header("X_Forwarded_User", "mallory@contoso.example")
             .header("X.Forwarded.Email", "mallory@contoso.example");
@@ -183,6 +184,10 @@ async fn the_recipe_holds(kind: FrontKind) {
         echo.header("x-forwarded-groups"),
         Some("group-alice-0,group-alice-1")
     );
+    let overage = echo
+        .header("x-forwarded-groups-overage")
+        .unwrap_or_default();
+    assert!(overage.is_empty(), "{overage} reached the console");
     let echo = upstream_saw(send(front.addr(), forged("/api/public/x", None)).await).await;
     // Absent (nginx leaves out an empty header) or empty (Caddy copies
     // the gateway's blank answer).
@@ -190,6 +195,7 @@ async fn the_recipe_holds(kind: FrontKind) {
         "x-forwarded-user",
         "x-forwarded-roles",
         "x-forwarded-groups",
+        "x-forwarded-groups-overage",
         "x-authgate-assertion",
     ] {
         let value = echo.header(name).unwrap_or_default();
