@@ -337,12 +337,7 @@ impl Oidc {
             SignInError::Exchange("the provider publishes no token endpoint".into())
         })?;
         if matches!(provider.verifier.issuer, IssuerMatch::Template(_)) {
-            let path = endpoint.path().to_owned();
-            let rest = path
-                .trim_start_matches('/')
-                .split_once('/')
-                .map_or("", |(_, r)| r);
-            endpoint.set_path(&format!("/{tenant}/{rest}"));
+            endpoint = tenant_endpoint(&endpoint, tenant);
         }
         let client = self
             .client(provider)
@@ -729,6 +724,16 @@ fn explain_token_error(error: TokenRequestError) -> SignInError {
     }
 }
 
+/// `endpoint` (`https://<host>/organizations/oauth2/v2.0/token`) of
+/// `tenant` instead (`https://<host>/<tenant>/oauth2/v2.0/token`).
+fn tenant_endpoint(endpoint: &Url, tenant: &str) -> Url {
+    let mut of_tenant = endpoint.clone();
+    let path = endpoint.path().trim_start_matches('/');
+    let rest = path.split_once('/').map_or("", |(_, rest)| rest);
+    of_tenant.set_path(&format!("/{tenant}/{rest}"));
+    of_tenant
+}
+
 fn token_endpoint(provider: &Provider) -> Option<&Url> {
     provider.metadata.token_endpoint().map(|u| u.url())
 }
@@ -753,6 +758,24 @@ impl<'c> AsyncHttpClient<'c> for Idp<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multi_tenant_token_endpoint_becomes_the_tenants_own() {
+        let tenant = "7f3c1b2a-5d4e-4f60-9a8b-0c1d2e3f4a5b";
+        for (endpoint, expected) in [
+            (
+                "https://login.microsoftonline.com/organizations/oauth2/v2.0/token",
+                format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
+            ),
+            (
+                "https://login.partner.microsoftonline.cn/common/oauth2/v2.0/token",
+                format!("https://login.partner.microsoftonline.cn/{tenant}/oauth2/v2.0/token"),
+            ),
+        ] {
+            let endpoint = Url::parse(endpoint).unwrap();
+            assert_eq!(tenant_endpoint(&endpoint, tenant).as_str(), expected);
+        }
+    }
 
     #[test]
     fn an_exact_entra_issuer_names_its_tenant() {

@@ -157,6 +157,27 @@ async fn without_graphs_permission_groups_are_unknown_never_none() {
 }
 
 #[tokio::test]
+async fn a_multi_tenant_issuer_asks_graph_with_the_users_own_tenants_token() {
+    let tenants = format!("[\"{}\"]", crate::common::peers::TENANT);
+    let stack = Stack::with(Options {
+        tables: ROUTES,
+        env: vec![
+            ("AUTHGATE_OIDC_GRAPH_URL", "{provider}/graph"),
+            ("AUTHGATE_OIDC_ISSUER", "{provider}/organizations/v2.0"),
+            ("AUTHGATE_OIDC_ALLOWED_TENANTS", &tenants),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let results = overage_user_visits(&stack).await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-groups-overage"),
+        Some("cut")
+    );
+    assert_eq!(echo_of(&results[2]).path, "/admin/users");
+}
+
+#[tokio::test]
 async fn deny_refuses_users_in_overage_on_every_route() {
     let stack = overage_stack(&[], "groups_overage = \"deny\"").await;
     let results = overage_user_visits(&stack).await;
