@@ -151,6 +151,14 @@ impl SignIn {
     ) -> Result<(Authenticated, Vec<HeaderValue>), Unidentified> {
         match self.sessions.read_remembering(headers, last).await {
             Found::Valid(session) => {
+                let session = if session.identity.groups_unknown()
+                    && !session.regrouped
+                    && self.sessions.without_graph_groups()
+                {
+                    Box::pin(self.regroup(session, headers, last)).await
+                } else {
+                    session
+                };
                 let (session, cookies) = if self.sessions.due_for_refresh(&session) {
                     // Boxed, as every call to the provider is: inline, its
                     // future would grow every request's, which each client
@@ -189,6 +197,21 @@ impl SignIn {
                 .map_err(Unidentified::Bearer),
             None => Err(Unidentified::Nothing),
         }
+    }
+
+    /// A cookie-mode session opened without the groups Graph told at
+    /// sign-in (they stay out of the cookie): asked for again, once per
+    /// opening, and kept with it.
+    async fn regroup(
+        &self,
+        session: Arc<Session>,
+        headers: &HeaderMap,
+        last: &LastCookie,
+    ) -> Arc<Session> {
+        let identity = self.oidc.with_groups(session.identity.clone()).await;
+        let session = Arc::new(session.regrouped(identity));
+        self.sessions.completed(headers, last, &session);
+        session
     }
 
     /// Renews the session's tokens (its ID token is about to expire).

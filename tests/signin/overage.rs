@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::common::peers::browser;
 use crate::common::stack::*;
-use crate::common::upstream_saw;
+use crate::common::{empty, get, send, upstream_saw};
 
 const ROUTES: &str = r#"
 [headers]
@@ -175,6 +175,51 @@ async fn a_multi_tenant_issuer_asks_graph_with_the_users_own_tenants_token() {
         Some("cut")
     );
     assert_eq!(echo_of(&results[2]).path, "/admin/users");
+}
+
+#[tokio::test]
+async fn with_the_cookie_store_graph_groups_stay_out_of_the_cookie() {
+    let mut stack = Stack::with(Options {
+        tables: ROUTES,
+        session: "store = \"cookie\"",
+        env: vec![("AUTHGATE_OIDC_GRAPH_URL", "{provider}/graph")],
+        ..Options::default()
+    })
+    .await;
+    let results = browser(
+        &stack.origin,
+        json!([{ "goto": stack.url("/console") }, { "login": "overage1" }, { "cookies": true }]),
+    )
+    .await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-groups-overage"),
+        Some("cut")
+    );
+    let cookie = session_cookie(&results[2]);
+    assert!(cookie.len() < 4096, "250 groups in {} bytes", cookie.len());
+
+    // A restarted gateway asks Graph again, once, when the cookie comes.
+    stack.gateway.restart();
+    wait_ready(&stack.gateway).await;
+    for path in ["/admin/users", "/console"] {
+        let echo = upstream_saw(
+            send(
+                stack.gateway.addr,
+                get(path).header("cookie", &cookie).body(empty()).unwrap(),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(echo.path, path);
+        assert_eq!(echo.header("x-forwarded-groups-overage"), Some("cut"));
+    }
+    let metrics = stack.gateway.scrape().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "authgate_graph_lookups_total{outcome=\"resolved\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -120,6 +120,10 @@ pub struct Session {
     /// from the provider name it.
     #[serde(default)]
     pub sid: Option<String>,
+    /// Opened from a cookie and Graph asked again for its groups (see
+    /// [`Session::regrouped`]): not asked once more until opened anew.
+    #[serde(skip)]
+    pub regrouped: bool,
     /// The provider's access token, kept only for `headers.easy_auth_tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
@@ -148,6 +152,7 @@ impl Session {
             identity_headers: OnceLock::new(),
             assertion: Default::default(),
             sid: None,
+            regrouped: false,
             access_token: None,
             key: None,
             fate: Fate::default(),
@@ -180,6 +185,23 @@ impl Session {
             sid: self.sid.clone(),
             key: self.key,
             ..Session::new(identity, id_token, refresh_token, expires_at)
+        }
+    }
+
+    /// This session with `identity` (its groups told by Graph again),
+    /// nothing else changed.
+    pub fn regrouped(&self, identity: Identity) -> Session {
+        Session {
+            last_seen: self.last_seen,
+            regrouped: true,
+            ..self
+                .renewed(
+                    identity,
+                    self.id_token.clone(),
+                    self.refresh_token.clone(),
+                    self.expires_at,
+                )
+                .with_access_token(self.access_token.clone())
         }
     }
 
@@ -577,13 +599,7 @@ impl Sessions {
         }
         let found = self.read(headers).await;
         if let Found::Valid(session) = &found {
-            let fields = headers.get_all(COOKIE);
-            last.set(Remembered {
-                fields: fields.iter().map(|v| last.remember(v)).collect(),
-                session: session.clone(),
-                others: self.others(fields.iter()),
-                at: now(),
-            });
+            self.remember(headers, last, session);
         }
         found
     }
@@ -605,11 +621,10 @@ impl Sessions {
         }
     }
 
-    fn read_sealed(&self, caches: &Sealed, headers: &HeaderMap) -> Found {
+    /// The sealed session a request's cookies carry, its chunks joined.
+    fn sealed_value<'a>(&self, headers: &'a HeaderMap) -> Option<Cow<'a, str>> {
         let cookies = request_cookies(headers);
-        let Some(&(_, first)) = cookies.iter().find(|(n, _)| *n == self.name) else {
-            return Found::None;
-        };
+        let &(_, first) = cookies.iter().find(|(n, _)| *n == self.name)?;
         // Most sessions fit one cookie: then no copy is needed.
         let mut sealed = Cow::Borrowed(first);
         for i in 1..MAX_CHUNKS {
@@ -618,6 +633,39 @@ impl Sessions {
                 None => break,
             }
         }
+        Some(sealed)
+    }
+
+    /// Whether sessions come back from their cookie without the groups
+    /// Graph told (cookie mode), to be asked for again.
+    pub fn without_graph_groups(&self) -> bool {
+        matches!(self.kept, Kept::InCookie(_))
+    }
+
+    /// Keeps `session`, opened from `headers`' cookie and completed (its
+    /// Graph groups asked for again), as that cookie's session: in the
+    /// cache and as the connection's last.
+    pub fn completed(&self, headers: &HeaderMap, last: &LastCookie, session: &Arc<Session>) {
+        if let (Kept::InCookie(caches), Some(sealed)) = (&self.kept, self.sealed_value(headers)) {
+            caches.opened.insert(sealed.into_owned(), session.clone());
+        }
+        self.remember(headers, last, session);
+    }
+
+    fn remember(&self, headers: &HeaderMap, last: &LastCookie, session: &Arc<Session>) {
+        let fields = headers.get_all(COOKIE);
+        last.set(Remembered {
+            fields: fields.iter().map(|v| last.remember(v)).collect(),
+            session: session.clone(),
+            others: self.others(fields.iter()),
+            at: now(),
+        });
+    }
+
+    fn read_sealed(&self, caches: &Sealed, headers: &HeaderMap) -> Found {
+        let Some(sealed) = self.sealed_value(headers) else {
+            return Found::None;
+        };
         let session = match caches.opened.get(sealed.as_ref()) {
             Some(session) => session,
             None => {
@@ -697,7 +745,7 @@ impl Sessions {
                 // The ID token tells sign-ins (and renewals) apart.
                 let key = (session.id_token.clone(), session.last_seen);
                 let reissued = caches.reissued.get_with(key, || {
-                    Arc::new(self.write_sealed(&session.seen_now(), request))
+                    Arc::new(self.write_sealed(&Arc::new(session.seen_now()), request))
                 });
                 reissued.to_vec()
             }
@@ -728,8 +776,9 @@ impl Sessions {
         request: &HeaderMap,
     ) -> Result<(Arc<Session>, Vec<HeaderValue>), StoreError> {
         let Kept::InStore(stored) = &self.kept else {
+            let session = Arc::new(session);
             let cookies = self.write_sealed(&session, request);
-            return Ok((Arc::new(session), cookies));
+            return Ok((session, cookies));
         };
         let mut cookies = Vec::new();
         let key = match session.key {
@@ -910,9 +959,20 @@ impl Sessions {
 
     /// Cookie mode's `Set-Cookie` values for `session`, also clearing
     /// chunks of a larger earlier session the request carried.
-    fn write_sealed(&self, session: &Session, request: &HeaderMap) -> Vec<HeaderValue> {
-        let json = serde_json::to_string(session).expect("a session serializes");
-        let sealed = self.seal(&self.name, json);
+    /// Groups from Microsoft Graph stay out of the cookie (a user in
+    /// thousands of groups would not fit): the session as opened keeps
+    /// them, and after it is forgotten they are asked for again
+    /// ([`Sessions::without_graph_groups`]).
+    fn write_sealed(&self, session: &Arc<Session>, request: &HeaderMap) -> Vec<HeaderValue> {
+        let mut value = serde_json::to_value(&**session).expect("a session serializes");
+        if session.identity.groups_from_graph {
+            value["identity"]["groups"] = serde_json::Value::Array(Vec::new());
+            value["identity"]["groups_from_graph"] = false.into();
+        }
+        let sealed = self.seal(&self.name, value.to_string());
+        if let (Kept::InCookie(caches), true) = (&self.kept, session.identity.groups_from_graph) {
+            caches.opened.insert(sealed.clone(), session.clone());
+        }
         let remaining = (session.signed_in_at + self.lifetime.as_secs()).saturating_sub(now());
         let mut out = Vec::new();
         let chunks: Vec<&str> = sealed
@@ -1331,7 +1391,7 @@ mod tests {
     #[tokio::test]
     async fn large_sessions_split_and_come_back_whole() {
         let jar = sessions(&[KEY_A]);
-        let set = jar.write_sealed(&session(150), &HeaderMap::new());
+        let set = jar.write_sealed(&Arc::new(session(150)), &HeaderMap::new());
         assert!(set.len() > 1, "150 groups should need more than one cookie");
         assert!(set.iter().all(|v| v.len() < 4096));
         let attrs = set[0].to_str().unwrap();
@@ -1343,7 +1403,7 @@ mod tests {
             _ => panic!("split session did not read back"),
         }
         // A smaller session afterwards removes the extra chunks.
-        let again = jar.write_sealed(&session(0), &browser_request(&set));
+        let again = jar.write_sealed(&Arc::new(session(0)), &browser_request(&set));
         assert!(again
             .iter()
             .any(|v| v.to_str().unwrap().starts_with("__Host-authgate.1=;")));
@@ -1352,7 +1412,7 @@ mod tests {
     #[tokio::test]
     async fn tampered_truncated_and_foreign_cookies_are_unusable() {
         let jar = sessions(&[KEY_A]);
-        let set = jar.write_sealed(&session(0), &HeaderMap::new());
+        let set = jar.write_sealed(&Arc::new(session(0)), &HeaderMap::new());
         let good = browser_request(&set);
         let value = good[COOKIE].to_str().unwrap().to_owned();
 
@@ -1376,7 +1436,7 @@ mod tests {
 
     #[tokio::test]
     async fn rotated_secret_still_opens_old_sessions() {
-        let old = sessions(&[KEY_A]).write_sealed(&session(0), &HeaderMap::new());
+        let old = sessions(&[KEY_A]).write_sealed(&Arc::new(session(0)), &HeaderMap::new());
         let rotated = sessions(&[KEY_B, KEY_A]);
         assert!(matches!(
             rotated.read(&browser_request(&old)).await,
@@ -1390,7 +1450,7 @@ mod tests {
         let mut ending = session(0);
         // Live for one more second.
         ending.last_seen = now() - 3599;
-        let request = browser_request(&jar.write_sealed(&ending, &HeaderMap::new()));
+        let request = browser_request(&jar.write_sealed(&Arc::new(ending), &HeaderMap::new()));
         let Found::Valid(first) = jar.read(&request).await else {
             panic!("the session is live");
         };
@@ -1431,8 +1491,9 @@ mod tests {
     async fn remembers_only_the_very_same_cookie_header(http2: bool) {
         let jar = sessions(&[KEY_A]);
         let last = LastCookie::new(http2);
-        let own =
-            browser_request(&jar.write_sealed(&session(0), &HeaderMap::new()))[COOKIE].clone();
+        let own = browser_request(&jar.write_sealed(&Arc::new(session(0)), &HeaderMap::new()))
+            [COOKIE]
+            .clone();
         let mut request = HeaderMap::new();
         let with_others = format!("theme=dark; {}; lang=en", own.to_str().unwrap());
         request.insert(COOKIE, with_others.parse().unwrap());
@@ -1488,7 +1549,7 @@ mod tests {
         let jar = sessions(&[KEY_A]);
         let mut idle = session(0);
         idle.last_seen = now() - TOUCH_INTERVAL - 5;
-        let request = browser_request(&jar.write_sealed(&idle, &HeaderMap::new()));
+        let request = browser_request(&jar.write_sealed(&Arc::new(idle), &HeaderMap::new()));
         let Found::Valid(read) = jar.read(&request).await else {
             panic!("the session is live");
         };
@@ -1511,7 +1572,7 @@ mod tests {
         let mut old = session(0);
         old.signed_in_at = now() - 8 * 3600 - 1;
         for s in [idle, old] {
-            let set = jar.write_sealed(&s, &HeaderMap::new());
+            let set = jar.write_sealed(&Arc::new(s), &HeaderMap::new());
             assert!(!matches!(
                 jar.read(&browser_request(&set)).await,
                 Found::Valid(_)
