@@ -46,6 +46,17 @@ async fn overage_user_visits(stack: &Stack) -> Vec<Value> {
     .await
 }
 
+/// Graph was asked exactly once by this gateway process, and answered.
+async fn assert_resolved_once(stack: &Stack) {
+    let metrics = stack.gateway.scrape().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "authgate_graph_lookups_total{outcome=\"resolved\"} 1"),
+        "{metrics}"
+    );
+}
+
 fn finding(out: &str) -> Value {
     let findings: Vec<Value> = serde_json::from_str(out).unwrap_or_else(|_| panic!("{out}"));
     findings
@@ -82,13 +93,7 @@ async fn graph_tells_the_groups_of_a_user_in_overage_once_per_sign_in() {
         Some("group-alice-0,group-alice-1")
     );
     assert_eq!(echo.header("x-forwarded-groups-overage"), None);
-    let metrics = stack.gateway.scrape().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "authgate_graph_lookups_total{outcome=\"resolved\"} 1"),
-        "{metrics}"
-    );
+    assert_resolved_once(&stack).await;
 
     // A bearer token of a user in overage: asked once for the token.
     let (token, _) = stack.provider.user_tokens("overage1@contoso.example").await;
@@ -213,13 +218,7 @@ async fn with_the_cookie_store_graph_groups_stay_out_of_the_cookie() {
         assert_eq!(echo.path, path);
         assert_eq!(echo.header("x-forwarded-groups-overage"), Some("cut"));
     }
-    let metrics = stack.gateway.scrape().await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "authgate_graph_lookups_total{outcome=\"resolved\"} 1"),
-        "{metrics}"
-    );
+    assert_resolved_once(&stack).await;
 }
 
 #[tokio::test]
