@@ -158,7 +158,7 @@ impl Assertions {
             None => Keeper::State(state.clone()),
         };
         let rotation = rotation.as_secs();
-        let kept = keeper.current(rotation).await?;
+        let kept = keeper.current(None, rotation).await?;
         let ring = Ring::open(kept, &keeper)?;
         Ok(Assertions {
             ring: RwLock::new(Arc::new(ring)),
@@ -182,8 +182,9 @@ impl Assertions {
 
     /// One look at the ring.
     async fn rotate(&self) -> Result<(), AssertionError> {
-        let kept = self.keeper.current(self.rotation).await?;
-        if kept != self.ring().kept {
+        let ring = self.ring();
+        let kept = self.keeper.current(Some(&ring.kept), self.rotation).await?;
+        if kept != ring.kept {
             let ring = Ring::open(kept, &self.keeper)?;
             *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
         }
@@ -373,13 +374,18 @@ impl std::fmt::Display for Keeper {
 
 impl Keeper {
     /// The ring as kept, brought up to date (see [`next`]) and kept so.
-    async fn current(&self, rotation: u64) -> Result<Kept, AssertionError> {
+    /// `in_hand`: the ring this process last read or wrote; under
+    /// `state_dir` no one else writes it, so it is not read again.
+    async fn current(&self, in_hand: Option<&Kept>, rotation: u64) -> Result<Kept, AssertionError> {
         match self {
             Keeper::State(state) => {
-                let kept = match state.read(KEYS_FILE)? {
-                    Some(text) => serde_json::from_slice(&text)
-                        .map_err(|_| AssertionError::BadKey(self.to_string()))?,
-                    None => Kept::default(),
+                let kept = match in_hand {
+                    Some(kept) => kept.clone(),
+                    None => match state.read(KEYS_FILE)? {
+                        Some(text) => serde_json::from_slice(&text)
+                            .map_err(|_| AssertionError::BadKey(self.to_string()))?,
+                        None => Kept::default(),
+                    },
                 };
                 match next(&kept, now(), rotation)? {
                     Some(next) => {

@@ -83,6 +83,15 @@ impl Denial {
     }
 }
 
+/// The authentication contexts of `required` that `identity`'s sign-in
+/// did not satisfy.
+pub fn unmet<'a>(
+    required: &'a [String],
+    identity: &'a Identity,
+) -> impl Iterator<Item = &'a String> + 'a {
+    required.iter().filter(|acr| !identity.acrs.contains(acr))
+}
+
 impl Policy {
     pub fn check(&self, identity: &Identity) -> Result<(), Denial> {
         if identity.app && self.allowed_roles.is_empty() {
@@ -139,12 +148,7 @@ impl Policy {
             return Err(Denial::Roles);
         }
         // Last: a step-up is worth asking for only of a user who may pass.
-        let missing: Vec<String> = self
-            .require_acrs
-            .iter()
-            .filter(|acr| !identity.acrs.contains(acr))
-            .cloned()
-            .collect();
+        let missing: Vec<String> = unmet(&self.require_acrs, identity).cloned().collect();
         if !missing.is_empty() {
             return Err(Denial::StepUp(missing));
         }

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 
 use super::{Authenticated, Unidentified};
 use crate::auth::identity::Identity;
-use crate::auth::policy::Denial;
+use crate::auth::policy::{self, Denial, Policy};
 use crate::auth::session::{
     AdminError, Found, LastCookie, LoginState, Renewal, Session, Sessions, Who,
 };
@@ -111,12 +111,13 @@ impl SignIn {
         }
     }
 
-    /// Whether the gateway admits `identity` at all, whatever the route:
-    /// `oidc.groups_overage = "deny"` refuses users in overage.
-    pub fn admits(&self, identity: &Identity) -> Result<(), Denial> {
+    /// Whether `identity` may pass a route with `policy`: the gateway's
+    /// own rule first (`oidc.groups_overage = "deny"` refuses users in
+    /// overage on every route), then the route's.
+    pub fn authorize(&self, policy: &Policy, identity: &Identity) -> Result<(), Denial> {
         match self.config().groups_overage {
             GroupsOverage::Deny if identity.groups_overage => Err(Denial::GroupsOverageRefused),
-            _ => Ok(()),
+            _ => policy.check(identity),
         }
     }
 
@@ -538,10 +539,7 @@ impl SignIn {
                         route = %login.return_to.split('?').next().unwrap_or("/"),
                         "signed in"
                     );
-                    let unmet: Vec<&str> = login
-                        .step_up
-                        .iter()
-                        .filter(|acr| !identity.acrs.contains(acr))
+                    let unmet: Vec<&str> = policy::unmet(&login.step_up, &identity)
                         .map(String::as_str)
                         .collect();
                     let step_up_refused = (!unmet.is_empty()).then(|| {

@@ -94,6 +94,10 @@ impl Graph {
         }
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Every group `user` (an object id) of `tenant` is in, counted in
     /// `authgate_graph_lookups_total`.
     pub async fn member_groups(

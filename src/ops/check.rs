@@ -21,7 +21,6 @@ use crate::idp::cloud::Cloud;
 use crate::idp::explain;
 use crate::idp::graph::PERMISSIONS;
 use crate::idp::provider::{Oidc, SignInError};
-use crate::idp::GroupsOverage;
 use crate::net::acme::{self, AcmeSettings, ChallengeKind};
 use crate::net::tls;
 use crate::ops::admin;
@@ -523,11 +522,8 @@ async fn provider(oidc: &Oidc, redirect_uri: &str) -> Vec<Finding> {
 /// with `oidc.graph_url`: other providers have no overage).
 async fn graph(oidc: &Oidc) -> Option<Finding> {
     let config = oidc.config();
-    if config.groups_overage != GroupsOverage::Graph {
-        return None;
-    }
     let graph = oidc.graph()?;
-    let url = config.graph_url.as_deref().unwrap_or_default();
+    let url = graph.base();
     let tenant = match config.allowed_tenants.first() {
         Some(tenant) if config.multi_tenant => tenant.clone(),
         _ => crate::idp::provider::issuer_tenant(&config.issuer).unwrap_or_default(),

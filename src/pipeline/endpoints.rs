@@ -28,7 +28,7 @@ impl Gateway {
         id: &str,
     ) -> Response<Body> {
         let method = req.method().clone();
-        let readable = method == Method::GET || method == Method::HEAD;
+        let readable = is_read(&method);
         let draining = self.draining.load(Ordering::Relaxed);
         let signin_ready = self.signin.as_ref().is_none_or(SignIn::is_ready);
         match (endpoint, &self.signin) {
@@ -98,7 +98,7 @@ impl Gateway {
         id: &str,
     ) -> Response<Body> {
         let method = req.method().clone();
-        let readable = method == Method::GET || method == Method::HEAD;
+        let readable = is_read(&method);
         let Some(signin) = &self.signin else {
             return pages::problem(pages::NOT_FOUND, html, id);
         };
@@ -169,6 +169,10 @@ impl Gateway {
         pages::append_cookies(&mut response, cookies);
         response
     }
+}
+
+fn is_read(method: &Method) -> bool {
+    method == Method::GET || method == Method::HEAD
 }
 
 /// The first value of `name` in `uri`'s query.

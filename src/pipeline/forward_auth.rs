@@ -95,10 +95,7 @@ impl Gateway {
         match signin.identify(&headers, &client.last_cookie).await {
             Ok((authenticated, cookies)) => {
                 let identity = authenticated.identity();
-                let admitted = signin
-                    .admits(&identity)
-                    .and_then(|()| route.policy.check(&identity));
-                match admitted {
+                match signin.authorize(&route.policy, &identity) {
                     // The proxy in front cannot send a browser through a
                     // step-up: the 401 names what is missing.
                     Err(Denial::StepUp(acrs)) => {

@@ -245,10 +245,7 @@ impl Gateway {
         if let (Some(caller), Some(signin)) = (caller, signin) {
             let identity = caller.authenticated.identity();
             // 8. Authorize.
-            let admitted = signin
-                .admits(&identity)
-                .and_then(|()| route.policy.check(&identity));
-            if let Err(denial) = admitted {
+            if let Err(denial) = signin.authorize(&route.policy, &identity) {
                 let response = match denial {
                     Denial::StepUp(acrs) => {
                         let session = matches!(caller.authenticated, Authenticated::Session(_));

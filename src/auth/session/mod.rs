@@ -964,12 +964,15 @@ impl Sessions {
     /// them, and after it is forgotten they are asked for again
     /// ([`Sessions::without_graph_groups`]).
     fn write_sealed(&self, session: &Arc<Session>, request: &HeaderMap) -> Vec<HeaderValue> {
-        let mut value = serde_json::to_value(&**session).expect("a session serializes");
-        if session.identity.groups_from_graph {
+        let json = if session.identity.groups_from_graph {
+            let mut value = serde_json::to_value(&**session).expect("a session serializes");
             value["identity"]["groups"] = serde_json::Value::Array(Vec::new());
             value["identity"]["groups_from_graph"] = false.into();
-        }
-        let sealed = self.seal(&self.name, value.to_string());
+            value.to_string()
+        } else {
+            serde_json::to_string(&**session).expect("a session serializes")
+        };
+        let sealed = self.seal(&self.name, json);
         if let (Kept::InCookie(caches), true) = (&self.kept, session.identity.groups_from_graph) {
             caches.opened.insert(sealed.clone(), session.clone());
         }
