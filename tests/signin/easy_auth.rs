@@ -193,6 +193,24 @@ async fn the_tokens_are_passed_only_when_asked_and_auth_paths_are_the_apps_when_
     assert!(body[0].get("id_token").is_none(), "{body}");
     assert!(body[0].get("access_token").is_none(), "{body}");
 
+    // A return target off the gateway's hosts lands on `/` instead.
+    let results = browser(
+        &stack.origin,
+        json!([
+            { "goto": stack.url("/.auth/login/aad?post_login_redirect_uri=https://evil.example/steal") },
+            { "login": "alice" },
+            { "goto": stack.url("/.auth/login/aad?post_login_redirect_uri=//evil.example/steal") },
+        ]),
+    )
+    .await;
+    for result in &results[1..] {
+        assert!(
+            result["url"].as_str().unwrap().starts_with(&stack.origin),
+            "{result}"
+        );
+        assert_eq!(echo_of(result).path, "/");
+    }
+
     // Off (the default), `/.auth/` is the console's like any path.
     let off = Stack::start("").await;
     let response = send(off.gateway.addr, get("/.auth/me").body(empty()).unwrap()).await;
