@@ -371,12 +371,22 @@ struct Sealed {
     reissued: moka::sync::Cache<(String, u64), Arc<Vec<HeaderValue>>, foldhash::fast::RandomState>,
 }
 
+type Reading = std::collections::HashMap<
+    StoreKey,
+    Arc<tokio::sync::OnceCell<Found>>,
+    foldhash::fast::RandomState,
+>;
+
 #[derive(Clone)]
 struct Stored {
     store: Store,
     /// Sessions opened from the store, for at most `cache_ttl`: how long
     /// one ended elsewhere may still be used here.
     opened: moka::sync::Cache<StoreKey, Arc<Session>, foldhash::fast::RandomState>,
+    /// Store reads in flight, by key: the connections that miss the cache
+    /// for one session at once (its cached copy has just expired) wait
+    /// for one read instead of each making its own.
+    reading: Arc<Mutex<Reading>>,
     cache_ttl: u64,
     /// One per secret, the first for new tags.
     tag_keys: Arc<[hmac::Key]>,
@@ -453,6 +463,7 @@ fn same_fields(headers: &HeaderMap, kept: &[HeaderValue]) -> bool {
 }
 
 /// What reading the session cookie found.
+#[derive(Clone)]
 pub enum Found {
     None,
     Valid(Arc<Session>),
@@ -684,12 +695,41 @@ impl Sessions {
     }
 
     async fn read_stored(&self, stored: &Stored, key: StoreKey) -> Found {
-        if let Some(session) = stored.opened.get(&key) {
-            return self.check_live(session);
+        match stored.opened.get(&key) {
+            Some(session) => self.check_live(session),
+            // Boxed: the wait and the store's future inline would grow
+            // every request's.
+            None => Box::pin(self.read_once(stored, key)).await,
         }
+    }
+
+    /// Reads `key`, or waits for the read of it in flight.
+    async fn read_once(&self, stored: &Stored, key: StoreKey) -> Found {
+        let read = stored
+            .reading
+            .lock()
+            .expect("not poisoned")
+            .entry(key)
+            .or_default()
+            .clone();
+        // A reader dropped before its read ends leaves the cell empty, and
+        // the next waiter reads instead.
+        let found = read
+            .get_or_init(|| self.read_store(stored, key))
+            .await
+            .clone();
+        let mut reading = stored.reading.lock().expect("not poisoned");
+        if reading.get(&key).is_some_and(|r| Arc::ptr_eq(r, &read)) {
+            reading.remove(&key);
+        }
+        found
+    }
+
+    /// One read of `key` from the store; an opened session is cached
+    /// before the read is let go, so no later reader misses both.
+    async fn read_store(&self, stored: &Stored, key: StoreKey) -> Found {
         stored.lookups.inc();
-        // Boxed: a store's future inline would grow every request's.
-        let record = match stored.checked(Box::pin(stored.store.get(Table::Sessions, key)).await) {
+        let record = match stored.checked(stored.store.get(Table::Sessions, key).await) {
             Ok(Some(record)) => record,
             Ok(None) => return Found::Unusable,
             Err(_) => return Found::Unavailable,
@@ -1160,6 +1200,7 @@ impl Stored {
                 })
                 .time_to_live(config.cache_ttl)
                 .build_with_hasher(foldhash::fast::RandomState::default()),
+            reading: Arc::default(),
             cache_ttl: config.cache_ttl.as_secs().max(1),
             tag_keys: config
                 .secrets
@@ -1662,6 +1703,27 @@ mod tests {
                 panic!("the session did not survive a restart");
             };
             assert_eq!(session.identity.groups.len(), 150);
+        }
+
+        /// Many connections of one session missing the cache together
+        /// (its cached copy just expired) cost the store one read.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn connections_missing_the_cache_at_once_read_the_store_once() {
+            let dir = tempfile::tempdir().unwrap();
+            let request = signed_in(&open(dir.path(), &[KEY_A]), "alice").await;
+            let metrics = Metrics::default();
+            let config = config(StoreKind::Embedded, &[KEY_A]);
+            let jar = Sessions::open(&config, &StateDir::new(dir.path()), &metrics).unwrap();
+            let reads: Vec<_> = (0..64)
+                .map(|_| {
+                    let (jar, request) = (jar.clone(), request.clone());
+                    tokio::spawn(async move { jar.read(&request).await })
+                })
+                .collect();
+            for read in reads {
+                assert!(matches!(read.await.unwrap(), Found::Valid(_)));
+            }
+            assert_eq!(metrics.session_store_lookups.get(), 1);
         }
 
         #[tokio::test]
