@@ -59,8 +59,9 @@ enum Command {
     Health,
     /// Print a fresh random secret (32 bytes, base64url), e.g. for session keys.
     GenSecret,
-    /// List or end sign-in sessions, through the running gateway's admin
-    /// listener (same configuration and environment as the gateway).
+    /// List or end sign-in sessions (same configuration and environment as
+    /// the gateway): in Redis directly, else through the running gateway's
+    /// admin listener.
     Sessions {
         #[command(subcommand)]
         action: SessionsAction,
@@ -319,22 +320,17 @@ fn troubleshoot(path: Option<PathBuf>, json: bool) -> ExitCode {
 
 /// `authgate sessions list|revoke`.
 fn sessions(config: &Config, action: SessionsAction) -> ExitCode {
-    use authgate::ops::admin::client;
-    let (method, query, json) = match &action {
-        SessionsAction::List { user, json } => (
-            http::Method::GET,
-            user.iter()
-                .map(|u| ("user", u.as_str()))
-                .collect::<Vec<_>>(),
-            *json,
-        ),
-        SessionsAction::Revoke { user, session, all } => {
-            let query = match (user, session, all) {
-                (Some(user), _, _) => vec![("user", user.as_str())],
-                (_, Some(session), _) => vec![("session", session.as_str())],
-                _ => vec![("all", "true")],
+    use authgate::auth::session::Who;
+    use authgate::ops::admin::{client, Ask};
+    let (ask, json) = match action {
+        SessionsAction::List { user, json } => (Ask::List(user), json),
+        SessionsAction::Revoke { user, session, .. } => {
+            let who = match (user, session) {
+                (Some(user), _) => Who::User(user),
+                (_, Some(session)) => Who::Session(session),
+                _ => Who::All,
             };
-            (http::Method::DELETE, query, false)
+            (Ask::Revoke(who), false)
         }
     };
     let answer = tokio::runtime::Builder::new_current_thread()
@@ -342,7 +338,7 @@ fn sessions(config: &Config, action: SessionsAction) -> ExitCode {
         .build()
         .map_err(|e| e.to_string())
         .and_then(|rt| {
-            rt.block_on(client::call(config, method, &query))
+            rt.block_on(client::call(config, &ask))
                 .map_err(|e| e.to_string())
         });
     let answer = match answer {

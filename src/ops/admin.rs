@@ -8,7 +8,8 @@
 //!   ends them, here and (within `session.cache_ttl`) on every instance
 //!   sharing the store.
 //!
-//! `authgate sessions` is the client of these, in [`client`].
+//! `authgate sessions` is the client of these, in [`client`]; with
+//! sessions in Redis it asks Redis itself, so no gateway need be running.
 
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
@@ -38,6 +39,31 @@ pub struct Admin {
     /// `None` when the gateway has no sign-in.
     pub sessions: Option<Sessions>,
     pub token: String,
+}
+
+/// What the session endpoints, and `authgate sessions`, are asked.
+#[derive(Debug)]
+pub enum Ask {
+    /// The live sessions, of one user (UPN or object id) or all.
+    List(Option<String>),
+    Revoke(Who),
+}
+
+impl Ask {
+    /// Lists or ends sessions, as `{"sessions": [...]}` or `{"revoked": n}`.
+    pub async fn perform(&self, sessions: &Sessions) -> Result<serde_json::Value, AdminError> {
+        match self {
+            Ask::List(user) => sessions
+                .list(user.as_deref())
+                .await
+                .map(|listed| json!({ "sessions": listed })),
+            Ask::Revoke(who) => {
+                let count = sessions.revoke(who).await?;
+                tracing::info!(target: AUDIT, who = ?who, count, "sessions revoked");
+                Ok(json!({ "revoked": count }))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -97,31 +123,21 @@ impl Admin {
                 "parameters: user=UPN|OID, session=HANDLE, all=true",
             );
         };
-        let outcome = match *req.method() {
-            Method::GET => sessions
-                .list(query.user.as_deref())
-                .await
-                .map(|listed| json!({ "sessions": listed })),
-            Method::DELETE => {
-                let who = match (query.user, query.session, query.all) {
-                    (Some(user), None, false) => Who::User(user),
-                    (None, Some(handle), false) => Who::Session(handle),
-                    (None, None, true) => Who::All,
-                    _ => {
-                        return error(
-                            StatusCode::BAD_REQUEST,
-                            "whose_sessions",
-                            "say whose sessions to end: exactly one of user=UPN|OID, \
+        let ask = match *req.method() {
+            Method::GET => Ask::List(query.user),
+            Method::DELETE => Ask::Revoke(match (query.user, query.session, query.all) {
+                (Some(user), None, false) => Who::User(user),
+                (None, Some(handle), false) => Who::Session(handle),
+                (None, None, true) => Who::All,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "whose_sessions",
+                        "say whose sessions to end: exactly one of user=UPN|OID, \
                              session=HANDLE or all=true",
-                        )
-                    }
-                };
-                let revoked = sessions.revoke(&who).await;
-                if let Ok(count) = revoked {
-                    tracing::info!(target: AUDIT, who = ?who, count, "sessions revoked");
+                    )
                 }
-                revoked.map(|count| json!({ "revoked": count }))
-            }
+            }),
             _ => {
                 return error(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -130,7 +146,7 @@ impl Admin {
                 )
             }
         };
-        match outcome {
+        match ask.perform(sessions).await {
             Ok(body) => pages::json(StatusCode::OK, body),
             Err(e @ AdminError::NoStore) => error(StatusCode::CONFLICT, "no_store", &e.to_string()),
             Err(AdminError::Store(e)) => error(
@@ -160,8 +176,9 @@ fn error(status: StatusCode, code: &str, detail: &str) -> Response<Body> {
     pages::json(status, json!({ "error": code, "detail": detail }))
 }
 
-/// `authgate sessions`: the same requests, sent to the running gateway
-/// this configuration describes.
+/// `authgate sessions`: the same requests, asked of Redis when sessions
+/// live there, else sent to the running gateway this configuration
+/// describes (the embedded store's file is locked by it).
 pub mod client {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -170,8 +187,11 @@ pub mod client {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::TokioIo;
 
+    use super::Ask;
+    use crate::auth::session::{AdminError, OpenError, SessionConfig, Sessions, StoreKind, Who};
     use crate::config::Config;
-    use crate::state::ADMIN_TOKEN_FILE;
+    use crate::ops::metrics::Metrics;
+    use crate::state::{ADMIN_TOKEN_FILE, SESSION_SECRET_FILE};
 
     #[derive(Debug, thiserror::Error)]
     pub enum ClientError {
@@ -193,14 +213,58 @@ pub mod client {
         Http(#[from] hyper::Error),
         #[error("the gateway answered {status}: {detail}")]
         Refused { status: StatusCode, detail: String },
+        #[error(
+            "no session secret: session.secret is unset and the gateway has not made one in {0} \
+             yet (has it run with this configuration and state_dir?)"
+        )]
+        NoSecret(String),
+        #[error(transparent)]
+        Open(#[from] OpenError),
+        #[error(transparent)]
+        Sessions(#[from] AdminError),
     }
 
-    /// Sends `method /sessions?query` and returns the JSON answer.
-    pub async fn call(
+    /// Performs `ask` and returns the JSON answer the admin endpoint gives.
+    pub async fn call(config: &Config, ask: &Ask) -> Result<serde_json::Value, ClientError> {
+        match config
+            .session
+            .as_ref()
+            .filter(|s| s.store == StoreKind::Redis)
+        {
+            Some(session) => in_redis(config, session, ask).await,
+            None => over_admin_listener(config, ask).await,
+        }
+    }
+
+    async fn in_redis(
         config: &Config,
-        method: Method,
-        query: &[(&str, &str)],
+        session: &SessionConfig,
+        ask: &Ask,
     ) -> Result<serde_json::Value, ClientError> {
+        // The gateway's generated secret is read, never made here: one made
+        // by the command would open none of the gateway's sessions.
+        if session.secrets.is_empty()
+            && config.state_dir.kept_secret(SESSION_SECRET_FILE)?.is_none()
+        {
+            let dir = config.state_dir.path().display().to_string();
+            return Err(ClientError::NoSecret(dir));
+        }
+        let sessions = Sessions::open(session, &config.state_dir, &Metrics::default())?;
+        Ok(ask.perform(&sessions).await?)
+    }
+
+    async fn over_admin_listener(
+        config: &Config,
+        ask: &Ask,
+    ) -> Result<serde_json::Value, ClientError> {
+        let (method, query) = match ask {
+            Ask::List(user) => (Method::GET, user.as_deref().map(|u| ("user", u))),
+            Ask::Revoke(Who::User(user)) => (Method::DELETE, Some(("user", user.as_str()))),
+            Ask::Revoke(Who::Session(handle)) => {
+                (Method::DELETE, Some(("session", handle.as_str())))
+            }
+            Ask::Revoke(_) => (Method::DELETE, Some(("all", "true"))),
+        };
         let mut addr = config.admin_listen.ok_or(ClientError::NoAdminListener)?;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr.ip() {
@@ -225,7 +289,7 @@ pub mod client {
         let (mut send, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(connection);
-        let query = serde_urlencoded::to_string(query).expect("pairs of strings encode");
+        let query = serde_urlencoded::to_string(query.as_slice()).expect("pairs of strings encode");
         let request = Request::builder()
             .method(method)
             .uri(format!("/sessions?{query}"))

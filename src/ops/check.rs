@@ -168,12 +168,12 @@ async fn session_store(config: &Config, session: &SessionConfig) -> Finding {
 /// tell whether it arrives.
 async fn provider_logout(config: &Config) -> Finding {
     const CHECK: &str = "provider logout";
-    let listed = match admin::client::call(config, http::Method::GET, &[]).await {
+    let listed = match admin::client::call(config, &admin::Ask::List(None)).await {
         Ok(answer) => answer["sessions"].as_array().cloned().unwrap_or_default(),
         Err(e) => {
             return Finding::pass(
                 CHECK,
-                format!("not checked: the running gateway did not say ({e})"),
+                format!("not checked: the live sessions could not be listed ({e})"),
             )
         }
     };

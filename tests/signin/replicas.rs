@@ -140,6 +140,34 @@ async fn replicas_share_sessions_and_their_ending() {
     )
     .await;
     assert!(took <= Duration::from_millis(1500), "{took:?}");
+
+    // With no gateway running, the command asks Redis itself: a session
+    // it ends is refused by the next gateway to start.
+    let cookie = sign_in(&stack, "judy").await;
+    for gateway in [a, &b] {
+        gateway.signal(libc::SIGKILL);
+        let admin = gateway.admin_addr.unwrap();
+        let started = Instant::now();
+        while std::net::TcpStream::connect(admin).is_ok() {
+            assert!(started.elapsed() < DEADLINE, "still running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (status, out, err) = a.command(&["sessions", "list", "--user", "JUDY@contoso.example"]);
+    assert!(status.success(), "{err}");
+    assert!(
+        out.contains("judy@contoso.example") && out.contains("1 session(s)"),
+        "{out}"
+    );
+    let (status, out, err) = a.command(&["sessions", "revoke", "--user", "judy@contoso.example"]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("1 session(s) ended"), "{out}");
+    let c = a.replica();
+    wait_ready(&c).await;
+    assert_eq!(
+        visit(c.addr, &cookie, "application/json").await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
