@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::identity::IdentityHeaderNames;
 use crate::auth::policy::Policy;
-use crate::auth::session::{RedisConfig, SessionConfig, StoreKind};
+use crate::auth::session::{RedisConfig, RedisServers, SessionConfig, StoreKind};
 use crate::forward::routes::{Access, RouteConfig, UpstreamUrl};
 use crate::forward::ProxyConfig;
 use crate::idp::cloud::Cloud;
@@ -265,6 +265,9 @@ struct RawSession {
     #[serde(with = "humantime_serde")]
     cache_ttl: Duration,
     redis_url: Option<String>,
+    redis_sentinels: Vec<String>,
+    redis_sentinel_master: Option<String>,
+    redis_cluster: Vec<String>,
     redis_password: Option<String>,
     redis_ca: Option<PathBuf>,
     secret: Option<String>,
@@ -284,6 +287,9 @@ impl Default for RawSession {
             store: StoreKind::Embedded,
             cache_ttl: Duration::from_secs(5),
             redis_url: None,
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: None,
+            redis_cluster: Vec::new(),
             redis_password: None,
             redis_ca: None,
             secret: None,
@@ -1403,38 +1409,34 @@ fn session_config(
         lifetime,
         refresh_before,
         redis_url,
+        redis_sentinels,
+        redis_sentinel_master,
+        redis_cluster,
         redis_password,
         redis_ca,
         ..
     } = raw;
-    let redis = match (store, redis_url.filter(|u| !u.is_empty())) {
+    let servers = redis_servers(
+        redis_url.filter(|u| !u.is_empty()),
+        redis_sentinels,
+        redis_sentinel_master.filter(|m| !m.is_empty()),
+        redis_cluster,
+        origins,
+    )?;
+    let redis = match (store, servers) {
         (StoreKind::Redis, None) => {
             return Err(origins.error(
                 "session.redis_url",
                 "missing: session.store = \"redis\" needs the server, such as \
-                 redis://redis.internal:6379 or rediss:// for TLS",
+                 redis://redis.internal:6379 or rediss:// for TLS (or session.redis_sentinels \
+                 with session.redis_sentinel_master, or session.redis_cluster)",
             ))
         }
-        (StoreKind::Redis, Some(url)) => {
-            // The URL may hold a password: never echoed.
-            let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
-                .iter()
-                .any(|s| url.starts_with(s));
-            if !scheme_ok || redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_err()
-            {
-                return Err(origins.invalid(
-                    "session.redis_url",
-                    "(hidden)",
-                    "a Redis URL: redis://host:6379, rediss://host:6380 (TLS), \
-                     redis+unix:///path/redis.sock; a password in it or in session.redis_password",
-                ));
-            }
-            Some(RedisConfig {
-                url,
-                password: redis_password.filter(|p| !p.is_empty()),
-                ca: redis_ca,
-            })
-        }
+        (StoreKind::Redis, Some(servers)) => Some(RedisConfig {
+            servers,
+            password: redis_password.filter(|p| !p.is_empty()),
+            ca: redis_ca,
+        }),
         _ => None,
     };
     if !cookie_name.starts_with("__Host-") || http::HeaderName::from_str(&cookie_name).is_err() {
@@ -1467,6 +1469,90 @@ fn session_config(
         lifetime,
         redis,
     })
+}
+
+/// Which Redis servers `session.redis_*` name: one server, sentinels and
+/// their master's name, or a cluster's nodes; at most one of them.
+fn redis_servers(
+    url: Option<String>,
+    sentinels: Vec<String>,
+    master: Option<String>,
+    cluster: Vec<String>,
+    origins: &Origins,
+) -> Result<Option<RedisServers>, ConfigError> {
+    // URLs may hold a password: never echoed.
+    let check = |key: String, url: &str, schemes: &[&str], expected: &str| {
+        let scheme_ok = schemes.iter().any(|s| url.starts_with(s));
+        if scheme_ok && redis::IntoConnectionInfo::into_connection_info(url).is_ok() {
+            Ok(())
+        } else {
+            Err(origins.invalid(&key, "(hidden)", expected))
+        }
+    };
+    let check_all = |key: &str, urls: &[String], role: &str| {
+        for (i, url) in urls.iter().enumerate() {
+            check(
+                format!("{key}[{i}]"),
+                url,
+                &["redis://", "rediss://"],
+                &format!("a {role} URL: redis://host:port, or rediss:// for TLS"),
+            )?;
+        }
+        // redis-rs speaks to all of them alike.
+        if urls.iter().any(|u| u.starts_with("rediss://"))
+            && !urls.iter().all(|u| u.starts_with("rediss://"))
+        {
+            return Err(origins.error(key, "all redis:// or all rediss://, not a mix"));
+        }
+        Ok(())
+    };
+    let named: Vec<&str> = [
+        ("session.redis_url", url.is_some()),
+        ("session.redis_sentinels", !sentinels.is_empty()),
+        ("session.redis_cluster", !cluster.is_empty()),
+    ]
+    .iter()
+    .filter(|(_, set)| *set)
+    .map(|(key, _)| *key)
+    .collect();
+    if let [first, second, ..] = named[..] {
+        return Err(origins.error(
+            second,
+            format!("set either {first} or {second}: they name the same store"),
+        ));
+    }
+    if master.is_some() && sentinels.is_empty() {
+        return Err(origins.error(
+            "session.redis_sentinel_master",
+            "needs session.redis_sentinels, the sentinels that know this master",
+        ));
+    }
+    if let Some(url) = url {
+        check(
+            "session.redis_url".into(),
+            &url,
+            &["redis://", "rediss://", "redis+unix://", "unix://"],
+            "a Redis URL: redis://host:6379, rediss://host:6380 (TLS), \
+             redis+unix:///path/redis.sock; a password in it or in session.redis_password",
+        )?;
+        return Ok(Some(RedisServers::One(url)));
+    }
+    if !sentinels.is_empty() {
+        check_all("session.redis_sentinels", &sentinels, "Sentinel")?;
+        let master = master.ok_or_else(|| {
+            origins.error(
+                "session.redis_sentinel_master",
+                "missing: the name the sentinels monitor the master by (`sentinel monitor \
+                 <name> ...`), such as mymaster",
+            )
+        })?;
+        return Ok(Some(RedisServers::Sentinel { sentinels, master }));
+    }
+    if !cluster.is_empty() {
+        check_all("session.redis_cluster", &cluster, "cluster node")?;
+        return Ok(Some(RedisServers::Cluster(cluster)));
+    }
+    Ok(None)
 }
 
 /// Standard or URL-safe base64, padded or not, of 32 bytes or more.
@@ -1847,7 +1933,81 @@ mod tests {
         )
         .unwrap();
         let redis = config.session.unwrap().redis.unwrap();
-        assert_eq!(redis.url, "rediss://redis.internal:6380/2");
+        assert_eq!(
+            redis.servers,
+            RedisServers::One("rediss://redis.internal:6380/2".into())
+        );
+        let servers = |env: &[(&str, &str)]| {
+            let env = [&[("AUTHGATE_SESSION_STORE", "redis")], env].concat();
+            load_exactly(SIGN_IN, &env).map(|c| c.session.unwrap().redis.unwrap().servers)
+        };
+        assert_eq!(
+            servers(&[
+                (
+                    "AUTHGATE_SESSION_REDIS_SENTINELS",
+                    r#"["redis://s1:26379", "redis://:hunter2@s2:26379"]"#
+                ),
+                ("AUTHGATE_SESSION_REDIS_SENTINEL_MASTER", "mymaster"),
+            ])
+            .unwrap(),
+            RedisServers::Sentinel {
+                sentinels: vec![
+                    "redis://s1:26379".into(),
+                    "redis://:hunter2@s2:26379".into()
+                ],
+                master: "mymaster".into()
+            }
+        );
+        assert_eq!(
+            servers(&[("AUTHGATE_SESSION_REDIS_CLUSTER", r#"["rediss://n1:6379"]"#)]).unwrap(),
+            RedisServers::Cluster(vec!["rediss://n1:6379".into()])
+        );
+        for (env, key, wanted) in [
+            (
+                vec![(
+                    "AUTHGATE_SESSION_REDIS_SENTINELS",
+                    r#"["redis://s1:26379"]"#,
+                )],
+                "session.redis_sentinel_master",
+                "missing",
+            ),
+            (
+                vec![("AUTHGATE_SESSION_REDIS_SENTINEL_MASTER", "mymaster")],
+                "session.redis_sentinel_master",
+                "needs session.redis_sentinels",
+            ),
+            (
+                vec![
+                    ("AUTHGATE_SESSION_REDIS_URL", "redis://r:6379"),
+                    ("AUTHGATE_SESSION_REDIS_CLUSTER", r#"["redis://n1:6379"]"#),
+                ],
+                "session.redis_cluster",
+                "set either session.redis_url or session.redis_cluster",
+            ),
+            (
+                vec![(
+                    "AUTHGATE_SESSION_REDIS_CLUSTER",
+                    r#"["redis://n1:6379", "redis+unix:///:hunter2@x"]"#,
+                )],
+                "session.redis_cluster[1]",
+                "not valid",
+            ),
+            (
+                vec![(
+                    "AUTHGATE_SESSION_REDIS_CLUSTER",
+                    r#"["redis://n1:6379", "rediss://:hunter2@n2:6379"]"#,
+                )],
+                "session.redis_cluster",
+                "not a mix",
+            ),
+        ] {
+            let err = servers(&env).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(wanted), "{err}");
+            assert!(
+                !err.contains("hunter2"),
+                "a password must not be echoed: {err}"
+            );
+        }
         let err = load_exactly(SIGN_IN, &[("AUTHGATE_SESSION_CACHE_TTL", "1h")])
             .unwrap_err()
             .to_string();

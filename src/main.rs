@@ -202,11 +202,11 @@ fn print_summary(config: &Config) -> bool {
                 println!("  sessions      kept in {}", store.display())
             }
             authgate::auth::session::StoreKind::Redis => {
-                let redis = session.redis.as_ref().map_or("", |r| r.url.as_str());
-                // Only the scheme and host: the URL may hold a password.
-                let host = redis.rsplit('@').next().unwrap_or(redis);
-                let host = host.split("://").last().unwrap_or(host);
-                println!("  sessions      kept in Redis at {host}")
+                let redis = session.redis.as_ref().map(|r| r.servers.shown());
+                println!(
+                    "  sessions      kept in Redis: {}",
+                    redis.unwrap_or_default()
+                )
             }
             authgate::auth::session::StoreKind::Cookie => {
                 println!("  sessions      in their cookies (nothing kept, nothing to revoke)")

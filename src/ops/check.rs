@@ -125,8 +125,9 @@ async fn session_store(config: &Config, session: &SessionConfig) -> Finding {
             Err(e) => Finding::fail(
                 CHECK,
                 e.to_string(),
-                "check session.redis_url (host, port, database, credentials), that this host \
-                 reaches it, and for rediss:// session.redis_ca",
+                "check session.redis_url, redis_sentinels and redis_sentinel_master, or \
+                 redis_cluster (hosts, ports, database, credentials), that this host reaches \
+                 them, and for rediss:// session.redis_ca",
             ),
         };
     }

@@ -351,26 +351,15 @@ impl Redis {
              --loglevel warning"
         );
         self.server = Some(Tied::spawn(&script, &[], "redis-server"));
-        let started = Instant::now();
-        while !self.answers() {
-            assert!(started.elapsed() < DEADLINE, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until("redis-server started", || self.answers());
     }
 
     /// Whether it answers PING now (over TLS: whether it listens).
     fn answers(&self) -> bool {
-        use std::io::{Read, Write};
-        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        if self.tls {
-            return true;
+        match self.tls {
+            true => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            false => answers_ping(self.port),
         }
-        let mut answer = [0u8; 7];
-        tcp.write_all(b"PING\r\n").is_ok()
-            && tcp.read_exact(&mut answer).is_ok()
-            && &answer == b"+PONG\r\n"
     }
 
     pub fn stop(&mut self) {
@@ -389,6 +378,243 @@ impl Redis {
         let db = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         assert!(db < 16, "more Redis stacks than databases");
         format!("redis://127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+/// Whether a Redis server (or sentinel) on loopback's `port` answers PING.
+fn answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let mut answer = [0u8; 7];
+    tcp.write_all(b"PING\r\n").is_ok()
+        && tcp.read_exact(&mut answer).is_ok()
+        && &answer == b"+PONG\r\n"
+}
+
+/// Waits for `redis-server` on `port` to answer.
+fn wait_for_ping(port: u16) {
+    let started = Instant::now();
+    while !answers_ping(port) {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "redis-server on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `redis-cli -p port args...`'s output, trimmed.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (Debian's redis-tools, which scripts/peers installs)");
+    assert!(output.status.success(), "redis-cli {args:?} failed");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Polls `done` until it holds, for at most the deadline.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An in-memory `redis-server` on `port` with `args`, under a shell like
+/// [`Redis`], answering when returned.
+fn redis_server(port: u16, dir: &std::path::Path, args: &str) -> Tied {
+    let script = format!(
+        "redis-server --port {port} --bind 127.0.0.1 --save '' --appendonly no --dir '{}' \
+         --loglevel warning {args}",
+        dir.display()
+    );
+    let server = Tied::spawn(&script, &[], "redis-server");
+    wait_for_ping(port);
+    server
+}
+
+/// Two Redis servers, one replicating the other, and a Redis Sentinel
+/// (Debian's `redis-server` in sentinel mode) that monitors them as
+/// [`RedisSentinel::MASTER`] and can fail over from one to the other.
+pub struct RedisSentinel {
+    /// Each server's port, and the server while it runs.
+    servers: Vec<(u16, Option<Tied>)>,
+    _sentinel: Tied,
+    /// The sentinel's port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    pub const MASTER: &'static str = "authgate";
+
+    pub fn start() -> RedisSentinel {
+        let dir = tempfile::tempdir().unwrap();
+        let first = super::closed_port().port();
+        let second = super::closed_port().port();
+        let servers = vec![
+            (first, Some(redis_server(first, dir.path(), ""))),
+            (
+                second,
+                Some(redis_server(
+                    second,
+                    dir.path(),
+                    &format!("--replicaof 127.0.0.1 {first}"),
+                )),
+            ),
+        ];
+        let port = super::closed_port().port();
+        let config = dir.path().join("sentinel.conf");
+        // Quick to notice a master gone; `failover-timeout` also spaces
+        // failovers of one master (twice it), so it is short too.
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {master} 127.0.0.1 {first} 1\n\
+                 sentinel down-after-milliseconds {master} 1000\n\
+                 sentinel failover-timeout {master} 2000\n",
+                dir = dir.path().display(),
+                master = Self::MASTER,
+            ),
+        )
+        .unwrap();
+        let sentinel = Tied::spawn(
+            &format!("redis-server '{}' --sentinel", config.display()),
+            &[],
+            "redis-server",
+        );
+        wait_for_ping(port);
+        let sentinel = RedisSentinel {
+            servers,
+            _sentinel: sentinel,
+            port,
+            _dir: dir,
+        };
+        wait_until("the sentinel knows the replica", || {
+            redis_cli(port, &["SENTINEL", "REPLICAS", Self::MASTER]).contains(&second.to_string())
+        });
+        sentinel
+    }
+
+    /// The port of the server the sentinel names master.
+    pub fn master(&self) -> u16 {
+        let answer = redis_cli(
+            self.port,
+            &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER],
+        );
+        answer.lines().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// Waits for the replica to hold what the master does.
+    fn caught_up(&self) {
+        let master = self.master();
+        let replica = self.other(master);
+        wait_until("the replica caught up", || {
+            redis_cli(replica, &["DBSIZE"]) == redis_cli(master, &["DBSIZE"])
+        });
+    }
+
+    fn other(&self, port: u16) -> u16 {
+        self.servers
+            .iter()
+            .map(|(p, _)| *p)
+            .find(|p| *p != port)
+            .unwrap()
+    }
+
+    /// Waits until the sentinel names `port` master and it says it is.
+    fn named_master(&self, port: u16) {
+        wait_until("the sentinel names the new master", || {
+            self.master() == port && redis_cli(port, &["ROLE"]).starts_with("master")
+        });
+    }
+
+    /// A planned failover (`SENTINEL FAILOVER`): the replica becomes
+    /// master, and the old master its replica, which answers writes with
+    /// `READONLY`.
+    pub fn fail_over(&self) {
+        self.caught_up();
+        let old = self.master();
+        assert_eq!(
+            redis_cli(self.port, &["SENTINEL", "FAILOVER", Self::MASTER]),
+            "OK"
+        );
+        self.named_master(self.other(old));
+        wait_until("the old master follows the new one", || {
+            redis_cli(old, &["ROLE"]).starts_with("slave")
+        });
+    }
+
+    /// The master stops; the sentinel finds it gone and makes the replica
+    /// master.
+    pub fn stop_master(&mut self) {
+        self.caught_up();
+        let old = self.master();
+        let new = self.other(old);
+        self.servers.iter_mut().find(|(p, _)| *p == old).unwrap().1 = None;
+        self.named_master(new);
+    }
+}
+
+/// A Redis Cluster of three masters (Debian's `redis-server` with
+/// `cluster-enabled`, made one cluster by `redis-cli --cluster create`),
+/// each under a shell like [`Redis`].
+pub struct RedisCluster {
+    _nodes: Vec<Tied>,
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| super::closed_port().port()).collect();
+        let nodes = ports
+            .iter()
+            .map(|port| {
+                let bus = super::closed_port().port();
+                redis_server(
+                    *port,
+                    dir.path(),
+                    &format!(
+                        "--cluster-enabled yes --cluster-port {bus} \
+                         --cluster-config-file nodes-{port}.conf"
+                    ),
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut create = vec!["--cluster", "create"];
+        create.extend(addrs.iter().map(String::as_str));
+        create.push("--cluster-yes");
+        redis_cli(ports[0], &create);
+        for port in &ports {
+            wait_until("the cluster is formed", || {
+                redis_cli(*port, &["CLUSTER", "INFO"]).contains("cluster_state:ok")
+            });
+        }
+        RedisCluster {
+            _nodes: nodes,
+            ports,
+            _dir: dir,
+        }
+    }
+
+    /// How many keys each node holds.
+    pub fn keys(&self) -> Vec<usize> {
+        self.ports
+            .iter()
+            .map(|p| redis_cli(*p, &["DBSIZE"]).parse().unwrap())
+            .collect()
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::peers::{browser, Pebble, Redis};
+use crate::common::peers::{browser, Pebble, Redis, RedisCluster, RedisSentinel};
 use crate::common::stack::*;
 use crate::common::*;
 use crate::sessions::{check_finding, token_requests};
@@ -69,6 +69,24 @@ async fn answers_within(
     }
 }
 
+/// `authgate sessions <args>` beside `gateway`, which must succeed: what
+/// it printed.
+fn sessions(gateway: &Gateway, args: &[&str]) -> String {
+    let (status, out, err) = gateway.command(&[&["sessions"], args].concat());
+    assert!(status.success(), "{err}");
+    out
+}
+
+/// `authgate sessions revoke <args>` beside `gateway`: how many sessions
+/// it ended.
+fn revoke(gateway: &Gateway, args: &[&str]) -> usize {
+    let out = sessions(gateway, &[&["revoke"], args].concat());
+    let count = out.strip_suffix(" session(s) ended\n");
+    count
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"))
+}
+
 async fn sign_in(stack: &Stack, user: &str) -> String {
     let results = browser(
         &stack.origin,
@@ -123,15 +141,12 @@ async fn replicas_share_sessions_and_their_ending() {
         visit(b.addr, &cookie, "application/json").await.0,
         StatusCode::OK
     );
-    let (status, out, err) = a.command(&["sessions", "list"]);
-    assert!(status.success(), "{err}");
+    let out = sessions(a, &["list"]);
     assert!(
         out.contains("ivan@contoso.example") && out.contains("1 session(s)"),
         "{out}"
     );
-    let (status, out, err) = a.command(&["sessions", "revoke", "--user", "ivan@contoso.example"]);
-    assert!(status.success(), "{err}");
-    assert!(out.contains("1 session(s) ended"), "{out}");
+    assert_eq!(revoke(a, &["--user", "ivan@contoso.example"]), 1);
     let took = answers_within(
         b.addr,
         &cookie,
@@ -153,15 +168,12 @@ async fn replicas_share_sessions_and_their_ending() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let (status, out, err) = a.command(&["sessions", "list", "--user", "JUDY@contoso.example"]);
-    assert!(status.success(), "{err}");
+    let out = sessions(a, &["list", "--user", "JUDY@contoso.example"]);
     assert!(
         out.contains("judy@contoso.example") && out.contains("1 session(s)"),
         "{out}"
     );
-    let (status, out, err) = a.command(&["sessions", "revoke", "--user", "judy@contoso.example"]);
-    assert!(status.success(), "{err}");
-    assert!(out.contains("1 session(s) ended"), "{out}");
+    assert_eq!(revoke(a, &["--user", "judy@contoso.example"]), 1);
     let c = a.replica();
     wait_ready(&c).await;
     assert_eq!(
@@ -304,6 +316,122 @@ async fn replicas_renew_a_session_one_at_a_time() {
     );
 }
 
+/// Sessions kept where Redis Sentinel says follow the master through a
+/// planned failover (the old master then answers writes `READONLY`) and
+/// through the loss of the master.
+#[tokio::test]
+async fn sessions_follow_the_master_redis_sentinel_names() {
+    let mut redis = RedisSentinel::start();
+    let session = format!(
+        "store = \"redis\"\nredis_sentinels = [\"redis://127.0.0.1:{}\"]\n\
+         redis_sentinel_master = \"{}\"\ncache_ttl = \"1s\"",
+        redis.port,
+        RedisSentinel::MASTER
+    );
+    let stack = Stack::with(Options {
+        session: &session,
+        ..Options::default()
+    })
+    .await;
+    let gateway = &stack.gateway;
+    let alice = sign_in(&stack, "alice").await;
+    let bob = sign_in(&stack, "bob").await;
+    assert_eq!(
+        visit(gateway.addr, &alice, "application/json").await.0,
+        StatusCode::OK
+    );
+
+    // Planned: the sign-out is written to the new master.
+    redis.fail_over();
+    let response = stack.sign_out(gateway.addr, &alice).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let refused = |cookie| {
+        answers_within(
+            gateway.addr,
+            cookie,
+            StatusCode::UNAUTHORIZED,
+            Duration::from_secs(1),
+        )
+    };
+    refused(&alice).await;
+
+    // Lost: sessions signed in before and after it are found at the new
+    // master, by the gateway and by `authgate sessions`.
+    redis.stop_master();
+    let carol = sign_in(&stack, "carol").await;
+    let out = sessions(gateway, &["list"]);
+    assert!(
+        out.contains("bob@contoso.example")
+            && out.contains("carol@contoso.example")
+            && out.contains("2 session(s)"),
+        "{out}"
+    );
+    assert_eq!(revoke(gateway, &["--user", "bob@contoso.example"]), 1);
+    refused(&bob).await;
+    assert_eq!(
+        visit(gateway.addr, &carol, "application/json").await.0,
+        StatusCode::OK
+    );
+}
+
+/// Sessions kept in a Redis Cluster: spread over its shards, shared by
+/// replicas, listed and ended by user and all at once, signed out.
+#[tokio::test]
+async fn sessions_kept_in_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let nodes: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+        .collect();
+    let session = format!(
+        "store = \"redis\"\nredis_cluster = [{}]\ncache_ttl = \"1s\"",
+        nodes.join(", ")
+    );
+    let stack = Stack::with(Options {
+        session: &session,
+        ..Options::default()
+    })
+    .await;
+    let a = &stack.gateway;
+    let b = a.replica();
+    wait_ready(&b).await;
+    let mut cookies = Vec::new();
+    for user in ["alice", "bob", "carol", "dave"] {
+        cookies.push(sign_in(&stack, user).await);
+    }
+    let holding = cluster.keys().iter().filter(|k| **k > 0).count();
+    assert!(holding >= 2, "every key on one shard: {:?}", cluster.keys());
+    for cookie in &cookies {
+        assert_eq!(
+            visit(b.addr, cookie, "application/json").await.0,
+            StatusCode::OK
+        );
+    }
+    let refused = |addr, cookie| {
+        answers_within(
+            addr,
+            cookie,
+            StatusCode::UNAUTHORIZED,
+            Duration::from_secs(1),
+        )
+    };
+
+    let out = sessions(a, &["list"]);
+    assert!(out.contains("4 session(s)"), "{out}");
+    assert_eq!(revoke(a, &["--user", "bob@contoso.example"]), 1);
+    refused(b.addr, &cookies[1]).await;
+
+    let response = stack.sign_out(b.addr, &cookies[0]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    refused(a.addr, &cookies[0]).await;
+
+    assert_eq!(revoke(a, &["--all"]), 2);
+    for cookie in &cookies[2..] {
+        refused(b.addr, cookie).await;
+    }
+}
+
 /// Managed Redis services (Azure Cache for Redis among them) speak TLS
 /// only; a private CA is trusted through `session.redis_ca`.
 #[tokio::test]
@@ -328,8 +456,7 @@ async fn sessions_kept_in_redis_over_tls_with_a_private_ca() {
             .as_deref(),
         Some("alice@contoso.example")
     );
-    let (status, out, err) = stack.gateway.command(&["sessions", "list"]);
-    assert!(status.success(), "{err}");
+    let out = sessions(&stack.gateway, &["list"]);
     assert!(out.contains("alice@contoso.example"), "{out}");
     let response = send(
         stack.gateway.addr,

@@ -34,6 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
 use self::embedded::Embedded;
+pub use self::redis::RedisServers;
 use self::redis::{Redis, RedisSettings};
 pub use self::shared::Shared;
 pub use self::store::StoreError;
@@ -74,8 +75,8 @@ pub struct SessionConfig {
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://`, `rediss://` (TLS) or `redis+unix://`.
-    pub url: String,
+    pub servers: RedisServers,
+    /// The data servers' password (a sentinel's is in its URL).
     pub password: Option<String>,
     /// PEM certificates to trust for `rediss://` (a private CA).
     pub ca: Option<std::path::PathBuf>,
@@ -1280,7 +1281,7 @@ fn redis_of(config: &RedisConfig) -> Result<Redis, StoreError> {
         None => None,
     };
     Redis::new(&RedisSettings {
-        url: &config.url,
+        servers: &config.servers,
         password: config.password.as_deref(),
         ca,
     })

@@ -1,17 +1,29 @@
-//! The Redis store (`session.store = "redis"`), shared by replicas: redis-rs
-//! with its connection manager, which connects lazily and reconnects on
-//! its own, so the gateway starts, and recovers, while Redis is down.
-//! Valkey speaks the same protocol.
+//! The Redis store (`session.store = "redis"`), shared by replicas: one
+//! server (or Valkey), the master that Redis Sentinel names, or a Redis
+//! Cluster, through redis-rs. Connections are made at the first command
+//! and remade on their own, so the gateway starts, and recovers, while
+//! Redis is down.
 //!
 //! Keys, under `authgate:`: `session:<key>` and `login:<key>` hold a
 //! record and expire with it (`EXAT`); `tag:<tag>` is the set of session
 //! keys carrying a tag, expiring with the last of them; `lock:<key>` is
-//! held by the one replica renewing a session.
+//! held by the one replica renewing a session. Every command names one
+//! key (or, `MGET`, keys redis-rs splits by slot), so a cluster spreads
+//! them over its shards.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, Script, TlsCertificates};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    Client, ConnectionAddr, IntoConnectionInfo, RedisError, RedisResult, Script, TlsCertificates,
+    TlsMode,
+};
 
 use super::store::{hex, Record, StoreError, StoreKey, Table, Tag};
 use crate::clock::now;
@@ -20,66 +32,290 @@ use crate::clock::now;
 /// in this time is down, and the request gets a 503 rather than waiting.
 const TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Which servers hold the sessions (`session.redis_url`,
+/// `session.redis_sentinels` or `session.redis_cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisServers {
+    /// One server, by URL.
+    One(String),
+    /// The master the sentinels (by URL) name for `master`.
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+    /// A cluster, found from these nodes' URLs.
+    Cluster(Vec<String>),
+}
+
+impl RedisServers {
+    /// Where the sessions are, for messages: no user or password.
+    pub fn shown(&self) -> String {
+        let hosts = |urls: &[String]| urls.iter().map(|u| shown(u)).collect::<Vec<_>>().join(", ");
+        match self {
+            RedisServers::One(url) => shown(url),
+            RedisServers::Sentinel { sentinels, master } => {
+                format!("master `{master}` of the sentinels {}", hosts(sentinels))
+            }
+            RedisServers::Cluster(nodes) => format!("the cluster of {}", hosts(nodes)),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Redis {
-    connection: ConnectionManager,
-    /// The URL without credentials, for messages.
-    shown: std::sync::Arc<str>,
+    link: Link,
+    /// Where, without credentials, for messages.
+    shown: Arc<str>,
+}
+
+#[derive(Clone)]
+enum Link {
+    /// One server: the manager reconnects to it on its own.
+    Server(ConnectionManager),
+    /// The master the sentinels name, asked at the first command and
+    /// again when it stops being one.
+    Sentinel(Arc<Found>),
+    /// A cluster's connection, made at the first command; it follows the
+    /// cluster's slots and failovers on its own.
+    Cluster(Arc<Found>),
+}
+
+struct Found {
+    kept: std::sync::Mutex<Option<Connection>>,
+    /// Held while a connection is being found, so one command asks.
+    finder: tokio::sync::Mutex<Finder>,
+}
+
+impl Found {
+    fn new(finder: Finder) -> Arc<Found> {
+        Arc::new(Found {
+            kept: std::sync::Mutex::default(),
+            finder: tokio::sync::Mutex::new(finder),
+        })
+    }
+}
+
+/// Whether `e` may mean the master is elsewhere now: it fails, or it
+/// became a replica (`READONLY`).
+fn master_may_have_moved(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+}
+
+enum Finder {
+    Sentinel(Box<SentinelClient>),
+    Cluster(Box<ClusterClient>),
+}
+
+/// What a command is sent on.
+#[derive(Clone)]
+enum Connection {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Connection::Server(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Connection::Server(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Server(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// What `session.redis_*` configure.
 pub struct RedisSettings<'a> {
-    pub url: &'a str,
+    pub servers: &'a RedisServers,
+    /// The data servers' password (not the sentinels').
     pub password: Option<&'a str>,
     /// PEM certificates to trust for `rediss://` instead of the system's.
     pub ca: Option<Vec<u8>>,
 }
 
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(Some(TIMEOUT))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1))
+}
+
 impl Redis {
     /// Prepares the connection; it is made at the first command.
     pub fn new(settings: &RedisSettings<'_>) -> Result<Redis, StoreError> {
-        let shown: std::sync::Arc<str> = shown(settings.url).into();
-        let failed = |source: redis::RedisError| StoreError::Redis {
+        let shown: Arc<str> = settings.servers.shown().into();
+        let failed = |source: RedisError| StoreError::Redis {
             url: shown.to_string(),
             source,
         };
-        let mut info = settings.url.into_connection_info().map_err(failed)?;
-        if let Some(password) = settings.password {
-            let redis = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(redis);
-        }
-        let client = match &settings.ca {
-            Some(ca) => Client::build_with_tls(
-                info,
-                TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            ),
-            None => Client::open(info),
-        }
-        .map_err(failed)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, config).map_err(failed)?;
-        Ok(Redis { connection, shown })
+        let certificates = || TlsCertificates {
+            client_tls: None,
+            root_cert: settings.ca.clone(),
+        };
+        let link = match settings.servers {
+            RedisServers::One(url) => {
+                let mut info = url.as_str().into_connection_info().map_err(failed)?;
+                if let Some(password) = settings.password {
+                    let redis = info.redis_settings().clone().set_password(password);
+                    info = info.set_redis_settings(redis);
+                }
+                let client = match settings.ca {
+                    Some(_) => Client::build_with_tls(info, certificates()),
+                    None => Client::open(info),
+                }
+                .map_err(failed)?;
+                let manager = ConnectionManager::new_lazy_with_config(client, manager_config())
+                    .map_err(failed)?;
+                Link::Server(manager)
+            }
+            RedisServers::Sentinel { sentinels, master } => {
+                let mut addrs = Vec::new();
+                let mut sentinel_password = None;
+                for url in sentinels {
+                    let info = url.as_str().into_connection_info().map_err(failed)?;
+                    sentinel_password =
+                        sentinel_password.or(info.redis_settings().password().map(str::to_owned));
+                    addrs.push(info.addr().clone());
+                }
+                let tls = matches!(addrs.first(), Some(ConnectionAddr::TcpTls { .. }));
+                let mut builder =
+                    SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)
+                        .map_err(failed)?;
+                if let Some(password) = sentinel_password {
+                    builder = builder.set_client_to_sentinel_password(password);
+                }
+                if let Some(password) = settings.password {
+                    builder = builder.set_client_to_redis_password(password);
+                }
+                // The master is spoken to as the sentinels are: over TLS
+                // when they are.
+                if tls {
+                    builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+                    if settings.ca.is_some() {
+                        builder = builder
+                            .set_client_to_redis_certificates(certificates())
+                            .set_client_to_sentinel_certificates(certificates());
+                    }
+                }
+                let client = builder.build().map_err(failed)?;
+                Link::Sentinel(Found::new(Finder::Sentinel(Box::new(client))))
+            }
+            RedisServers::Cluster(nodes) => {
+                let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(TIMEOUT)
+                    .response_timeout(TIMEOUT);
+                if let Some(password) = settings.password {
+                    builder = builder.password(password);
+                }
+                if settings.ca.is_some() {
+                    builder = builder.certs(certificates());
+                }
+                let client = builder.build().map_err(failed)?;
+                Link::Cluster(Found::new(Finder::Cluster(Box::new(client))))
+            }
+        };
+        Ok(Redis { link, shown })
     }
 
-    fn failed(&self, source: redis::RedisError) -> StoreError {
+    fn failed(&self, source: RedisError) -> StoreError {
         StoreError::Redis {
             url: self.shown.to_string(),
             source,
         }
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
-        let mut connection = self.connection.clone();
-        cmd.query_async(&mut connection)
+    /// The connection the next command goes on.
+    async fn connection(&self) -> RedisResult<Connection> {
+        let found = match &self.link {
+            Link::Server(manager) => return Ok(Connection::Server(manager.clone())),
+            Link::Sentinel(found) | Link::Cluster(found) => found,
+        };
+        let kept = || found.kept.lock().expect("not poisoned").clone();
+        if let Some(connection) = kept() {
+            return Ok(connection);
+        }
+        let mut finder = found.finder.lock().await;
+        // Found by another command while this one waited.
+        if let Some(connection) = kept() {
+            return Ok(connection);
+        }
+        let finding = async {
+            match &mut *finder {
+                Finder::Sentinel(sentinel) => {
+                    let master = sentinel.async_get_client().await?;
+                    ConnectionManager::new_lazy_with_config(master, manager_config())
+                        .map(Connection::Server)
+                }
+                Finder::Cluster(cluster) => cluster
+                    .get_async_connection()
+                    .await
+                    .map(Connection::Cluster),
+            }
+        };
+        let connection = tokio::time::timeout(TIMEOUT, finding)
             .await
-            .map_err(|e| self.failed(e))
+            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        *found.kept.lock().expect("not poisoned") = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Runs `op` on the connection. A master that stopped being one (it
+    /// fails, or answers `READONLY` after a failover) is asked of the
+    /// sentinels again, and `op` run once more on the new one: what this
+    /// store writes can be written twice.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let connection = self.connection().await.map_err(|e| self.failed(e))?;
+        match op(connection).await {
+            Err(e) if matches!(self.link, Link::Sentinel(_)) && master_may_have_moved(&e) => {
+                tracing::info!(store = %self.shown, error = %e, "asking the sentinels for the master again");
+                if let Link::Sentinel(found) = &self.link {
+                    *found.kept.lock().expect("not poisoned") = None;
+                }
+                let connection = self.connection().await.map_err(|e| self.failed(e))?;
+                op(connection).await
+            }
+            done => done,
+        }
+        .map_err(|e| self.failed(e))
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, StoreError> {
+        self.run(|mut connection| async move { cmd.query_async(&mut connection).await })
+            .await
+    }
+
+    async fn exec(&self, pipe: &redis::Pipeline) -> Result<(), StoreError> {
+        self.run(|mut connection| async move { pipe.query_async::<()>(&mut connection).await })
+            .await
     }
 
     pub async fn get(&self, table: Table, key: StoreKey) -> Result<Option<Record>, StoreError> {
@@ -91,18 +327,18 @@ impl Redis {
             .filter(|r| r.expires_at > now()))
     }
 
+    /// The tags first, each set on its own (a cluster keeps them on
+    /// other shards), then the record: a record is never kept without its
+    /// tags, so revoking a user finds all of theirs.
     pub async fn put(&self, table: Table, key: StoreKey, record: Record) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(record_key(table, key))
-            .arg(encode(&record))
-            .arg("EXAT")
-            .arg(record.expires_at)
-            .ignore();
         for tag in &record.tags {
             let tag = tag_key(tag);
-            pipe.cmd("SADD").arg(&tag).arg(hex(&key.0)).ignore();
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("SADD")
+                .arg(&tag)
+                .arg(hex(&key.0))
+                .ignore();
             // A new set has no expiry, which `GT` counts as infinite: set
             // one first, then only ever extend it.
             for when in ["NX", "GT"] {
@@ -112,11 +348,16 @@ impl Redis {
                     .arg(when)
                     .ignore();
             }
+            self.exec(&pipe).await?;
         }
-        let mut connection = self.connection.clone();
-        pipe.query_async::<()>(&mut connection)
-            .await
-            .map_err(|e| self.failed(e))
+        self.query(
+            redis::cmd("SET")
+                .arg(record_key(table, key))
+                .arg(encode(&record))
+                .arg("EXAT")
+                .arg(record.expires_at),
+        )
+        .await
     }
 
     pub async fn put_new(
@@ -168,28 +409,27 @@ impl Redis {
     pub async fn sessions(&self) -> Result<Vec<(StoreKey, Record)>, StoreError> {
         let prefix = format!("authgate:{}:", Table::Sessions.name());
         let mut keys = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, found): (u64, Vec<String>) = self
-                .query(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(format!("{prefix}*"))
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
-            keys.extend(
-                found
-                    .iter()
-                    .filter_map(|k| k.strip_prefix(&prefix))
-                    .filter_map(parse_key),
-            );
-            if next == 0 {
-                break;
+        for node in self.masters().await? {
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(format!("{prefix}*"))
+                    .arg("COUNT")
+                    .arg(1000);
+                let (next, found): (u64, Vec<String>) = self.query_on(&node, scan).await?;
+                keys.extend(
+                    found
+                        .iter()
+                        .filter_map(|k| k.strip_prefix(&prefix))
+                        .filter_map(parse_key),
+                );
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
         keys.sort_by_key(|k| k.0);
         keys.dedup();
@@ -215,6 +455,66 @@ impl Redis {
 
     /// Takes the renewal lock of `key`: `Some(token)` when this replica
     /// holds it now.
+    /// Where keys are scanned: the one server, or each master of a
+    /// cluster (`None` is the one server).
+    async fn masters(&self) -> Result<Vec<Option<SingleNodeRoutingInfo>>, StoreError> {
+        if !matches!(self.link, Link::Cluster(_)) {
+            return Ok(vec![None]);
+        }
+        let every = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let answers = self.routed(&redis::cmd("PING"), &every).await?;
+        // Each master's answer under its address, `host:port`.
+        let redis::Value::Map(answers) = answers else {
+            return Ok(Vec::new());
+        };
+        Ok(answers
+            .iter()
+            .filter_map(|(addr, _)| match addr {
+                redis::Value::BulkString(addr) => std::str::from_utf8(addr).ok(),
+                _ => None,
+            })
+            .filter_map(|addr| {
+                let (host, port) = addr.rsplit_once(':')?;
+                Some(Some(SingleNodeRoutingInfo::ByAddress {
+                    host: host.to_owned(),
+                    port: port.parse().ok()?,
+                }))
+            })
+            .collect())
+    }
+
+    /// `cmd` on `node` (from [`Redis::masters`]).
+    async fn query_on<T: redis::FromRedisValue>(
+        &self,
+        node: &Option<SingleNodeRoutingInfo>,
+        cmd: redis::Cmd,
+    ) -> Result<T, StoreError> {
+        let Some(node) = node else {
+            return self.query(&cmd).await;
+        };
+        let value = self
+            .routed(&cmd, &RoutingInfo::SingleNode(node.clone()))
+            .await?;
+        redis::from_redis_value(value).map_err(|e| self.failed(e.into()))
+    }
+
+    /// `cmd`, sent where `routing` says on a cluster, else to the server.
+    async fn routed(
+        &self,
+        cmd: &redis::Cmd,
+        routing: &RoutingInfo,
+    ) -> Result<redis::Value, StoreError> {
+        self.run(|connection| async move {
+            match connection {
+                Connection::Cluster(mut cluster) => {
+                    cluster.route_command(cmd.clone(), routing.clone()).await
+                }
+                Connection::Server(mut server) => cmd.query_async(&mut server).await,
+            }
+        })
+        .await
+    }
+
     pub async fn lock(&self, key: StoreKey, ttl: Duration) -> Result<Option<String>, StoreError> {
         let token = hex(&crate::random_bytes::<16>());
         let taken: Option<String> = self
@@ -235,14 +535,14 @@ impl Redis {
         let script = Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
         );
-        let mut connection = self.connection.clone();
-        script
-            .key(lock_key(key))
-            .arg(token)
-            .invoke_async::<i64>(&mut connection)
-            .await
-            .map(drop)
-            .map_err(|e| self.failed(e))
+        let mut invocation = script.key(lock_key(key));
+        invocation.arg(token);
+        self.run(|mut connection| {
+            let invocation = &invocation;
+            async move { invocation.invoke_async::<i64>(&mut connection).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Whether Redis answers now.
@@ -323,6 +623,19 @@ mod tests {
             "rediss://redis.internal:6380/0"
         );
         assert_eq!(shown("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        let sentinel = RedisServers::Sentinel {
+            sentinels: vec![
+                "redis://:hunter2@s1:26379".into(),
+                "redis://s2:26379".into(),
+            ],
+            master: "mymaster".into(),
+        };
+        assert_eq!(
+            sentinel.shown(),
+            "master `mymaster` of the sentinels redis://s1:26379, redis://s2:26379"
+        );
+        let cluster = RedisServers::Cluster(vec!["rediss://u:hunter2@n1:6379".into()]);
+        assert_eq!(cluster.shown(), "the cluster of rediss://n1:6379");
     }
 
     #[test]

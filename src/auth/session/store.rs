@@ -94,7 +94,8 @@ pub enum StoreError {
 }
 
 /// The configured store. Every call is async: the embedded database
-/// works on the blocking pool, Redis over the network.
+/// works on the blocking pool, Redis over the network (its futures boxed:
+/// they nest deep, and would grow every caller's).
 #[derive(Clone)]
 pub enum Store {
     Embedded(Embedded),
@@ -105,14 +106,14 @@ impl Store {
     pub async fn get(&self, table: Table, key: StoreKey) -> Result<Option<Record>, StoreError> {
         match self {
             Store::Embedded(db) => db.get(table, key).await,
-            Store::Redis(db) => db.get(table, key).await,
+            Store::Redis(db) => Box::pin(db.get(table, key)).await,
         }
     }
 
     pub async fn put(&self, table: Table, key: StoreKey, record: Record) -> Result<(), StoreError> {
         match self {
             Store::Embedded(db) => db.put(table, key, record).await,
-            Store::Redis(db) => db.put(table, key, record).await,
+            Store::Redis(db) => Box::pin(db.put(table, key, record)).await,
         }
     }
 
@@ -125,7 +126,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         match self {
             Store::Embedded(db) => db.put_new(table, key, record).await,
-            Store::Redis(db) => db.put_new(table, key, record).await,
+            Store::Redis(db) => Box::pin(db.put_new(table, key, record)).await,
         }
     }
 
@@ -133,7 +134,7 @@ impl Store {
     pub async fn take(&self, table: Table, key: StoreKey) -> Result<Option<Record>, StoreError> {
         match self {
             Store::Embedded(db) => db.take(table, key).await,
-            Store::Redis(db) => db.take(table, key).await,
+            Store::Redis(db) => Box::pin(db.take(table, key)).await,
         }
     }
 
@@ -141,7 +142,7 @@ impl Store {
     pub async fn tagged(&self, tags: Vec<Tag>) -> Result<Vec<(StoreKey, Record)>, StoreError> {
         match self {
             Store::Embedded(db) => db.tagged(tags).await,
-            Store::Redis(db) => db.tagged(tags).await,
+            Store::Redis(db) => Box::pin(db.tagged(tags)).await,
         }
     }
 
@@ -149,7 +150,7 @@ impl Store {
     pub async fn sessions(&self) -> Result<Vec<(StoreKey, Record)>, StoreError> {
         match self {
             Store::Embedded(db) => db.sessions().await,
-            Store::Redis(db) => db.sessions().await,
+            Store::Redis(db) => Box::pin(db.sessions()).await,
         }
     }
 
@@ -161,14 +162,14 @@ impl Store {
     pub async fn lock(&self, key: StoreKey, ttl: Duration) -> Result<Option<String>, StoreError> {
         match self {
             Store::Embedded(_) => Ok(Some(String::new())),
-            Store::Redis(db) => db.lock(key, ttl).await,
+            Store::Redis(db) => Box::pin(db.lock(key, ttl)).await,
         }
     }
 
     pub async fn unlock(&self, key: StoreKey, token: &str) -> Result<(), StoreError> {
         match self {
             Store::Embedded(_) => Ok(()),
-            Store::Redis(db) => db.unlock(key, token).await,
+            Store::Redis(db) => Box::pin(db.unlock(key, token)).await,
         }
     }
 
@@ -176,7 +177,7 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {
             Store::Embedded(_) => Ok(()),
-            Store::Redis(db) => db.ping().await,
+            Store::Redis(db) => Box::pin(db.ping()).await,
         }
     }
 
