@@ -126,7 +126,10 @@ fn the_replica_examples_configure_gateways_sharing_redis() {
             "{example}: {env:?}"
         );
         let printed = check_with("config/authgate.toml", example, env);
-        assert!(printed.contains("kept in Redis at"), "{example}: {printed}");
+        assert!(
+            printed.contains("kept in Redis: redis://"),
+            "{example}: {printed}"
+        );
     }
 }
 
