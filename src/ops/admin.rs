@@ -222,6 +222,8 @@ pub mod client {
         Open(#[from] OpenError),
         #[error(transparent)]
         Sessions(#[from] AdminError),
+        #[error("the admin listener ends sessions by user, handle or all, not {0}")]
+        NotAskable(String),
     }
 
     /// Performs `ask` and returns the JSON answer the admin endpoint gives.
@@ -263,7 +265,8 @@ pub mod client {
             Ask::Revoke(Who::Session(handle)) => {
                 (Method::DELETE, Some(("session", handle.as_str())))
             }
-            Ask::Revoke(_) => (Method::DELETE, Some(("all", "true"))),
+            Ask::Revoke(Who::All) => (Method::DELETE, Some(("all", "true"))),
+            Ask::Revoke(who) => return Err(ClientError::NotAskable(format!("{who:?}"))),
         };
         let mut addr = config.admin_listen.ok_or(ClientError::NoAdminListener)?;
         if addr.ip().is_unspecified() {

@@ -95,16 +95,6 @@ impl Found {
     }
 }
 
-/// Whether `e` may mean the master is elsewhere now: it fails, or it
-/// became a replica (`READONLY`).
-fn master_may_have_moved(e: &RedisError) -> bool {
-    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-        || e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || e.is_timeout()
-}
-
 enum Finder {
     Sentinel(Box<SentinelClient>),
     Cluster(Box<ClusterClient>),
@@ -549,6 +539,16 @@ impl Redis {
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.query::<String>(&redis::cmd("PING")).await.map(drop)
     }
+}
+
+/// Whether `e` may mean the master is elsewhere now: it fails, or it
+/// became a replica (`READONLY`).
+fn master_may_have_moved(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
 }
 
 fn record_key(table: Table, key: StoreKey) -> String {
