@@ -1,6 +1,7 @@
 //! The per-request authentication work, measured: finding a session (in
 //! its cookie, or in the embedded store by the cookie's id), bearer JWT validation (cold: a signature check; cached:
-//! the verified-token cache), identity header injection, signed identity
+//! the verified-token cache), identity header injection (and two cores
+//! copying one session's at once), signed identity
 //! assertions (signed anew, and kept with the session), and making the
 //! request target canonical.
 //!
@@ -185,6 +186,30 @@ fn identity_headers(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // Two cores serving one session's requests at once: copying the
+    // session's shared values has both contend for their reference
+    // counts, each connection's own copy (what the gateway uses) does not.
+    for (label, own) in [("shared values", false), ("each core's own copy", true)] {
+        c.bench_function(&format!("identity headers: two cores, {label}"), |b| {
+            b.iter_custom(|iters| {
+                let started = std::time::Instant::now();
+                std::thread::scope(|scope| {
+                    for _ in 0..2 {
+                        scope.spawn(|| {
+                            let copy = own.then(|| values.own_copy());
+                            let values = copy.as_ref().unwrap_or(&values);
+                            let mut h = HeaderMap::with_capacity(room);
+                            for _ in 0..iters {
+                                values.apply(&mut h);
+                                h.clear();
+                            }
+                        });
+                    }
+                });
+                started.elapsed()
+            })
+        });
+    }
     // A hostile request: identity headers in every spelling, ours and
     // other gateways', and headers named in `Connection`.
     let mut hostile = request.clone();

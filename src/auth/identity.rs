@@ -7,6 +7,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use super::easy_auth::{EasyAuth, Tokens};
+use crate::forward::headers::own_copy;
 
 /// Names of the headers that carry the signed-in user to the upstream.
 /// Defaults follow oauth2-proxy's `X-Forwarded-*` names.
@@ -382,6 +383,21 @@ impl IdentityValues {
         for (name, value) in &self.0 {
             headers.insert(name.clone(), value.clone());
         }
+    }
+
+    /// A copy sharing no bytes with these, for one connection (see
+    /// [`own_copy`]).
+    pub fn own_copy(&self) -> IdentityValues {
+        IdentityValues(
+            self.0
+                .iter()
+                .map(|(name, value)| {
+                    let name = HeaderName::from_bytes(name.as_str().as_bytes())
+                        .expect("copied from a valid name");
+                    (name, own_copy(value))
+                })
+                .collect(),
+        )
     }
 }
 

@@ -89,6 +89,16 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The same routes, with header values of their own (see
+    /// [`own_copy`](crate::forward::headers::own_copy)).
+    pub fn own_copy(&self) -> Routes {
+        let mut routes = self.clone();
+        for route in &mut routes.by_length {
+            route.upstream_host = crate::forward::headers::own_copy(&route.upstream_host);
+        }
+        routes
+    }
+
     /// `configs` must contain the `/` route (config validation puts it first).
     pub fn new(configs: &[RouteConfig], metrics: &Metrics) -> Routes {
         let mut by_length: Vec<Route> = configs

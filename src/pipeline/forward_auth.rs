@@ -110,7 +110,13 @@ impl Gateway {
                     Ok(()) => {}
                 }
                 let mut response = self.allowed(&headers, client);
-                self.tell_identity(response.headers_mut(), &authenticated, &identity, route);
+                self.tell_identity(
+                    response.headers_mut(),
+                    &authenticated,
+                    &identity,
+                    route,
+                    &client.last_cookie,
+                );
                 pages::append_cookies(&mut response, cookies);
                 ("allowed", response)
             }

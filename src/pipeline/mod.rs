@@ -130,6 +130,8 @@ impl Gateway {
     pub fn for_worker(&self) -> Arc<Gateway> {
         Arc::new(Gateway {
             proxy: self.proxy.with_own_pool(),
+            routes: self.routes.own_copy(),
+            hsts: self.hsts.as_ref().map(headers::own_copy),
             ..self.clone()
         })
     }
@@ -261,7 +263,13 @@ impl Gateway {
             // for these and the forwarding headers, not at each step.
             req.headers_mut()
                 .reserve(self.identity_headers.count() + forward::HEADERS_ADDED);
-            self.tell_identity(req.headers_mut(), &caller.authenticated, &identity, route);
+            self.tell_identity(
+                req.headers_mut(),
+                &caller.authenticated,
+                &identity,
+                route,
+                &client.last_cookie,
+            );
             cookies = caller.cookies;
         }
 
@@ -276,29 +284,28 @@ impl Gateway {
 
     /// Sets the identity headers of `authenticated` (whose identity is
     /// `identity`) in `headers`, for `route`'s upstream, and the signed
-    /// assertion when on.
+    /// assertion when on; `last` is the connection's last cookie.
     fn tell_identity(
         &self,
         headers: &mut http::HeaderMap,
         authenticated: &Authenticated,
         identity: &auth::identity::Identity,
         route: &Route,
+        last: &LastCookie,
     ) {
         let assertion = match authenticated {
             Authenticated::Session(session) => {
                 self.identity_headers
                     .inject_id_token(headers, &session.id_token);
-                session
-                    .identity_headers
-                    .get_or_init(|| {
-                        let tokens = Tokens {
-                            claims_of: &session.id_token,
-                            id_token: Some(&session.id_token),
-                            access_token: session.access_token.as_deref(),
-                        };
-                        self.identity_headers.values(identity, &tokens)
-                    })
-                    .apply(headers);
+                let values = session.identity_headers.get_or_init(|| {
+                    let tokens = Tokens {
+                        claims_of: &session.id_token,
+                        id_token: Some(&session.id_token),
+                        access_token: session.access_token.as_deref(),
+                    };
+                    self.identity_headers.values(identity, &tokens)
+                });
+                last.tell_identity(session, values, headers);
                 self.assertions
                     .as_ref()
                     .and_then(|a| a.for_session(&session.assertion, identity, &route.origin))

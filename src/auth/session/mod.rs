@@ -421,6 +421,9 @@ struct Remembered {
     /// `None` when only the gateway's cookies were in it.
     others: Option<HeaderValue>,
     at: u64,
+    /// This connection's copy of the session's identity headers, once a
+    /// request has told them.
+    identity: Option<IdentityValues>,
 }
 
 impl LastCookie {
@@ -441,6 +444,26 @@ impl LastCookie {
 
     fn set(&self, remembered: Remembered) {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(remembered);
+    }
+
+    /// Sets `session`'s identity headers, `values`, in `headers`: from
+    /// this connection's own copy of them when `session` is the one it
+    /// remembers, so the connections of one session, served on different
+    /// cores, do not contend for the values' reference counts.
+    pub fn tell_identity(
+        &self,
+        session: &Arc<Session>,
+        values: &IdentityValues,
+        headers: &mut HeaderMap,
+    ) {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match last.as_mut().filter(|r| Arc::ptr_eq(&r.session, session)) {
+            Some(remembered) => remembered
+                .identity
+                .get_or_insert_with(|| values.own_copy())
+                .apply(headers),
+            None => values.apply(headers),
+        }
     }
 
     fn remember(&self, field: &HeaderValue) -> HeaderValue {
@@ -671,6 +694,7 @@ impl Sessions {
             session: session.clone(),
             others: self.others(fields.iter()),
             at: now(),
+            identity: None,
         });
     }
 
@@ -1725,6 +1749,41 @@ mod tests {
                 assert!(matches!(read.await.unwrap(), Found::Valid(_)));
             }
             assert_eq!(metrics.session_store_lookups.get(), 1);
+        }
+
+        /// A connection copies a session's identity headers once and
+        /// tells them from its copy, so connections on other cores never
+        /// touch the same bytes.
+        #[tokio::test]
+        async fn a_connection_tells_the_identity_from_its_own_copy() {
+            use crate::auth::easy_auth::Tokens;
+            use crate::auth::identity::{IdentityHeaderNames, IdentityHeaders};
+            let dir = tempfile::tempdir().unwrap();
+            let jar = open(dir.path(), &[KEY_A]);
+            let request = signed_in(&jar, "alice").await;
+            let last = LastCookie::new(false);
+            let Found::Valid(session) = jar.read_remembering(&request, &last).await else {
+                panic!("signed in");
+            };
+            let tokens = Tokens {
+                claims_of: &session.id_token,
+                id_token: Some(&session.id_token),
+                access_token: None,
+            };
+            let values = IdentityHeaders::new(&IdentityHeaderNames::default())
+                .values(&session.identity, &tokens);
+            let told = || {
+                let mut headers = HeaderMap::new();
+                last.tell_identity(&session, &values, &mut headers);
+                headers
+            };
+            let (first, again) = (told(), told());
+            let mut shared = HeaderMap::new();
+            values.apply(&mut shared);
+            assert_eq!(first, shared);
+            let bytes = |h: &HeaderMap| h["x-forwarded-user"].as_bytes().as_ptr();
+            assert_ne!(bytes(&first), bytes(&shared), "the session's own bytes");
+            assert_eq!(bytes(&first), bytes(&again), "copied once");
         }
 
         #[tokio::test]
