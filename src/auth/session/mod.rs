@@ -1730,6 +1730,20 @@ mod tests {
             assert_eq!(session.identity.groups.len(), 150);
         }
 
+        /// Alice signed in to a store under `dir`, her cookie, and a
+        /// connection that has read her session.
+        async fn remembered(
+            dir: &std::path::Path,
+        ) -> (Sessions, HeaderMap, LastCookie, Arc<Session>) {
+            let jar = open(dir, &[KEY_A]);
+            let request = signed_in(&jar, "alice").await;
+            let last = LastCookie::new(false);
+            let Found::Valid(session) = jar.read_remembering(&request, &last).await else {
+                panic!("signed in");
+            };
+            (jar, request, last, session)
+        }
+
         /// Many connections of one session missing the cache together
         /// (its cached copy just expired) cost the store one read.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1759,12 +1773,7 @@ mod tests {
             use crate::auth::easy_auth::Tokens;
             use crate::auth::identity::{IdentityHeaderNames, IdentityHeaders};
             let dir = tempfile::tempdir().unwrap();
-            let jar = open(dir.path(), &[KEY_A]);
-            let request = signed_in(&jar, "alice").await;
-            let last = LastCookie::new(false);
-            let Found::Valid(session) = jar.read_remembering(&request, &last).await else {
-                panic!("signed in");
-            };
+            let (_, _, last, session) = remembered(dir.path()).await;
             let tokens = Tokens {
                 claims_of: &session.id_token,
                 id_token: Some(&session.id_token),
@@ -1789,12 +1798,7 @@ mod tests {
         #[tokio::test]
         async fn an_ended_session_is_refused_at_once_even_where_it_was_remembered() {
             let dir = tempfile::tempdir().unwrap();
-            let jar = open(dir.path(), &[KEY_A]);
-            let request = signed_in(&jar, "alice").await;
-            let last = LastCookie::new(false);
-            let Found::Valid(session) = jar.read_remembering(&request, &last).await else {
-                panic!("signed in");
-            };
+            let (jar, request, last, session) = remembered(dir.path()).await;
             jar.end(&session).await.unwrap();
             assert!(matches!(
                 jar.read_remembering(&request, &last).await,
