@@ -386,7 +386,7 @@ impl IdentityValues {
     }
 
     /// A copy sharing no bytes with these, for one connection (see
-    /// [`own_copy`]).
+    /// `forward::headers::own_copy`).
     pub fn own_copy(&self) -> IdentityValues {
         IdentityValues(
             self.0

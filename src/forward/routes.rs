@@ -90,7 +90,7 @@ pub struct Routes {
 
 impl Routes {
     /// The same routes, with header values of their own (see
-    /// [`own_copy`](crate::forward::headers::own_copy)).
+    /// `forward::headers::own_copy`).
     pub fn own_copy(&self) -> Routes {
         let mut routes = self.clone();
         for route in &mut routes.by_length {
