@@ -881,6 +881,20 @@ async fn connections_are_bounded_in_time_whatever_the_client_sends() {
         assert!(closed_after(&mut tls).await < client_idle);
     }
 
+    // A head trickled a byte at a time: each byte is progress, yet the
+    // whole head is due within header_read.
+    let (tls, _) = tls_connect(gateway.addr, &[b"http/1.1"]).await;
+    let (mut read, mut write) = tokio::io::split(tls);
+    let trickle = tokio::spawn(async move {
+        let mut sent = write.write_all(b"GET / HTTP/1.1\r\nX").await;
+        while sent.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            sent = write.write_all(b"a").await;
+        }
+    });
+    assert!(closed_after(&mut read).await < client_idle);
+    trickle.abort();
+
     // Idle keep-alive: open past header_read, closed after client_idle.
     let (mut tls, _) = tls_connect(gateway.addr, &[b"http/1.1"]).await;
     assert_eq!(exchange_raw(&mut tls).await, "HTTP/1.1 200 OK");

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use authgate::net::{self, tls, Limits, Timeouts};
+use authgate::net::{self, tls, Limits};
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
@@ -67,7 +67,7 @@ fn serve(listener: std::net::TcpListener, acceptor: TlsAcceptor) -> std::io::Res
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let builder = net::http_builder(&Timeouts::default(), &Limits::default());
+    let builder = net::http_builder(&Limits::default());
     // One per protocol, chosen by ALPN as authgate does (no detection read).
     let builders = Arc::new((builder.clone().http1_only(), builder.http2_only()));
     let body = Bytes::from(vec![b'x'; 1024]);

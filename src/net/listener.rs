@@ -141,7 +141,7 @@ impl TlsListener {
         limits: &Limits,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Workers, crate::StartError> {
-        let builder = http_builder(timeouts, limits);
+        let builder = http_builder(limits);
         let http1 = Arc::new(builder.clone().http1_only());
         let http2 = Arc::new(builder.http2_only());
         // Each worker has permits of its own, as nginx's worker_connections:
