@@ -89,12 +89,13 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// The same routes, with header values of their own (see
-    /// `forward::headers::own_copy`).
-    pub fn own_copy(&self) -> Routes {
+    /// The same routes for one worker thread: with header values of their
+    /// own (see `forward::headers::own_copy`), and metrics it counts apart.
+    pub fn for_worker(&self) -> Routes {
         let mut routes = self.clone();
         for route in &mut routes.by_length {
             route.upstream_host = crate::forward::headers::own_copy(&route.upstream_host);
+            route.metrics = route.metrics.for_worker();
         }
         routes
     }

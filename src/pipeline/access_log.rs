@@ -27,7 +27,7 @@ impl Seen<'_> {
             target: ACCESS,
             method = %self.method,
             path = self.uri.path(),
-            route = route.route.as_str(),
+            route = &*route.route,
             status = status.as_u16(),
             latency_ms = latency.as_secs_f64() * 1000.0,
             request_id = self.id,

@@ -124,13 +124,16 @@ impl Gateway {
         }))
     }
 
-    /// A copy for one worker thread: the same routes, sessions, sign-in
-    /// and metrics, but a connection pool to the upstreams of its own, so
-    /// that a request and its upstream connection live on one thread.
+    /// A copy for one worker thread: the same routes, sessions and
+    /// sign-in, but a connection pool to the upstreams of its own, so that
+    /// a request and its upstream connection live on one thread, and
+    /// request metrics it counts apart.
     pub fn for_worker(&self) -> Arc<Gateway> {
         Arc::new(Gateway {
             proxy: self.proxy.with_own_pool(),
-            routes: self.routes.own_copy(),
+            routes: self.routes.for_worker(),
+            own_metrics: self.own_metrics.for_worker(),
+            signin_metrics: self.signin_metrics.for_worker(),
             hsts: self.hsts.as_ref().map(headers::own_copy),
             ..self.clone()
         })
