@@ -284,16 +284,14 @@ impl Redis {
         Fut: Future<Output = RedisResult<T>>,
     {
         let connection = self.connection().await.map_err(|e| self.failed(e))?;
-        match op(connection).await {
-            Err(e) if matches!(self.link, Link::Sentinel(_)) && master_may_have_moved(&e) => {
+        match (op(connection).await, &self.link) {
+            (Err(e), Link::Sentinel(found)) if master_may_have_moved(&e) => {
                 tracing::info!(store = %self.shown, error = %e, "asking the sentinels for the master again");
-                if let Link::Sentinel(found) = &self.link {
-                    *found.kept.lock().expect("not poisoned") = None;
-                }
+                *found.kept.lock().expect("not poisoned") = None;
                 let connection = self.connection().await.map_err(|e| self.failed(e))?;
                 op(connection).await
             }
-            done => done,
+            (done, _) => done,
         }
         .map_err(|e| self.failed(e))
     }
