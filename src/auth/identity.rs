@@ -7,7 +7,6 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use super::easy_auth::{EasyAuth, Tokens};
-use crate::forward::headers::own_copy;
 
 /// Names of the headers that carry the signed-in user to the upstream.
 /// Defaults follow oauth2-proxy's `X-Forwarded-*` names.
@@ -372,9 +371,10 @@ impl IdentityHeaders {
     }
 }
 
-/// One user's identity headers, built once per opened session: building
-/// them (eight values checked and copied, groups joined) had cost a
-/// signed-in request more than finding its session.
+/// One user's identity headers, built once per opened session and thread
+/// (`Session::identity_headers`): building them (eight values checked and
+/// copied, groups joined) had cost a signed-in request more than finding
+/// its session.
 #[derive(Debug, Clone, Default)]
 pub struct IdentityValues(Vec<(HeaderName, HeaderValue)>);
 
@@ -383,21 +383,6 @@ impl IdentityValues {
         for (name, value) in &self.0 {
             headers.insert(name.clone(), value.clone());
         }
-    }
-
-    /// A copy sharing no bytes with these, for one connection (see
-    /// `forward::headers::own_copy`).
-    pub fn own_copy(&self) -> IdentityValues {
-        IdentityValues(
-            self.0
-                .iter()
-                .map(|(name, value)| {
-                    let name = HeaderName::from_bytes(name.as_str().as_bytes())
-                        .expect("copied from a valid name");
-                    (name, own_copy(value))
-                })
-                .collect(),
-        )
     }
 }
 

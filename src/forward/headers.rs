@@ -39,8 +39,8 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 /// A copy of `value` that shares no bytes with it. Values the gateway
 /// adds to every request are cloned, and dropped, once per request: a
 /// value cloned on two cores has them contend for its reference count,
-/// so each worker (and, for a session's identity, each connection)
-/// clones a copy of its own.
+/// so each worker clones a copy of its own (a session's identity
+/// headers: `Session::identity_headers`).
 pub fn own_copy(value: &HeaderValue) -> HeaderValue {
     let mut copy = HeaderValue::from_bytes(value.as_bytes()).expect("copied from a valid value");
     copy.set_sensitive(value.is_sensitive());

@@ -300,15 +300,15 @@ impl Gateway {
             Authenticated::Session(session) => {
                 self.identity_headers
                     .inject_id_token(headers, &session.id_token);
-                let values = session.identity_headers.get_or_init(|| {
+                let build = || {
                     let tokens = Tokens {
                         claims_of: &session.id_token,
                         id_token: Some(&session.id_token),
                         access_token: session.access_token.as_deref(),
                     };
                     self.identity_headers.values(identity, &tokens)
-                });
-                last.tell_identity(session, values, headers);
+                };
+                last.tell_identity(session, build, headers);
                 self.assertions
                     .as_ref()
                     .and_then(|a| a.for_session(&session.assertion, identity, &route.origin))

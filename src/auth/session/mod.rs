@@ -21,7 +21,8 @@ mod store;
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use aws_lc_rs::hmac;
@@ -110,10 +111,10 @@ pub struct Session {
     pub expires_at: u64,
     pub signed_in_at: u64,
     pub last_seen: u64,
-    /// Built at the first request that needs them; opened sessions are
-    /// cached, so later requests of this session copy them.
+    /// The identity headers, built by each thread at its first request of
+    /// this session (see [`Session::identity_headers`]).
     #[serde(skip)]
-    pub identity_headers: OnceLock<IdentityValues>,
+    identity_headers: Mutex<Vec<(ThreadId, Arc<IdentityValues>)>>,
     /// The last signed identity assertion, while fresh.
     #[serde(skip)]
     pub assertion: std::sync::Mutex<Option<crate::auth::assertion::Signed>>,
@@ -150,7 +151,7 @@ impl Session {
             expires_at,
             signed_in_at: now(),
             last_seen: now(),
-            identity_headers: OnceLock::new(),
+            identity_headers: Mutex::default(),
             assertion: Default::default(),
             sid: None,
             regrouped: false,
@@ -158,6 +159,26 @@ impl Session {
             key: None,
             fate: Fate::default(),
         }
+    }
+
+    /// The identity headers for this thread's requests, built by `build`
+    /// at its first. Their values are cloned into every request: one copy
+    /// shared by all had the cores contend for its reference counts, a
+    /// copy per connection missed the cache with hundreds of connections;
+    /// a copy per worker thread does neither. Opened sessions are cached,
+    /// so a thread builds them once per session.
+    pub fn identity_headers(&self, build: impl FnOnce() -> IdentityValues) -> Arc<IdentityValues> {
+        let thread = std::thread::current().id();
+        let mut built = self
+            .identity_headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((_, values)) = built.iter().find(|(t, _)| *t == thread) {
+            return values.clone();
+        }
+        let values = Arc::new(build());
+        built.push((thread, values.clone()));
+        values
     }
 
     /// The provider's session this one belongs to.
@@ -421,9 +442,9 @@ struct Remembered {
     /// `None` when only the gateway's cookies were in it.
     others: Option<HeaderValue>,
     at: u64,
-    /// This connection's copy of the session's identity headers, once a
-    /// request has told them.
-    identity: Option<IdentityValues>,
+    /// The session's identity headers for this connection's thread, once
+    /// a request has told them.
+    identity: Option<Arc<IdentityValues>>,
 }
 
 impl LastCookie {
@@ -446,23 +467,26 @@ impl LastCookie {
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(remembered);
     }
 
-    /// Sets `session`'s identity headers, `values`, in `headers`: from
-    /// this connection's own copy of them when `session` is the one it
-    /// remembers, so the connections of one session, served on different
-    /// cores, do not contend for the values' reference counts.
+    /// Sets `session`'s identity headers in `headers`: this thread's copy
+    /// (see [`Session::identity_headers`]), built by `build` if none is,
+    /// and kept with the remembered session so that the connection's next
+    /// requests need no look-up.
     pub fn tell_identity(
         &self,
         session: &Arc<Session>,
-        values: &IdentityValues,
+        build: impl FnOnce() -> IdentityValues,
         headers: &mut HeaderMap,
     ) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         match last.as_mut().filter(|r| Arc::ptr_eq(&r.session, session)) {
             Some(remembered) => remembered
                 .identity
-                .get_or_insert_with(|| values.own_copy())
+                .get_or_insert_with(|| session.identity_headers(build))
                 .apply(headers),
-            None => values.apply(headers),
+            None => {
+                drop(last);
+                session.identity_headers(build).apply(headers);
+            }
         }
     }
 
@@ -1765,34 +1789,60 @@ mod tests {
             assert_eq!(metrics.session_store_lookups.get(), 1);
         }
 
-        /// A connection copies a session's identity headers once and
-        /// tells them from its copy, so connections on other cores never
-        /// touch the same bytes.
+        /// Each thread tells a session's identity from a copy of its own,
+        /// built once there and shared by its connections, so threads
+        /// never touch the same bytes.
         #[tokio::test]
-        async fn a_connection_tells_the_identity_from_its_own_copy() {
+        async fn each_thread_tells_the_identity_from_its_own_copy() {
             use crate::auth::easy_auth::Tokens;
             use crate::auth::identity::{IdentityHeaderNames, IdentityHeaders};
+            use std::sync::atomic::AtomicUsize;
             let dir = tempfile::tempdir().unwrap();
-            let (_, _, last, session) = remembered(dir.path()).await;
-            let tokens = Tokens {
-                claims_of: &session.id_token,
-                id_token: Some(&session.id_token),
-                access_token: None,
+            let (jar, request, last, session) = remembered(dir.path()).await;
+            let (other, elsewhere) = (LastCookie::new(false), LastCookie::new(false));
+            for connection in [&other, &elsewhere] {
+                assert!(matches!(
+                    jar.read_remembering(&request, connection).await,
+                    Found::Valid(_)
+                ));
+            }
+            let names = IdentityHeaders::new(&IdentityHeaderNames::default());
+            let builds = AtomicUsize::new(0);
+            let build = || {
+                builds.fetch_add(1, Ordering::Relaxed);
+                let tokens = Tokens {
+                    claims_of: &session.id_token,
+                    id_token: Some(&session.id_token),
+                    access_token: None,
+                };
+                names.values(&session.identity, &tokens)
             };
-            let values = IdentityHeaders::new(&IdentityHeaderNames::default())
-                .values(&session.identity, &tokens);
-            let told = || {
+            let told = |connection: &LastCookie| {
                 let mut headers = HeaderMap::new();
-                last.tell_identity(&session, &values, &mut headers);
+                connection.tell_identity(&session, build, &mut headers);
                 headers
             };
-            let (first, again) = (told(), told());
-            let mut shared = HeaderMap::new();
-            values.apply(&mut shared);
-            assert_eq!(first, shared);
-            let bytes = |h: &HeaderMap| h["x-forwarded-user"].as_bytes().as_ptr();
-            assert_ne!(bytes(&first), bytes(&shared), "the session's own bytes");
-            assert_eq!(bytes(&first), bytes(&again), "copied once");
+            let bytes = |h: &HeaderMap| h["x-forwarded-user"].as_bytes().as_ptr() as usize;
+
+            let (first, again, next_connection) = (told(&last), told(&last), told(&other));
+            assert_eq!(
+                first["x-forwarded-user"],
+                session.identity.username.as_str()
+            );
+            assert_eq!(bytes(&first), bytes(&again));
+            assert_eq!(
+                bytes(&first),
+                bytes(&next_connection),
+                "one copy per thread"
+            );
+            let elsewhere = std::thread::scope(|s| s.spawn(|| told(&elsewhere)).join().unwrap());
+            assert_eq!(elsewhere, first);
+            assert_ne!(
+                bytes(&elsewhere),
+                bytes(&first),
+                "another thread's own copy"
+            );
+            assert_eq!(builds.load(Ordering::Relaxed), 2);
         }
 
         #[tokio::test]
