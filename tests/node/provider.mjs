@@ -133,15 +133,25 @@ const provider = new Provider(issuer, {
       return claims;
     },
   }),
-  // Admin consent: every scope the client asks for is granted.
+  // Admin consent: every scope the client asks for is granted, once per
+  // user and app as Entra's consent is (one grant per browser session, which
+  // the provider's sign-out revokes as a whole).
   loadExistingGrant: async (ctx) => {
-    const grant = new ctx.oidc.provider.Grant({ clientId: ctx.oidc.client.clientId, accountId: ctx.oidc.session.accountId });
+    const { clientId } = ctx.oidc.client;
+    const existing = ctx.oidc.session.grantIdFor(clientId);
+    const found = existing && await ctx.oidc.provider.Grant.find(existing);
+    if (found && found.accountId === ctx.oidc.session.accountId) return found;
+    const grant = new ctx.oidc.provider.Grant({ clientId, accountId: ctx.oidc.session.accountId });
     grant.addOIDCScope('openid profile email offline_access');
     grant.addOIDCClaims(['acrs']);
     await grant.save();
     return grant;
   },
   issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
+  // Entra's codes and tokens do not die with its browser session. Bound to
+  // it (oidc-provider's default without `prompt=consent`), a code is void
+  // once another tab of the same browser finishes signing in first.
+  expiresWithSession: async () => false,
   // The gateway under test listens on loopback, which oidc-provider's
   // guard against server-side request forgery refuses to call: this test
   // provider calls it (its back-channel logouts) all the same.
