@@ -252,17 +252,27 @@ pub fn join_cookie_fields(headers: &mut HeaderMap) {
 /// Removes the fixed hop-by-hop headers and every header that
 /// `Connection` names (RFC 9110 §7.6.1).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none, or only `Connection: keep-alive`: looking
-    // first saves a removal per name.
+    // Most messages carry none, or only `Connection: keep-alive` (every
+    // response of an nginx upstream): one pass over the names finds those
+    // present, and only they are removed (a removal costs a lookup).
     let fixed = hop_by_hop();
-    if !headers.keys().any(|k| fixed.contains(&k)) {
+    let mut present = 0u16;
+    for key in headers.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == key) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter(|t| !fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t)))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(fixed) {
+    let fixed_present = (0..fixed.len())
+        .filter(|i| present & (1 << i) != 0)
+        .map(|i| fixed[i]);
+    for name in named.iter().chain(fixed_present) {
         headers.remove(name);
     }
 }
@@ -344,6 +354,48 @@ mod tests {
                 prop_assert!(xff.ends_with("127.0.0.1"));
                 let real = headers[&X_REAL_IP].to_str().unwrap();
                 prop_assert!(real.parse::<IpAddr>().is_ok());
+            }
+
+            /// Whatever mix of hop-by-hop headers and `Connection` tokens a
+            /// message carries, none of them is passed on, and every other
+            /// header is, whole.
+            #[test]
+            fn hop_headers_go_and_the_rest_stay(
+                fields in proptest::collection::vec(
+                    (
+                        "connection|keep-alive|proxy-connection|te|trailer|transfer-encoding|upgrade|proxy-authorization|x-[a-c]",
+                        "[a-c, -]{0,12}|(x-[a-c]|keep-alive|close)(, ?(x-[a-c]|te))?",
+                        any::<bool>(),
+                    ),
+                    0..12,
+                )
+            ) {
+                let mut headers = HeaderMap::new();
+                for (name, value, shouted) in &fields {
+                    let (name, value) = match shouted {
+                        true => (name.to_ascii_uppercase(), value.to_ascii_uppercase()),
+                        false => (name.clone(), value.clone()),
+                    };
+                    headers.append(
+                        HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                        HeaderValue::from_str(&value).unwrap(),
+                    );
+                }
+                let named: Vec<String> = connection_tokens(&headers)
+                    .map(str::to_ascii_lowercase)
+                    .collect();
+                let before = headers.clone();
+                remove_hop_by_hop(&mut headers);
+                for name in before.keys() {
+                    let hop = hop_by_hop().contains(&name) || named.iter().any(|n| n == name.as_str());
+                    let kept: Vec<_> = headers.get_all(name).iter().collect();
+                    if hop {
+                        prop_assert!(kept.is_empty(), "{} passed on", name);
+                    } else {
+                        prop_assert_eq!(kept, before.get_all(name).iter().collect::<Vec<_>>());
+                    }
+                }
+                prop_assert!(headers.keys().all(|k| before.contains_key(k)));
             }
         }
     }
