@@ -565,6 +565,44 @@ async fn slow_upstream_gives_504() {
     assert_eq!(json["error"], "upstream_timeout");
 }
 
+/// The deadline of a kept upstream connection counts from each request:
+/// not tripped by one that passed while the connection was idle, not cut
+/// short by an earlier request's, not stretched past its own.
+#[tokio::test]
+async fn each_request_on_a_kept_upstream_connection_gets_its_whole_deadline() {
+    let deadline = Duration::from_millis(300);
+    let upstream = Upstream::start("console").await;
+    let gateway = Gateway::start(&config(
+        &upstream.url(),
+        "[timeouts]\nupstream_response = \"300ms\"",
+    ));
+    let (mut client, _) = http1(gateway.addr).await;
+    let mut get_now = async |path: &str| {
+        let request = get(path).header("host", "localhost").body(empty());
+        client.send_request(request.unwrap()).await.unwrap()
+    };
+    let first = upstream_saw(get_now("/one").await).await;
+    tokio::time::sleep(deadline + Duration::from_millis(100)).await;
+    let second = upstream_saw(get_now("/two").await).await;
+    let third = upstream_saw(get_now("/three").await).await;
+    assert_eq!(
+        [&first.connection, &second.connection],
+        [&third.connection, &third.connection],
+        "the gateway kept its upstream connection"
+    );
+    // The connection's timer is still set for the third request's
+    // deadline, which comes while the next request waits.
+    tokio::time::sleep(deadline / 2).await;
+    let started = Instant::now();
+    let hung = get_now("/hang").await;
+    let waited = started.elapsed();
+    assert_eq!(hung.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        waited >= deadline && waited < deadline + Duration::from_secs(2),
+        "504 after {waited:?} for a deadline of {deadline:?}"
+    );
+}
+
 #[tokio::test]
 async fn health_endpoints_live_under_the_gateway_prefix() {
     let upstream = Upstream::start("console").await;

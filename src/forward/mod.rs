@@ -16,6 +16,7 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::time::Instant;
 
 use self::headers::{
     join_cookie_fields, remove_hop_by_hop, upgrade_protocol, Forwarding, Peer, X_REQUEST_ID,
@@ -142,30 +143,31 @@ impl Proxy {
 
         let upstream = &route.upstream;
         let shown = || upstream.to_string();
+        let deadline = Instant::now() + self.response_timeout;
         // Boxed: inline, this future (a connection and its buffers'
         // state) made every request's future, which each client
         // connection keeps an allocation of, several KiB larger.
-        let sent = Box::pin(self.pool.send(upstream, req, upgrade.is_some()));
-        let mut response = match tokio::time::timeout(self.response_timeout, sent).await {
-            Err(_) => {
+        let sent = Box::pin(self.pool.send(upstream, req, upgrade.is_some(), deadline));
+        let mut response = match sent.await {
+            Err(upstream::Error::TimedOut) => {
                 return Err(ProxyError::Timeout {
                     upstream: shown(),
                     after: self.response_timeout,
                 })
             }
-            Ok(Err(upstream::Error::Connect(message))) => {
+            Err(upstream::Error::Connect(message)) => {
                 return Err(ProxyError::Connect {
                     upstream: shown(),
                     message,
                 })
             }
-            Ok(Err(upstream::Error::Failed(source))) => {
+            Err(upstream::Error::Failed(source)) => {
                 return Err(ProxyError::Failed {
                     upstream: shown(),
                     source,
                 })
             }
-            Ok(Ok(response)) => response,
+            Ok(response) => response,
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {

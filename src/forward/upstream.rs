@@ -16,7 +16,7 @@ use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{ready, Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::uri::PathAndQuery;
 use http::{Request, Response, Uri};
@@ -25,6 +25,7 @@ use hyper::client::conn::http1;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
 use super::routes::UpstreamUrl;
@@ -39,6 +40,8 @@ pub enum Error {
     Connect(String),
     #[error("{0}")]
     Failed(#[from] hyper::Error),
+    #[error("no response headers by the deadline")]
+    TimedOut,
 }
 
 /// Idle connections of one worker, by upstream.
@@ -67,6 +70,14 @@ struct Conn {
     driver: http1::Connection<Io, Body>,
     /// The driver has finished: closed, or failed.
     ended: bool,
+    /// Bounds the wait for a response head. It stays armed from one
+    /// request to the next and is moved only when it fires before the
+    /// current request's deadline: a timer armed and removed for every
+    /// request cost two updates of the runtime's timer wheel each. It never
+    /// fires late: a request's deadline is set just before it takes the
+    /// connection, and the connection serves one request at a time, so
+    /// each deadline is later than the one before.
+    timer: Pin<Box<Sleep>>,
 }
 
 impl Conn {
@@ -89,12 +100,22 @@ impl Conn {
         self.poll_driver(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
     }
 
-    /// Awaits `work` while driving the connection.
-    async fn drive<F: Future>(&mut self, work: F) -> F::Output {
+    /// Awaits `work` while driving the connection; `None` when `deadline`
+    /// comes first.
+    async fn drive<F: Future>(&mut self, work: F, deadline: Instant) -> Option<F::Output> {
         let mut work = pin!(work);
         poll_fn(|cx| {
             self.poll_driver(cx);
-            work.as_mut().poll(cx)
+            if let Poll::Ready(output) = work.as_mut().poll(cx) {
+                return Poll::Ready(Some(output));
+            }
+            while self.timer.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= deadline {
+                    return Poll::Ready(None);
+                }
+                self.timer.as_mut().reset(deadline);
+            }
+            Poll::Pending
         })
         .await
     }
@@ -115,13 +136,15 @@ impl Pool {
         Pool::new(self.connector.clone(), self.idle_timeout)
     }
 
-    /// Sends `req` to `upstream` in origin form. An `upgrade` request's
-    /// connection is handed to a task of its own and not reused.
+    /// Sends `req` to `upstream` in origin form; the response head must
+    /// come by `deadline`. An `upgrade` request's connection is handed to a
+    /// task of its own and not reused.
     pub async fn send(
         &self,
         upstream: &UpstreamUrl,
         mut req: Request<Body>,
         upgrade: bool,
+        deadline: Instant,
     ) -> Result<Response<ResponseBody>, Error> {
         let path = req
             .uri()
@@ -132,7 +155,11 @@ impl Pool {
         loop {
             let (mut conn, reused) = match self.checkout(upstream) {
                 Some(conn) => (conn, true),
-                None => (self.connect(upstream).await?, false),
+                None => {
+                    let connecting = self.connect(upstream, deadline);
+                    let conn = tokio::time::timeout_at(deadline, connecting).await;
+                    (conn.map_err(|_| Error::TimedOut)??, false)
+                }
             };
             let sent = if upgrade {
                 let Conn {
@@ -143,13 +170,13 @@ impl Pool {
                         tracing::debug!(error = %e, "upgraded upstream connection failed");
                     }
                 });
-                sender
-                    .try_send_request(req)
+                tokio::time::timeout_at(deadline, sender.try_send_request(req))
                     .await
+                    .map_err(|_| Error::TimedOut)?
                     .map(|r| r.map(ResponseBody::detached))
             } else {
                 let sending = conn.sender.try_send_request(req);
-                let sent = conn.drive(sending).await;
+                let sent = conn.drive(sending, deadline).await.ok_or(Error::TimedOut)?;
                 let owner = Some((conn, self.clone(), upstream.clone()));
                 sent.map(|r| {
                     r.map(|body| ResponseBody {
@@ -182,7 +209,8 @@ impl Pool {
         None
     }
 
-    async fn connect(&self, upstream: &UpstreamUrl) -> Result<Box<Conn>, Error> {
+    /// A new connection, its timer armed for `deadline`.
+    async fn connect(&self, upstream: &UpstreamUrl, deadline: Instant) -> Result<Box<Conn>, Error> {
         let uri = Uri::builder()
             .scheme(upstream.scheme.clone())
             .authority(upstream.authority.clone())
@@ -203,6 +231,7 @@ impl Pool {
             sender,
             driver,
             ended: false,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
         }))
     }
 
