@@ -144,9 +144,8 @@ impl Proxy {
         let upstream = &route.upstream;
         let shown = || upstream.to_string();
         let deadline = Instant::now() + self.response_timeout;
-        // Boxed: inline, this future (a connection and its buffers'
-        // state) made every request's future, which each client
-        // connection keeps an allocation of, several KiB larger.
+        // Boxed: inline, this future would make every request's future,
+        // which each client connection keeps an allocation of, larger.
         let sent = Box::pin(self.pool.send(upstream, req, upgrade.is_some(), deadline));
         let mut response = match sent.await {
             Err(upstream::Error::TimedOut) => {

@@ -139,61 +139,68 @@ impl Pool {
     /// Sends `req` to `upstream` in origin form; the response head must
     /// come by `deadline`. An `upgrade` request's connection is handed to a
     /// task of its own and not reused.
-    pub async fn send(
-        &self,
-        upstream: &UpstreamUrl,
+    ///
+    /// Every request moves this future into a box, so it is kept under
+    /// 1 KiB, what mimalloc serves from its fast path: not an `async fn`,
+    /// whose state would hold `req` twice (as argument and as the local a
+    /// retry reassigns), and a new connection's state boxed apart.
+    pub fn send<'a>(
+        &'a self,
+        upstream: &'a UpstreamUrl,
         mut req: Request<Body>,
         upgrade: bool,
         deadline: Instant,
-    ) -> Result<Response<ResponseBody>, Error> {
+    ) -> impl Future<Output = Result<Response<ResponseBody>, Error>> + 'a {
         let path = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::from(path);
-        loop {
-            let (mut conn, reused) = match self.checkout(upstream) {
-                Some(conn) => (conn, true),
-                None => {
-                    let connecting = self.connect(upstream, deadline);
-                    let conn = tokio::time::timeout_at(deadline, connecting).await;
-                    (conn.map_err(|_| Error::TimedOut)??, false)
-                }
-            };
-            let sent = if upgrade {
-                let Conn {
-                    mut sender, driver, ..
-                } = *conn;
-                tokio::spawn(async move {
-                    if let Err(e) = driver.with_upgrades().await {
-                        tracing::debug!(error = %e, "upgraded upstream connection failed");
+        async move {
+            loop {
+                let (mut conn, reused) = match self.checkout(upstream) {
+                    Some(conn) => (conn, true),
+                    None => {
+                        let connecting = Box::pin(self.connect(upstream, deadline));
+                        let conn = tokio::time::timeout_at(deadline, connecting).await;
+                        (conn.map_err(|_| Error::TimedOut)??, false)
                     }
-                });
-                tokio::time::timeout_at(deadline, sender.try_send_request(req))
-                    .await
-                    .map_err(|_| Error::TimedOut)?
-                    .map(|r| r.map(ResponseBody::detached))
-            } else {
-                let sending = conn.sender.try_send_request(req);
-                let sent = conn.drive(sending, deadline).await.ok_or(Error::TimedOut)?;
-                let owner = Some((conn, self.clone(), upstream.clone()));
-                sent.map(|r| {
-                    r.map(|body| ResponseBody {
-                        body,
-                        finished: false,
-                        owner,
+                };
+                let sent = if upgrade {
+                    let Conn {
+                        mut sender, driver, ..
+                    } = *conn;
+                    tokio::spawn(async move {
+                        if let Err(e) = driver.with_upgrades().await {
+                            tracing::debug!(error = %e, "upgraded upstream connection failed");
+                        }
+                    });
+                    tokio::time::timeout_at(deadline, sender.try_send_request(req))
+                        .await
+                        .map_err(|_| Error::TimedOut)?
+                        .map(|r| r.map(ResponseBody::detached))
+                } else {
+                    let sending = conn.sender.try_send_request(req);
+                    let sent = conn.drive(sending, deadline).await.ok_or(Error::TimedOut)?;
+                    let owner = Some((conn, self.clone(), upstream.clone()));
+                    sent.map(|r| {
+                        r.map(|body| ResponseBody {
+                            body,
+                            finished: false,
+                            owner,
+                        })
                     })
-                })
-            };
-            match sent {
-                Ok(response) => return Ok(response),
-                // An idle connection the upstream closed just before it
-                // was taken: the request never left, so another may carry it.
-                Err(mut e) if reused && e.message().is_some() => {
-                    req = e.take_message().expect("checked above");
+                };
+                match sent {
+                    Ok(response) => return Ok(response),
+                    // An idle connection the upstream closed just before it
+                    // was taken: the request never left, so another may carry it.
+                    Err(mut e) if reused && e.message().is_some() => {
+                        req = e.take_message().expect("checked above");
+                    }
+                    Err(e) => return Err(e.into_error().into()),
                 }
-                Err(e) => return Err(e.into_error().into()),
             }
         }
     }
@@ -329,5 +336,32 @@ impl Drop for ResponseBody {
                 pool.put(upstream, conn);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::uri::{Authority, Scheme};
+
+    use super::*;
+    use crate::outbound::{connector, Egress};
+
+    #[test]
+    fn a_request_future_fits_the_allocator_fast_path() {
+        let connector = connector(None, &Default::default(), &Egress::direct()).unwrap();
+        let pool = Pool::new(connector, Duration::from_secs(1));
+        let upstream = UpstreamUrl {
+            scheme: Scheme::HTTP,
+            authority: Authority::from_static("upstream:80"),
+        };
+        let sending = pool.send(
+            &upstream,
+            Request::new(Body::default()),
+            false,
+            Instant::now(),
+        );
+        let size = std::mem::size_of_val(&sending);
+        // mimalloc's small sizes end at 128 words.
+        assert!(size <= 1024, "{size} bytes");
     }
 }
