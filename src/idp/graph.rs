@@ -25,6 +25,9 @@ use crate::ops::metrics::Metrics;
 use crate::outbound::{self, FetchError};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `Retry-After` a throttled look-up waits for before it asks
+/// once more: a browser is waiting on its sign-in's callback.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 /// An app-only token is asked for again this long before it expires.
 const TOKEN_MARGIN: u64 = 120;
 /// What an admin must grant the app, for the pages and `authgate check`.
@@ -42,12 +45,19 @@ pub enum GraphError {
         code: String,
         message: String,
     },
-    #[error("Microsoft Graph is throttling the app (429, retry after {0})")]
-    Throttled(String),
+    #[error("Microsoft Graph is throttling the app (429, {})", retry_after(.0))]
+    Throttled(Option<Duration>),
     #[error("Microsoft Graph could not be asked: {0}")]
     Unavailable(#[from] FetchError),
     #[error("Microsoft Graph answered {0} with something other than a list of group ids")]
     Unreadable(StatusCode),
+}
+
+fn retry_after(wait: &Option<Duration>) -> String {
+    match wait {
+        Some(wait) => format!("retry after {} s", wait.as_secs()),
+        None => "no Retry-After".to_owned(),
+    }
 }
 
 impl GraphError {
@@ -99,14 +109,23 @@ impl Graph {
     }
 
     /// Every group `user` (an object id) of `tenant` is in, counted in
-    /// `authgate_graph_lookups_total`.
+    /// `authgate_graph_lookups_total`. Throttled, it waits as long as
+    /// Graph's `Retry-After` says, up to `MAX_RETRY_WAIT`, and asks once
+    /// more, as Microsoft's guidance has clients do
+    /// (<https://learn.microsoft.com/graph/throttling#best-practices-to-handle-throttling>).
     pub async fn member_groups(
         &self,
         oidc: &Oidc,
         tenant: &str,
         user: &str,
     ) -> Result<Vec<String>, GraphError> {
-        let outcome = self.ask(oidc, tenant, user).await;
+        let mut outcome = self.ask(oidc, tenant, user).await;
+        if let Err(GraphError::Throttled(Some(wait))) = outcome {
+            if wait <= MAX_RETRY_WAIT {
+                tokio::time::sleep(wait).await;
+                outcome = self.ask(oidc, tenant, user).await;
+            }
+        }
         let label = match &outcome {
             Ok(_) => "resolved",
             Err(e) => e.outcome(),
@@ -153,12 +172,14 @@ impl Graph {
                 .remove(tenant);
         }
         if status == StatusCode::TOO_MANY_REQUESTS {
-            let after = response
+            // Seconds, the form Graph sends; an HTTP date is not waited for.
+            let wait = response
                 .headers()
                 .get(http::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("unsaid");
-            return Err(GraphError::Throttled(format!("{after} s")));
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(GraphError::Throttled(wait));
         }
         if status.is_server_error() {
             return Err(GraphError::Unreadable(status));

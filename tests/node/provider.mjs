@@ -16,7 +16,9 @@
 //   names): POST /graph/v1.0/users/{oid}/getMemberGroups with an app-only
 //   token asked for with scope <origin>/graph/.default, which carries the
 //   application permissions User.Read.All and GroupMember.Read.All unless
-//   GRAPH_PERMISSIONS=none; GRAPH_THROTTLE=1 answers 429. "overage…"
+//   GRAPH_PERMISSIONS=none; GRAPH_THROTTLE=1 answers 429 (Retry-After:
+//   30), GRAPH_THROTTLE=once its first look-up only (Retry-After: 1), and
+//   again a look-up that comes before that second is up. "overage…"
 //   users are in 250 groups there.
 //   Step-up: an authorization request's `claims` parameter asking for
 //   `acrs` (Entra's authentication contexts) gets them in the ID token, as
@@ -81,6 +83,8 @@ const issuer = `https://127.0.0.1:${port}/${tenant}/v2.0`;
 const graph = `https://127.0.0.1:${port}/graph`;
 const v1Api = `api://${env.CLIENT_ID}`;
 const graphRoles = env.GRAPH_PERMISSIONS === 'none' ? [] : ['User.Read.All', 'GroupMember.Read.All'];
+// GRAPH_THROTTLE=once: until when look-ups are throttled (0: none yet).
+let throttledUntil = 0;
 
 // The app's credential: its secret, or (private_key_jwt) the public key
 // of its certificate, as registered in Entra.
@@ -249,7 +253,12 @@ async function graphRequest(req, res) {
   });
   const match = req.url.match(/^\/graph\/v1\.0\/users\/([^/?]+)\/getMemberGroups$/);
   if (req.method !== 'POST' || !match) return send(404, failure('Request_ResourceNotFound', 'no such resource'));
-  if (env.GRAPH_THROTTLE === '1') return send(429, failure('TooManyRequests', 'throttled'), { 'retry-after': '7' });
+  const throttled = (seconds) => send(429, failure('TooManyRequests', 'throttled'), { 'retry-after': String(seconds) });
+  if (env.GRAPH_THROTTLE === '1') return throttled(30);
+  if (env.GRAPH_THROTTLE === 'once') {
+    if (throttledUntil === 0) throttledUntil = Date.now() + 1000;
+    if (Date.now() < throttledUntil) return throttled(1);
+  }
   let payload;
   try {
     ({ payload } = await jwtVerify((req.headers.authorization || '').replace(/^Bearer /, ''), publicKey, { issuer, audience: graph }));

@@ -161,6 +161,26 @@ async fn without_graphs_permission_groups_are_unknown_never_none() {
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_throttled_look_up_waits_as_told_and_asks_again() {
+    // The test Graph throttles the first look-up for a second, and any
+    // look-up within that second: only a gateway that waits gets groups.
+    let stack = overage_stack(&[("GRAPH_THROTTLE", "once")], "").await;
+    let results = overage_user_visits(&stack).await;
+    assert_eq!(
+        echo_of(&results[1]).header("x-forwarded-groups-overage"),
+        Some("cut"),
+        "{:#}",
+        results[1]
+    );
+    assert_eq!(results[2]["status"], 200, "{:#}", results[2]);
+    assert_resolved_once(&stack).await;
+    stack
+        .gateway
+        .metric("authgate_provider_requests_total{kind=\"graph\"} 2")
+        .await;
+}
+
 #[tokio::test]
 async fn a_multi_tenant_issuer_asks_graph_with_the_users_own_tenants_token() {
     let tenants = format!("[\"{}\"]", crate::common::peers::TENANT);
