@@ -269,9 +269,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|t| !fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t)))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    let fixed_present = (0..fixed.len())
-        .filter(|i| present & (1 << i) != 0)
-        .map(|i| fixed[i]);
+    let fixed_present = fixed
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| present & (1 << i) != 0)
+        .map(|(_, name)| name);
     for name in named.iter().chain(fixed_present) {
         headers.remove(name);
     }

@@ -161,11 +161,7 @@ impl Pool {
             loop {
                 let (mut conn, reused) = match self.checkout(upstream) {
                     Some(conn) => (conn, true),
-                    None => {
-                        let connecting = Box::pin(self.connect(upstream, deadline));
-                        let conn = tokio::time::timeout_at(deadline, connecting).await;
-                        (conn.map_err(|_| Error::TimedOut)??, false)
-                    }
+                    None => (Box::pin(self.connect(upstream, deadline)).await?, false),
                 };
                 let sent = if upgrade {
                     let Conn {
@@ -216,7 +212,7 @@ impl Pool {
         None
     }
 
-    /// A new connection, its timer armed for `deadline`.
+    /// A new connection by `deadline`, its timer armed for it.
     async fn connect(&self, upstream: &UpstreamUrl, deadline: Instant) -> Result<Box<Conn>, Error> {
         let uri = Uri::builder()
             .scheme(upstream.scheme.clone())
@@ -224,16 +220,21 @@ impl Pool {
             .path_and_query("/")
             .build()
             .expect("scheme and authority were valid already");
-        let io = self
-            .connector
-            .clone()
-            .call(uri)
+        let connecting = async {
+            let io = self
+                .connector
+                .clone()
+                .call(uri)
+                .await
+                .map_err(|e| Error::Connect(error_chain(&*e)))?;
+            http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| Error::Connect(error_chain(&e)))
+        };
+        let (sender, driver) = tokio::time::timeout_at(deadline, connecting)
             .await
-            .map_err(|e| Error::Connect(error_chain(&*e)))?;
-        let (sender, driver) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(|e| Error::Connect(error_chain(&e)))?;
+            .map_err(|_| Error::TimedOut)??;
         Ok(Box::new(Conn {
             sender,
             driver,
